@@ -1,0 +1,3 @@
+from facecap.cli import main
+import sys
+sys.exit(main())

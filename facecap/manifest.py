@@ -1,0 +1,125 @@
+"""The run manifest: a DuckDB file recording shard x stage outcomes.
+
+Only the flow's driver process writes it (DuckDB allows one writer), from the
+stats that tasks return, so workers never contend for the file. The release
+report's funnel is a query over it.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import duckdb
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY,
+    started_at TIMESTAMPTZ,
+    finished_at TIMESTAMPTZ,
+    status VARCHAR,
+    profile VARCHAR,
+    sources VARCHAR,          -- JSON list
+    config VARCHAR,           -- resolved config, YAML
+    versions VARCHAR,         -- JSON
+    message VARCHAR
+);
+CREATE TABLE IF NOT EXISTS stage_runs (
+    run_id VARCHAR,
+    stage VARCHAR,
+    shard_key VARCHAR,        -- output key
+    input_key VARCHAR,
+    input VARCHAR,            -- human-readable shard label
+    source VARCHAR,
+    status VARCHAR,           -- done | cached | failed
+    rows_in BIGINT,
+    rows_out BIGINT,
+    rejects MAP(VARCHAR, BIGINT),
+    extra MAP(VARCHAR, BIGINT),
+    seconds DOUBLE,
+    stage_version VARCHAR,
+    settings_hash VARCHAR,
+    model VARCHAR,
+    output VARCHAR,
+    rejects_output VARCHAR,
+    error VARCHAR,
+    recorded_at TIMESTAMPTZ
+);
+"""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@contextmanager
+def connect(path: str) -> Iterator[duckdb.DuckDBPyConnection]:
+    con = duckdb.connect(path)
+    try:
+        con.execute(SCHEMA)
+        yield con
+    finally:
+        con.close()
+
+
+def start_run(path: str, run_id: str, profile: str, sources: list[str], config_yaml: str, versions: dict) -> None:
+    with connect(path) as con:
+        con.execute(
+            "INSERT INTO runs VALUES (?, ?, NULL, 'running', ?, ?, ?, ?, NULL)",
+            [run_id, _now(), profile, json.dumps(sources), config_yaml, json.dumps(versions, sort_keys=True)],
+        )
+
+
+def finish_run(path: str, run_id: str, status: str, message: str = "") -> None:
+    with connect(path) as con:
+        con.execute("UPDATE runs SET finished_at = ?, status = ?, message = ? WHERE run_id = ?",
+                    [_now(), status, message, run_id])
+
+
+def record_stages(path: str, run_id: str, results: list[dict[str, Any]]) -> None:
+    """Record stats dicts returned by stage tasks (or failure dicts with an 'error')."""
+    rows = []
+    for r in results:
+        status = "failed" if r.get("error") else ("cached" if r.get("cached") else "done")
+        rows.append([
+            run_id, r["stage"], r.get("key"), r.get("input_key"), r.get("input"), r.get("source"), status,
+            r.get("rows_in"), r.get("rows_out"), r.get("rejects") or {}, r.get("extra") or {}, r.get("seconds"),
+            r.get("stage_version"), r.get("settings_hash"), r.get("model"), r.get("output"),
+            r.get("rejects_output"), r.get("error"), _now(),
+        ])
+    if rows:
+        with connect(path) as con:
+            con.executemany("INSERT INTO stage_runs VALUES (" + ", ".join(["?"] * 19) + ")", rows)
+
+
+def funnel(path: str, run_id: str) -> list[dict[str, Any]]:
+    """Per stage: shards, rows in and out, and rejects by reason, for one run."""
+    with connect(path) as con:
+        stages = con.execute(
+            """
+            SELECT stage, count(*) AS shards, count(*) FILTER (status = 'cached') AS cached,
+                   count(*) FILTER (status = 'failed') AS failed,
+                   coalesce(sum(rows_in), 0) AS rows_in, coalesce(sum(rows_out), 0) AS rows_out,
+                   min(recorded_at) AS first
+            FROM stage_runs WHERE run_id = ? GROUP BY stage ORDER BY first
+            """,
+            [run_id],
+        ).fetchall()
+        reasons = con.execute(
+            """
+            SELECT stage, r.key AS reason, sum(r.value) AS n
+            FROM (SELECT stage, unnest(map_entries(rejects)) AS r FROM stage_runs WHERE run_id = ?)
+            GROUP BY ALL ORDER BY stage, n DESC, reason
+            """,
+            [run_id],
+        ).fetchall()
+    by_stage: dict[str, dict[str, int]] = {}
+    for stage, reason, n in reasons:
+        by_stage.setdefault(stage, {})[reason] = int(n)
+    return [
+        {"stage": s, "shards": n, "cached": c, "failed": f, "rows_in": int(i), "rows_out": int(o),
+         "rejects": by_stage.get(s, {})}
+        for s, n, c, f, i, o, _ in stages
+    ]

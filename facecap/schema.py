@@ -1,0 +1,103 @@
+"""Record layouts: what each stage adds to a shard, and how rejects look.
+
+A shard is a Parquet file of records. Every stage keeps the columns it was
+given and appends its own, so later stages (attributes, captions) extend the
+face record by adding a schema block here and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+# One row per source image, written by ingest.
+IMAGE_FIELDS: list[pa.Field] = [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),  # container URI: folder, tar or Parquet file
+    pa.field("source_offset", pa.string(), nullable=False),  # relative path, tar key or row number
+    pa.field("source_caption", pa.string()),
+    pa.field("source_meta", pa.string()),  # JSON from a sidecar or WebDataset .json, verbatim
+    pa.field("source_image", pa.binary(), nullable=False),  # encoded bytes as found
+    pa.field("source_width", pa.int32(), nullable=False),  # after EXIF orientation
+    pa.field("source_height", pa.int32(), nullable=False),
+    pa.field("source_format", pa.string(), nullable=False),
+]
+IMAGE_SCHEMA = pa.schema(IMAGE_FIELDS)
+
+# Columns the detect stage adds; one row per kept face. The source image bytes
+# are dropped there: the face crop is what travels on.
+FACE_FIELDS: list[pa.Field] = [
+    pa.field("sample_id", pa.string(), nullable=False),  # image_id + face index: unique per face
+    pa.field("face_index", pa.int16(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),  # aligned crop, JPEG
+    pa.field("width", pa.int32(), nullable=False),  # of `image`
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("det_score", pa.float32(), nullable=False),
+    pa.field("bbox", pa.list_(pa.float32(), 4), nullable=False),  # x1, y1, x2, y2 in source pixels
+    # left eye, right eye, nose, left mouth corner, right mouth corner: x, y pairs in source pixels
+    pa.field("landmarks", pa.list_(pa.float32(), 10), nullable=False),
+    pa.field("crop_box", pa.list_(pa.float32(), 4), nullable=False),  # square region before rotation, source px
+    pa.field("align_angle", pa.float32(), nullable=False),  # degrees the crop was rotated to level the eyes
+    pa.field("detector", pa.string(), nullable=False),  # model identity incl. weights hash
+    pa.field("det_min_score", pa.float32(), nullable=False),
+    pa.field("min_face_px", pa.int32(), nullable=False),
+    pa.field("crop_margin", pa.float32(), nullable=False),
+]
+_SOURCE_FIELDS = [f for f in IMAGE_FIELDS if f.name != "source_image"]
+# Face records lead with what people load first; provenance follows.
+FACE_SCHEMA = pa.schema(FACE_FIELDS[:1] + _SOURCE_FIELDS[:1] + FACE_FIELDS[1:] + _SOURCE_FIELDS[1:])
+
+REJECT_SCHEMA = pa.schema(
+    [
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+        pa.field("image_id", pa.string()),  # null when a whole source could not be read
+        pa.field("sample_id", pa.string()),  # set for rejected faces
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("source_offset", pa.string()),
+        pa.field("det_score", pa.float32()),
+        pa.field("bbox", pa.list_(pa.float32(), 4)),
+    ]
+)
+
+
+class Reason:
+    """Rejection reasons. Stable strings: reports and quality suites count them."""
+
+    # ingest
+    UNREADABLE_SOURCE = "unreadable_source"  # a whole file could not be opened or parsed
+    MISSING_COLUMNS = "missing_columns"
+    UNREADABLE_MEMBER = "unreadable_member"  # a tar member or row that could not be read
+    MISSING_FILE = "missing_file"
+    URL_NOT_DOWNLOADED = "url_not_downloaded"
+    EMPTY_FILE = "empty_file"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    DECODE_ERROR = "decode_error"
+    # detect
+    NO_FACE = "no_face"
+    LOW_SCORE = "low_score"
+    TOO_SMALL = "too_small"
+
+
+def image_id_for(source: str, offset: str) -> str:
+    """Stable id of a source image: its container URI plus its place in it."""
+    return hashlib.blake2b(f"{source}\x00{offset}".encode(), digest_size=10).hexdigest()
+
+
+def sample_id_for(image_id: str, face_index: int) -> str:
+    return f"{image_id}-{face_index:02d}"
+
+
+def empty_rejects() -> pa.Table:
+    return REJECT_SCHEMA.empty_table()
+
+
+def reject_rows(rows: list[dict]) -> pa.Table:
+    """Build a rejects table from dicts; missing optional fields become null."""
+    if not rows:
+        return empty_rejects()
+    columns = {f.name: [r.get(f.name) for r in rows] for f in REJECT_SCHEMA}
+    return pa.table(columns, schema=REJECT_SCHEMA)

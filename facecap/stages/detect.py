@@ -1,0 +1,98 @@
+"""Detect: find faces, level and crop them, keep the confident, large ones.
+
+One source image can yield several face records. Faces are indexed by
+detector score among all candidates (score > detect.candidate_score), so a
+face keeps its sample_id when only the keep thresholds change. Every
+candidate that is not kept, and every image without one, is a reject row.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from facecap.config import DetectSettings, ImageLimits
+from facecap.schema import FACE_SCHEMA, Reason, sample_id_for
+from facecap.stages.align import aligned_crop, crop_side
+from facecap.stages.base import Chunk, Counters, rejected
+from facecap.stages.images import decode_rgb, encode_jpeg, letterbox
+
+
+class FaceDetector(Protocol):
+    identity: str
+
+    def detect(self, canvases: np.ndarray, min_score: float, nms_iou: float) -> list[list]: ...
+
+
+def _to_source(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return values / np.tile(scale, values.shape[-1] // 2)
+
+
+def _face_rows(image: dict, rgb: np.ndarray, detections: list, scale: np.ndarray, settings: DetectSettings,
+               detector_id: str, kept: list[dict], rejects: list[dict], counters: Counters) -> None:
+    h, w = rgb.shape[:2]
+    base_reject = {"stage": "detect", "image_id": image["image_id"], "source": image["source"],
+                   "source_offset": image["source_offset"]}
+    if not detections:
+        rejects.append({**base_reject, "reason": Reason.NO_FACE,
+                        "detail": f"no detection above candidate_score={settings.candidate_score}"})
+        return
+    counters.extra["faces_found"] += len(detections)
+    for index, det in enumerate(detections):
+        box = _to_source(det.box.astype(np.float64), scale)
+        box = np.clip(box, 0, [w, h, w, h])
+        points = _to_source(det.landmarks.reshape(-1).astype(np.float64), scale).reshape(5, 2)
+        sample_id = sample_id_for(image["image_id"], index)
+        side = crop_side(box, settings.crop_margin)
+        reason = None
+        if det.score <= settings.min_score:
+            reason, detail = Reason.LOW_SCORE, f"score {det.score:.4f} <= detect.min_score={settings.min_score}"
+        elif side < settings.min_face_px:
+            reason, detail = Reason.TOO_SMALL, f"crop side {side:.1f}px < detect.min_face_px={settings.min_face_px}"
+        if reason:
+            rejects.append({**base_reject, "reason": reason, "detail": detail, "sample_id": sample_id,
+                            "det_score": det.score, "bbox": box.tolist()})
+            continue
+        crop = aligned_crop(rgb, box, points, settings.crop_margin)
+        kept.append({
+            **{k: image[k] for k in ("image_id", "source", "source_offset", "source_caption", "source_meta",
+                                     "source_width", "source_height", "source_format")},
+            "sample_id": sample_id, "face_index": index,
+            "image": encode_jpeg(crop.pixels, settings.jpeg_quality),
+            "width": crop.side, "height": crop.side, "det_score": det.score,
+            "bbox": box.tolist(), "landmarks": points.reshape(-1).tolist(), "crop_box": list(crop.crop_box),
+            "align_angle": crop.angle, "detector": detector_id, "det_min_score": settings.min_score,
+            "min_face_px": settings.min_face_px, "crop_margin": settings.crop_margin,
+        })
+
+
+def detect_faces(batches: Iterable[pa.RecordBatch | pa.Table], detector: FaceDetector, settings: DetectSettings,
+                 limits: ImageLimits, counters: Counters) -> Iterator[Chunk]:
+    """Image records in, face records and rejects out, `settings.batch_size` images per network call."""
+    for table in batches:
+        rows = table.to_pylist()
+        for start in range(0, len(rows), settings.batch_size):
+            group = rows[start : start + settings.batch_size]
+            counters.rows_in += len(group)
+            kept: list[dict] = []
+            rejects: list[dict] = []
+            decoded = []
+            for image in group:
+                rgb, p = decode_rgb(image["source_image"], limits)
+                if rgb is None:
+                    rejects.append({"stage": "detect", "image_id": image["image_id"], "source": image["source"],
+                                    "source_offset": image["source_offset"], "reason": p.reason, "detail": p.detail})
+                else:
+                    decoded.append((image, rgb))
+            if decoded:
+                canvases, scales = zip(*(letterbox(rgb, settings.input_size) for _, rgb in decoded))
+                results = detector.detect(np.stack(canvases), settings.candidate_score, settings.nms_iou)
+                for (image, rgb), detections, scale in zip(decoded, results, scales):
+                    _face_rows(image, rgb, detections, scale, settings, detector.identity, kept, rejects, counters)
+            chunk = Chunk(kept=pa.Table.from_pylist(kept, schema=FACE_SCHEMA) if kept else None,
+                          rejected=rejected(rejects))
+            counters.rows_out += len(kept)
+            counters.add_rejects(chunk.rejected)
+            yield chunk

@@ -1,0 +1,386 @@
+"""Ingest: turn sources into normalised image shards.
+
+Sources are folders of images (with optional ``stem.txt`` / ``stem.json``
+sidecars), WebDataset tar shards in img2dataset's layout (``key.jpg`` +
+``key.txt`` + ``key.json``) and Parquet files holding image bytes,
+``{bytes, path}`` structs (Hugging Face datasets) or image paths.
+
+Planning (``plan_shards``) lists what each shard will read and fingerprints
+it, cheaply, from file metadata; ``ingest_shard`` reads one shard and yields
+image records and rejects. Nothing here raises on bad input: an unreadable
+source becomes a reject row that says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import tarfile
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from facecap import storage
+from facecap.config import ImageLimits, IngestSettings
+from facecap.schema import IMAGE_SCHEMA, Reason, image_id_for
+from facecap.stages.base import Chunk, Counters, rejected
+from facecap.stages.images import probe
+
+IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes",
+                 "image_path", "path", "file", "filename", "filepath", "url", "URL")
+CAPTION_COLUMNS = ("caption", "text", "TEXT", "alt_text", "txt", "sentence", "prompt")
+CAPTION_KEYS = ("caption", "text", "TEXT", "alt_text")
+TAR_ENDINGS = (".tar", ".tar.gz", ".tgz")
+PARQUET_ENDINGS = (".parquet", ".pq")
+BATCH_ROWS = 64  # records per yielded batch: bounds memory whatever the shard size
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What one ingest task reads. Small and picklable: it travels to workers."""
+
+    kind: Literal["folder", "tar", "parquet", "unreadable"]
+    source: str  # container URI, absolute
+    members: tuple[str, ...] = ()  # folder: image paths relative to `source`
+    start: int = 0  # parquet: row range [start, stop)
+    stop: int = 0
+    fingerprint: str = ""  # identity of the bytes this spec covers (from sizes and mtimes / ETags)
+    detail: str = ""  # unreadable: why
+    sidecars: tuple[str, ...] = field(default=(), compare=False)  # folder: caption/meta files present
+
+    @property
+    def label(self) -> str:
+        name = posixpath.basename(self.source.rstrip("/")) or self.source
+        if self.kind == "folder":
+            return f"{name}[{self.members[0]}..+{len(self.members)}]" if self.members else name
+        if self.kind == "parquet":
+            return f"{name}[{self.start}:{self.stop}]"
+        return name
+
+    def key_material(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("sidecars")
+        data["members"] = hashlib.sha256("\n".join(self.members).encode()).hexdigest()
+        return data
+
+
+def _info_token(info: dict[str, Any]) -> str:
+    """A change detector from file metadata: size plus ETag / checksum / mtime, whichever exists."""
+    for key in ("ETag", "etag", "checksum", "md5Hash", "crc32c", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) is not None:
+            return f"{info.get('size')}:{info[key]}"
+    return str(info.get("size"))
+
+
+def _fingerprint(tokens: list[str]) -> str:
+    return hashlib.sha256("\n".join(tokens).encode()).hexdigest()[:24]
+
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def expand_sources(sources: list[str]) -> list[tuple[str, str | None]]:
+    """Expand globs; returns (absolute URI, problem) pairs, deduplicated in the order given."""
+    seen: dict[str, str | None] = {}
+    for raw in sources:
+        src = storage.absolute(raw)
+        fs, path = storage.filesystem(src)
+        protocol = src.split("://", 1)[0] + "://" if "://" in src else ""
+        matches = sorted(fs.glob(path)) if _has_glob(path) else [path]
+        if not matches:
+            seen.setdefault(src, "no file matches this pattern")
+            continue
+        for m in matches:
+            uri = protocol + m if protocol and not m.startswith(protocol) else m
+            seen.setdefault(uri, None if fs.exists(m) else "no such file or directory")
+    return list(seen.items())
+
+
+def plan_shards(sources: list[str], settings: IngestSettings) -> tuple[list[ShardSpec], list[str]]:
+    """List the ingest shards for these sources. Returns specs and human-readable notes."""
+    specs: list[ShardSpec] = []
+    notes: list[str] = []
+    exts = tuple(e.lower() for e in settings.image_extensions)
+    for uri, problem in expand_sources(sources):
+        if problem:
+            specs.append(ShardSpec("unreadable", uri, detail=problem))
+            continue
+        fs, path = storage.filesystem(uri)
+        try:
+            if fs.isdir(path):
+                specs.extend(_plan_folder(uri, fs, path, exts, settings.shard_size, notes))
+            elif path.lower().endswith(TAR_ENDINGS):
+                specs.append(ShardSpec("tar", uri, fingerprint=_fingerprint([_info_token(fs.info(path))])))
+            elif path.lower().endswith(PARQUET_ENDINGS):
+                specs.extend(_plan_parquet(uri, fs, path, settings.shard_size))
+            elif path.lower().endswith(exts):
+                parent = posixpath.dirname(path)
+                specs.extend(_plan_folder(uri.rsplit("/", 1)[0], fs, parent, exts, settings.shard_size, notes,
+                                          only=posixpath.basename(path)))
+            else:
+                specs.append(ShardSpec("unreadable", uri, detail=(
+                    "not a folder, tar shard (.tar, .tar.gz), Parquet file or image "
+                    f"({', '.join(exts)})")))
+        except Exception as exc:  # an unreadable source is reported, never fatal to the run
+            specs.append(ShardSpec("unreadable", uri, detail=f"{type(exc).__name__}: {exc}"[:500]))
+    return specs, notes
+
+
+def _plan_folder(uri: str, fs, path: str, exts: tuple[str, ...], shard_size: int, notes: list[str],
+                 only: str | None = None) -> list[ShardSpec]:
+    found = fs.find(path, detail=True)
+    infos = {posixpath.relpath(p, path): info for p, info in found.items()}
+    if only is not None:
+        stem = only.rsplit(".", 1)[0]
+        infos = {k: v for k, v in infos.items() if k == only or k.rsplit(".", 1)[0] == stem}
+    images = sorted(k for k in infos if k.lower().endswith(exts))
+    stems = {k.rsplit(".", 1)[0] for k in images}
+    sidecars = sorted(k for k in infos if k.lower().endswith((".txt", ".json")) and k.rsplit(".", 1)[0] in stems)
+    ignored = len(infos) - len(images) - len(sidecars)
+    if ignored:
+        notes.append(f"{uri}: ignored {ignored} file(s) that are neither images ({', '.join(exts)}) nor sidecars")
+    specs = []
+    for i in range(0, len(images), shard_size):
+        members = tuple(images[i : i + shard_size])
+        member_stems = {m.rsplit(".", 1)[0] for m in members}
+        side = tuple(s for s in sidecars if s.rsplit(".", 1)[0] in member_stems)
+        tokens = [f"{m}={_info_token(infos[m])}" for m in members + side]
+        specs.append(ShardSpec("folder", uri, members=members, sidecars=side, fingerprint=_fingerprint(tokens)))
+    if not images:
+        notes.append(f"{uri}: no images found")
+    return specs
+
+
+def _plan_parquet(uri: str, fs, path: str, shard_size: int) -> list[ShardSpec]:
+    info = fs.info(path)
+    with fs.open(path, "rb") as fh:
+        rows = pq.read_metadata(fh).num_rows
+    token = _info_token(info)
+    return [
+        ShardSpec("parquet", uri, start=s, stop=min(s + shard_size, rows), fingerprint=_fingerprint([token]))
+        for s in range(0, rows, shard_size)
+    ]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Batcher:
+    """Accumulates image records and rejects; emits bounded chunks."""
+
+    def __init__(self, spec: ShardSpec, limits: ImageLimits, counters: Counters):
+        self.spec, self.limits, self.counters = spec, limits, counters
+        self.rows: list[dict] = []
+        self.rejects: list[dict] = []
+
+    def reject(self, offset: str | None, reason: str, detail: str, counted: bool = True) -> None:
+        if counted:
+            self.counters.rows_in += 1
+        self.rejects.append({
+            "stage": "ingest", "reason": reason, "detail": detail, "source": self.spec.source,
+            "source_offset": offset, "image_id": image_id_for(self.spec.source, offset) if offset is not None else None,
+        })
+
+    def add(self, offset: str, data: bytes | None, caption: str | None, meta: str | None) -> None:
+        p = probe(data, self.limits)
+        if not p.ok:
+            self.reject(offset, p.reason, p.detail)
+            return
+        self.counters.rows_in += 1
+        self.rows.append({
+            "image_id": image_id_for(self.spec.source, offset), "source": self.spec.source, "source_offset": offset,
+            "source_caption": caption, "source_meta": meta, "source_image": data,
+            "source_width": p.width, "source_height": p.height, "source_format": p.format,
+        })
+
+    def ready(self) -> bool:
+        return len(self.rows) + len(self.rejects) >= BATCH_ROWS
+
+    def flush(self) -> Chunk:
+        kept = pa.Table.from_pylist(self.rows, schema=IMAGE_SCHEMA) if self.rows else None
+        chunk = Chunk(kept=kept, rejected=rejected(self.rejects))
+        self.counters.rows_out += len(self.rows)
+        self.counters.add_rejects(chunk.rejected)
+        self.rows, self.rejects = [], []
+        return chunk
+
+
+def _text(data: bytes | None) -> str | None:
+    if data is None:
+        return None
+    return data.decode("utf-8", errors="replace").strip()
+
+
+def _caption_from_meta(meta: str | None) -> str | None:
+    if not meta:
+        return None
+    try:
+        obj = json.loads(meta)
+    except ValueError:
+        return None
+    if isinstance(obj, dict):
+        for key in CAPTION_KEYS:
+            if isinstance(obj.get(key), str):
+                return obj[key].strip()
+    return None
+
+
+def ingest_shard(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits, counters: Counters) -> Iterator[Chunk]:
+    """Read one shard's records; yields chunks of image records and rejects."""
+    batch = _Batcher(spec, limits, counters)
+    readers = {"folder": _read_folder, "tar": _read_tar, "parquet": _read_parquet}
+    if spec.kind == "unreadable":
+        batch.reject(None, Reason.UNREADABLE_SOURCE, spec.detail)
+    else:
+        for _ in readers[spec.kind](spec, settings, batch):
+            if batch.ready():
+                yield batch.flush()
+    yield batch.flush()
+
+
+def _read_folder(spec: ShardSpec, settings: IngestSettings, batch: _Batcher) -> Iterator[None]:
+    fs, root = storage.filesystem(spec.source)
+    sidecars = set(spec.sidecars)
+    for rel in spec.members:
+        stem = rel.rsplit(".", 1)[0]
+        try:
+            data = fs.cat_file(posixpath.join(root, rel))
+            meta = _text(fs.cat_file(posixpath.join(root, stem + ".json"))) if stem + ".json" in sidecars else None
+            caption = _text(fs.cat_file(posixpath.join(root, stem + ".txt"))) if stem + ".txt" in sidecars else None
+        except FileNotFoundError:
+            batch.reject(rel, Reason.MISSING_FILE, "file disappeared after planning")
+        except OSError as exc:
+            batch.reject(rel, Reason.UNREADABLE_MEMBER, f"{type(exc).__name__}: {exc}"[:300])
+        else:
+            batch.add(rel, data, caption if caption is not None else _caption_from_meta(meta), meta)
+        yield None
+
+
+def _wds_key(name: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the basename."""
+    directory, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(directory, stem), ext.lower()
+
+
+def _read_tar(spec: ShardSpec, settings: IngestSettings, batch: _Batcher) -> Iterator[None]:
+    exts = tuple(e.lower().lstrip(".") for e in settings.image_extensions)
+    fs, path = storage.filesystem(spec.source)
+    group: dict[str, bytes] = {}
+    key: str | None = None
+    members = 0
+
+    def emit(k: str, parts: dict[str, bytes]) -> None:
+        image_ext = next((e for e in exts if e in parts), None)
+        meta = _text(parts.get("json"))
+        if image_ext is None:
+            batch.reject(k, Reason.UNREADABLE_MEMBER, f"no image member for key (found: {sorted(parts)})")
+            return
+        caption = _text(parts.get("txt"))
+        batch.add(k, parts[image_ext], caption if caption is not None else _caption_from_meta(meta), meta)
+
+    try:
+        with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, ext = _wds_key(member.name)
+                if k != key and key is not None:
+                    emit(key, group)
+                    group = {}
+                    yield None
+                key = k
+                extracted = tar.extractfile(member)
+                group[ext] = extracted.read() if extracted else b""
+                members += 1
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        # Records already read stay; the break point is recorded so nothing vanishes silently.
+        if key is not None and group:
+            emit(key, group)
+            key, group = None, {}
+        batch.reject(f"@member{members}", Reason.UNREADABLE_SOURCE,
+                     f"tar stream unreadable after {members} member(s): {type(exc).__name__}: {exc}"[:500])
+    if key is not None:
+        emit(key, group)
+    yield None
+
+
+def _pick(names: list[str], configured: str | None, candidates: tuple[str, ...]) -> str | None:
+    if configured:
+        return configured if configured in names else None
+    return next((c for c in candidates if c in names), None)
+
+
+def _read_parquet(spec: ShardSpec, settings: IngestSettings, batch: _Batcher) -> Iterator[None]:
+    fs, path = storage.filesystem(spec.source)
+    base_dir = posixpath.dirname(path)
+    try:
+        fh = fs.open(path, "rb")
+        pf = pq.ParquetFile(fh)
+    except Exception as exc:
+        for row in range(spec.start, spec.stop):
+            batch.reject(str(row), Reason.UNREADABLE_SOURCE, f"{type(exc).__name__}: {exc}"[:300])
+        yield None
+        return
+    with fh:
+        names = pf.schema_arrow.names
+        image_col = _pick(names, settings.image_column, IMAGE_COLUMNS)
+        caption_col = _pick(names, settings.caption_column, CAPTION_COLUMNS)
+        if image_col is None:
+            wanted = settings.image_column or f"one of {list(IMAGE_COLUMNS)}"
+            detail = f"no image column ({wanted}); columns are {names}. Set ingest.image_column."
+            for row in range(spec.start, spec.stop):
+                batch.reject(str(row), Reason.MISSING_COLUMNS, detail)
+            yield None
+            return
+        meta_cols = [n for n in names if n not in (image_col, caption_col)
+                     and not pa.types.is_binary(pf.schema_arrow.field(n).type)
+                     and not pa.types.is_large_binary(pf.schema_arrow.field(n).type)]
+        offset = 0
+        for rg in range(pf.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            lo, hi = max(spec.start, offset), min(spec.stop, offset + n)
+            if lo < hi:
+                table = pf.read_row_group(rg).slice(lo - offset, hi - lo)
+                for i, rec in enumerate(table.to_pylist()):
+                    _parquet_record(str(lo + i), rec, image_col, caption_col, meta_cols, fs, base_dir, batch)
+                    yield None
+            offset += n
+            if offset >= spec.stop:
+                break
+
+
+def _parquet_record(offset: str, rec: dict, image_col: str, caption_col: str | None, meta_cols: list[str],
+                    fs, base_dir: str, batch: _Batcher) -> None:
+    value = rec.get(image_col)
+    caption = rec.get(caption_col) if caption_col else None
+    caption = str(caption).strip() if caption is not None else None
+    meta = {c: rec[c] for c in meta_cols if rec.get(c) is not None}
+    meta_json = json.dumps(meta, default=str, sort_keys=True) if meta else None
+    if isinstance(value, dict):  # Hugging Face datasets Image feature: {bytes, path}
+        value = value.get("bytes") or value.get("path")
+    if value is None:
+        batch.reject(offset, Reason.EMPTY_FILE, f"column {image_col} is null")
+        return
+    if isinstance(value, str):
+        if value.startswith(("http://", "https://")):
+            batch.reject(offset, Reason.URL_NOT_DOWNLOADED,
+                         "image is a URL; this version of FaceCap reads bytes and paths only (no download stage)")
+            return
+        target = value if value.startswith("/") or "://" in value else posixpath.join(base_dir, value)
+        if "://" in target:
+            batch.reject(offset, Reason.MISSING_FILE, f"unsupported image location {value!r}")
+            return
+        try:
+            value = fs.cat_file(target)
+        except FileNotFoundError:
+            batch.reject(offset, Reason.MISSING_FILE, f"{target} does not exist")
+            return
+        except OSError as exc:
+            batch.reject(offset, Reason.UNREADABLE_MEMBER, f"{target}: {type(exc).__name__}: {exc}"[:300])
+            return
+    batch.add(offset, bytes(value), caption, meta_json)

@@ -1,0 +1,101 @@
+"""Storage: local paths or any fsspec URL, with atomic writes.
+
+Every output is written under a temporary name and renamed into place, so a
+file that exists is complete. That single rule is what makes a killed run
+resumable: a stage's stats file is written last and marks the stage done.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def absolute(url: str) -> str:
+    """Make a local path absolute (so ids do not depend on the working directory)."""
+    return os.path.abspath(url) if is_local(url) and not url.startswith("file://") else url
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    fs, path = filesystem(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    fs, path = filesystem(url)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
+    with fs.open(tmp, "wb") as fh:
+        fh.write(data)
+    if is_local(url):
+        os.replace(tmp, path)  # atomic on POSIX, also over an existing file
+    else:
+        fs.mv(tmp, path)  # object stores: the PUT itself is atomic
+
+
+def write_json_atomic(url: str, data: Any) -> None:
+    write_bytes_atomic(url, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(url: str) -> Any:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as fh:
+        return json.load(fh)
+
+
+def write_parquet_atomic(url: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    # Row groups of a few hundred records keep readers' memory bounded even
+    # though each record carries an image.
+    pq.write_table(table, buf, compression="zstd", row_group_size=256)
+    write_bytes_atomic(url, buf.getvalue())
+
+
+def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as fh:
+        return pq.read_table(fh, columns=columns)
+
+
+def copy_file(src: str, dst: str) -> None:
+    """Copy src to dst atomically (hard link when both are on one local disk)."""
+    if is_local(src) and is_local(dst):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        return
+    fs, path = filesystem(src)
+    with fs.open(path, "rb") as fh:
+        write_bytes_atomic(dst, fh.read())

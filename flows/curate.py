@@ -1,0 +1,161 @@
+"""The curate flow: sources -> ingest -> detect -> release, mapped over shards on Dask.
+
+Shards flow through the stages as soon as they are ready (a shard's detect
+starts when its ingest finishes). The flow's driver is the only writer of the
+manifest and of the release; workers write only their own shard files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect_dask import DaskTaskRunner
+
+from facecap import manifest, release, storage
+from facecap.config import Config
+from facecap.models.registry import detector_identity
+from facecap.pipeline import DETECT, INGEST
+from facecap.stages.ingest import plan_shards
+from facecap.tasks.stages import detect_task, ingest_task, placement
+
+
+class CurateFailed(RuntimeError):
+    """Some shards failed; finished shards are kept and a rerun resumes."""
+
+
+@dataclass
+class _Progress:
+    """Per-stage progress lines for the console and the Prefect UI."""
+
+    logger: Any
+    total: int
+    stage: str
+    done: int = 0
+    cached: int = 0
+    failed: int = 0
+    rows_in: int = 0
+    rows_out: int = 0
+    started: float = field(default_factory=time.time)
+
+    def update(self, stats: dict) -> None:
+        self.done += 1
+        if stats.get("error"):
+            self.failed += 1
+            self.logger.error(f"{self.stage} {stats.get('input')}: FAILED: {stats['error']}")
+        else:
+            self.cached += bool(stats.get("cached"))
+            self.rows_in += stats["rows_in"]
+            self.rows_out += stats["rows_out"]
+        rate = self.rows_in / max(time.time() - self.started, 1e-9)
+        self.logger.info(
+            f"{self.stage}: {self.done}/{self.total} shards ({self.cached} already done, {self.failed} failed) | "
+            f"{self.rows_in:,} in -> {self.rows_out:,} out | {rate:,.1f} rows/s"
+        )
+
+
+def task_runner_for(cfg: Config) -> DaskTaskRunner:
+    """An existing Dask scheduler if configured, else a local cluster of worker processes."""
+    if cfg.execution.dask_address:
+        return DaskTaskRunner(address=cfg.execution.dask_address)
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": local_workers(cfg),
+        "threads_per_worker": cfg.execution.threads_per_worker,
+        "processes": True,
+        "dashboard_address": ":0",  # a free port: concurrent runs must not collide
+    })
+
+
+def local_workers(cfg: Config) -> int:
+    return cfg.execution.n_workers or max(1, os.cpu_count() or 1)
+
+
+def _failure(stage: str, label: str, source: str, exc: BaseException) -> dict:
+    return {"stage": stage, "input": label, "source": source, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+@flow(name="curate", flow_run_name="curate {out}", log_prints=True)
+def curate(sources: list[str], out: str, config: dict | None = None) -> dict:
+    """Turn image sources into a face release in OUT/release (see `facecap curate --help`)."""
+    logger = get_run_logger()
+    cfg = Config.model_validate(config or {})
+    out = storage.absolute(out)
+    run_id = str(flow_run.id or f"local-{int(time.time())}")
+    if cfg.detect.threads is None and not cfg.execution.dask_address:
+        # Share the machine's cores between local workers instead of oversubscribing them.
+        cfg.detect.threads = max(1, (os.cpu_count() or 1) // local_workers(cfg))
+
+    detector_id = detector_identity(cfg)  # fails here, before any work, if weights are missing
+    specs, notes = plan_shards(sources, cfg.ingest)
+    for note in notes:
+        logger.warning(note)
+    unreadable = [s for s in specs if s.kind == "unreadable"]
+    for s in unreadable:
+        logger.error(f"source {s.source} cannot be read: {s.detail} (recorded as a reject)")
+    logger.info(f"profile={cfg.profile} detector={detector_id}: {len(specs)} shard(s) from {len(sources)} source(s)")
+
+    storage.makedirs(out)
+    manifest_path = storage.join(out, "manifest.duckdb")
+    storage.write_bytes_atomic(storage.join(out, "runs", run_id, "config.yaml"), cfg.to_yaml().encode())
+    manifest.start_run(manifest_path, run_id, cfg.profile, sources, cfg.to_yaml(), release.versions())
+
+    ingest_progress = _Progress(logger, len(specs), INGEST.name)
+    detect_progress = _Progress(logger, len(specs), DETECT.name)
+    ingest_futures = {}
+    for index, spec in enumerate(specs):
+        fut = ingest_task.with_options(task_run_name=f"ingest {spec.label}").submit(spec, out, cfg)
+        ingest_futures[fut] = index
+    ingested: list[dict | None] = [None] * len(specs)
+    detected: list[dict | None] = [None] * len(specs)
+    detect_futures = {}
+    for fut in as_completed(list(ingest_futures)):
+        index = ingest_futures[fut]
+        spec = specs[index]
+        try:
+            stats = fut.result()
+        except Exception as exc:
+            stats = _failure(INGEST.name, spec.label, spec.source, exc)
+        manifest.record_stages(manifest_path, run_id, [stats])
+        ingest_progress.update(stats)
+        if stats.get("error"):
+            continue
+        ingested[index] = stats
+        with placement(DETECT, cfg):
+            dfut = detect_task.with_options(task_run_name=f"detect {spec.label}").submit(stats, out, cfg, detector_id)
+        detect_futures[dfut] = index
+    for fut in as_completed(list(detect_futures)):
+        index = detect_futures[fut]
+        try:
+            stats = fut.result()
+        except Exception as exc:
+            stats = _failure(DETECT.name, specs[index].label, specs[index].source, exc)
+        manifest.record_stages(manifest_path, run_id, [stats])
+        detect_progress.update(stats)
+        if not stats.get("error"):
+            detected[index] = stats
+
+    failed = ingest_progress.failed + detect_progress.failed
+    if failed:
+        message = f"{failed} shard(s) failed; finished shards are kept, rerun the same command to resume"
+        manifest.finish_run(manifest_path, run_id, "failed", message)
+        raise CurateFailed(message)
+
+    reject_files = [(s["rejects_output"], s["rejects_written"]) for s in ingested + detected if s]
+    funnel = manifest.funnel(manifest_path, run_id)
+    published = release.publish(
+        out, run_id, [d for d in detected if d], reject_files, cfg,
+        {"detector": detector_id, "sources": sources, "funnel": funnel, "shards": len(specs),
+         "unreadable_sources": [{"source": s.source, "detail": s.detail} for s in unreadable]},
+    )
+    manifest.finish_run(manifest_path, run_id, "completed")
+    logger.info(
+        f"release: {published['records']:,} face records, {published['rejects']:,} rejects -> "
+        f"{storage.join(out, 'release')}"
+    )
+    return {"run_id": run_id, "release": storage.join(out, "release"), "records": published["records"],
+            "rejects": published["rejects"], "funnel": funnel}
