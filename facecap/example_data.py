@@ -92,7 +92,7 @@ def face_images() -> dict[str, tuple[bytes, str]]:
         "astronaut_pair.jpg": (_encode(pair, "JPEG", quality=92), "the astronaut portrait next to its mirror image"),
         "astronaut_exif.jpg": (exif_rotated(face), "the astronaut portrait stored sideways with an EXIF orientation"),
         "astronaut_small.jpg": (_encode(face.resize((160, 160)), "JPEG", quality=92), "a thumbnail: face too small"),
-        "astronaut.webp": (_encode(face, "WEBP", quality=90), "the astronaut portrait as WebP"),
+        "astronaut_webp.webp": (_encode(face, "WEBP", quality=90), "the astronaut portrait as WebP"),
     }
 
 
@@ -174,6 +174,6 @@ def write_example_data(root: str | Path) -> dict[str, int]:
     write_parquet_bytes(root / "parquet" / "bytes.parquet",
                         {k: faces[k] for k in ("astronaut_tilted.jpg", "astronaut_exif.jpg")} | {"noise.jpg": others["noise.jpg"]})
     write_parquet_paths(root / "paths" / "paths.parquet",
-                        {"astronaut.webp": faces["astronaut.webp"], "coffee.png": others["coffee.png"]})
+                        {"astronaut_webp.webp": faces["astronaut_webp.webp"], "coffee.png": others["coffee.png"]})
     return {"folder": len(faces) + len(others) + len(broken), "webdataset": len(wds), "parquet_bytes": 3,
             "parquet_paths": 3}

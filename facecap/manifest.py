@@ -66,6 +66,8 @@ def connect(path: str) -> Iterator[duckdb.DuckDBPyConnection]:
 
 def start_run(path: str, run_id: str, profile: str, sources: list[str], config_yaml: str, versions: dict) -> None:
     with connect(path) as con:
+        # A run still "running" when a new one starts was killed: say so.
+        con.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")
         con.execute(
             "INSERT INTO runs VALUES (?, ?, NULL, 'running', ?, ?, ?, ?, NULL)",
             [run_id, _now(), profile, json.dumps(sources), config_yaml, json.dumps(versions, sort_keys=True)],

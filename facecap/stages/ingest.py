@@ -144,8 +144,7 @@ def _plan_folder(uri: str, fs, path: str, exts: tuple[str, ...], shard_size: int
     if ignored:
         notes.append(f"{uri}: ignored {ignored} file(s) that are neither images ({', '.join(exts)}) nor sidecars")
     specs = []
-    for i in range(0, len(images), shard_size):
-        members = tuple(images[i : i + shard_size])
+    for members in chunk_names(images, shard_size):
         member_stems = {m.rsplit(".", 1)[0] for m in members}
         side = tuple(s for s in sidecars if s.rsplit(".", 1)[0] in member_stems)
         tokens = [f"{m}={_info_token(infos[m])}" for m in members + side]
@@ -153,6 +152,29 @@ def _plan_folder(uri: str, fs, path: str, exts: tuple[str, ...], shard_size: int
     if not images:
         notes.append(f"{uri}: no images found")
     return specs
+
+
+def chunk_names(names: list[str], size: int) -> list[tuple[str, ...]]:
+    """Split sorted names into shards of about `size`, with content-defined boundaries.
+
+    A boundary falls after a name whose hash hits, not after every `size`
+    names, so adding or removing a file changes only the shard it lands in
+    and the next boundary re-synchronises: a re-curation of a grown folder
+    re-runs a shard or two, not every shard after the new file.
+    """
+    low, high = max(1, size // 4), max(1, 2 * size)
+    modulus = max(1, size - low + 1)  # expected shard length: low + modulus - 1 = size
+    chunks: list[tuple[str, ...]] = []
+    current: list[str] = []
+    for name in names:
+        current.append(name)
+        h = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
+        if len(current) >= high or (len(current) >= low and h % modulus == 0):
+            chunks.append(tuple(current))
+            current = []
+    if current:
+        chunks.append(tuple(current))
+    return chunks
 
 
 def _plan_parquet(uri: str, fs, path: str, shard_size: int) -> list[ShardSpec]:

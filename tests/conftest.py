@@ -1,0 +1,43 @@
+"""Shared fixtures: one real Prefect API (the test harness) and example data on disk."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Before Prefect is imported anywhere: keep its state out of ~/.prefect and
+# send nothing anywhere.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="facecap-prefect-home-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from facecap.config import Config  # noqa: E402
+from facecap.example_data import write_example_data  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> str:
+    """A real Prefect API server (Prefect's test harness) for the whole session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def example_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("example")
+    write_example_data(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def detector():
+    from facecap.models.registry import load_detector
+
+    return load_detector(Config(profile="offline"))

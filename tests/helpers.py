@@ -1,0 +1,30 @@
+"""Helpers shared by the tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from facecap.config import Config
+
+
+def offline_config(**sections) -> Config:
+    return Config.model_validate({"profile": "offline", **sections})
+
+
+def read_release(out: Path) -> tuple[pa.Table, pa.Table]:
+    """The release's face records (sorted by sample_id) and its rejects."""
+    data = ds.dataset(out / "release" / "data", format="parquet").to_table().sort_by("sample_id")
+    rejects_dir = out / "release" / "rejects"
+    rejects = ds.dataset(rejects_dir, format="parquet").to_table() if rejects_dir.exists() else None
+    return data, rejects
+
+
+def run_curate(sources: list, out: Path, cfg: Config) -> dict:
+    """Run the real curate flow on a local Dask cluster against the current Prefect API."""
+    from facecap.flows.curate import curate, task_runner_for
+
+    return curate.with_options(task_runner=task_runner_for(cfg))(
+        sources=[str(s) for s in sources], out=str(out), config=cfg.model_dump(mode="json"))

@@ -1,0 +1,124 @@
+"""The command line as people run it: help, errors, a killed run that resumes, the embedded Prefect API."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+from helpers import read_release
+from PIL import Image
+
+from facecap.example_data import astronaut, generated
+
+
+def facecap(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "facecap", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_help_explains_every_option():
+    top = facecap("--help")
+    assert top.returncode == 0 and "curate" in top.stdout and "offline" in top.stdout
+    curate = facecap("curate", "--help").stdout
+    for option in ("--out", "--profile", "--config", "--set", "--dask-address", "--workers", "--shard-size",
+                   "--min-score", "--min-face-px", "WebDataset", "Parquet", "PREFECT_API_URL", "resumes"):
+        assert option in curate, option
+
+
+def test_config_command_prints_resolved_settings(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("detect:\n  min_score: 0.95\n")
+    out = facecap("config", "--profile", "offline", "--config", str(cfg), "--set", "ingest.shard_size=7")
+    assert out.returncode == 0
+    assert "profile: offline" in out.stdout and "min_score: 0.95" in out.stdout and "shard_size: 7" in out.stdout
+
+
+def test_bad_settings_are_clear_errors(tmp_path):
+    bad = facecap("config", "--set", "detect.min_score=2")
+    assert bad.returncode == 2 and "detect.min_score" in bad.stderr
+    unknown = facecap("config", "--set", "detect.min_scor=0.5")
+    assert unknown.returncode == 2 and "min_scor" in unknown.stderr
+    missing = facecap("config", "--config", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_full_profile_without_weights_says_what_to_place_where(tmp_path):
+    (tmp_path / "img").mkdir()
+    run = facecap("curate", str(tmp_path / "img"), "--out", str(tmp_path / "out"),
+                  env={"FACECAP_MODEL_CACHE": str(tmp_path / "cache")})
+    assert run.returncode == 2
+    assert str(tmp_path / "cache" / "retinaface_resnet50.onnx") in run.stderr and "--profile offline" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> Path:
+    """40 images (30 with the astronaut's face at varied angles and sizes): enough shards to kill a run mid-way."""
+    root = tmp_path_factory.mktemp("many")
+    face = astronaut()
+    for i in range(40):
+        img = generated("noise" if i % 2 else "shapes", seed=i) if i % 4 == 3 else \
+            face.rotate((i * 9) % 40 - 20, expand=True).resize((400 + 10 * i, 400 + 10 * i))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        (root / f"img{i:03d}.jpg").write_bytes(buf.getvalue())
+        (root / f"img{i:03d}.txt").write_text(f"image number {i}")
+    return root
+
+
+CURATE_ARGS = ("--profile", "offline", "--shard-size", "1", "--workers", "2")
+
+
+def test_killed_run_resumes_to_the_same_release(prefect_api_url, many_images, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "facecap", "curate", str(many_images), "--out", str(out), *CURATE_ARGS]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    detect_dir = out / "shards" / "detect"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list(detect_dir.glob("*.json"))) < 3:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its Dask workers, everything in the session
+    proc.wait()
+    done_when_killed = len(list(detect_dir.glob("*.json")))
+    assert 3 <= done_when_killed < 40 and not (out / "release").exists()
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    con = duckdb.connect(str(out / "manifest.duckdb"), read_only=True)
+    statuses = [r[0] for r in con.execute("SELECT status FROM runs ORDER BY started_at").fetchall()]
+    cached = con.execute("SELECT count(*) FROM stage_runs WHERE stage = 'detect' AND status = 'cached'").fetchone()[0]
+    con.close()
+    assert statuses == ["interrupted", "completed"]
+    assert cached >= done_when_killed, "work finished before the kill must not be redone"
+
+    # A clean run, with the embedded default (no PREFECT_API_URL): one server for the flow and all workers.
+    clean = tmp_path / "clean"
+    env_clean = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    embedded = subprocess.run([*cmd[:6], str(clean), *CURATE_ARGS], env=env_clean, capture_output=True, text=True,
+                              timeout=600)
+    assert embedded.returncode == 0, embedded.stderr[-3000:]
+    log = embedded.stdout + embedded.stderr
+    assert log.count("starting an embedded Prefect server") == 1 and "database is locked" not in log
+    assert "Error logging to API" not in log
+
+    a, a_rejects = read_release(out)
+    b, b_rejects = read_release(clean)
+    assert a.num_rows == b.num_rows > 20
+    assert len(set(a.column("sample_id").to_pylist())) == a.num_rows, "no duplicate sample_id after resume"
+    assert a.equals(b), "the resumed release must equal a clean run's"
+    key = [("image_id", "ascending"), ("reason", "ascending")]
+    assert a_rejects.sort_by(key).equals(b_rejects.sort_by(key))
+    # Every image is accounted for: kept (one or more faces) or rejected.
+    accounted = set(a.column("image_id").to_pylist()) | set(a_rejects.column("image_id").to_pylist())
+    assert len(accounted) == 40
+    assert Image.open(io.BytesIO(a.column("image")[0].as_py())).format == "JPEG"

@@ -1,0 +1,165 @@
+"""The curate flow end to end: real Prefect API (test harness), real local Dask cluster, real images."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from helpers import offline_config, read_release, run_curate
+
+from facecap.schema import image_id_for
+
+# What every example record must become: (source file, offset) -> faces kept or the reject reason.
+EXPECTED = {
+    ("folder", "astronaut.png"): 1, ("folder", "astronaut_webp.webp"): 1, ("folder", "astronaut_exif.jpg"): 1,
+    ("folder", "astronaut_tilted.jpg"): 1, ("folder", "astronaut_pair.jpg"): 2,
+    ("folder", "astronaut_small.jpg"): "too_small", ("folder", "coffee.png"): "no_face",
+    ("folder", "rocket.jpg"): "no_face", ("folder", "noise.jpg"): "no_face", ("folder", "gradient.png"): "no_face",
+    ("folder", "shapes.png"): "no_face", ("folder", "truncated.jpg"): "decode_error",
+    ("folder", "empty.jpg"): "empty_file", ("folder", "not_an_image.jpg"): "decode_error",
+    ("folder", "bomb.png"): "too_large",
+    ("00000.tar", "000000000"): 1, ("00000.tar", "000000001"): 2, ("00000.tar", "000000002"): "no_face",
+    ("bytes.parquet", "0"): 1, ("bytes.parquet", "1"): 1, ("bytes.parquet", "2"): "no_face",
+    ("paths.parquet", "0"): 1, ("paths.parquet", "1"): "no_face", ("paths.parquet", "2"): "missing_file",
+}
+
+
+def sources(example_dir: Path) -> list[Path]:
+    return [example_dir / "folder", example_dir / "webdataset" / "*.tar", example_dir / "parquet" / "bytes.parquet",
+            example_dir / "paths" / "paths.parquet", example_dir / "does-not-exist"]
+
+
+@pytest.fixture(scope="module")
+def curated(prefect_api_url, example_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("curate") / "out"
+    cfg = offline_config(ingest={"shard_size": 4}, execution={"n_workers": 2})
+    result = run_curate(sources(example_dir), out, cfg)
+    return out, result, cfg
+
+
+def test_every_input_record_is_released_or_rejected_with_its_reason(curated, example_dir):
+    out, result, _ = curated
+    data, rejects = read_release(out)
+    assert data.num_rows == result["records"] == sum(v for v in EXPECTED.values() if isinstance(v, int))
+    assert len(set(data.column("sample_id").to_pylist())) == data.num_rows, "sample_id must be unique"
+    faces: dict = {}
+    for row in data.select(["source", "source_offset"]).to_pylist():
+        key = (Path(row["source"]).name, row["source_offset"])
+        faces[key] = faces.get(key, 0) + 1
+    reasons = {}
+    for row in rejects.to_pylist():
+        if row["image_id"] is None:
+            continue
+        key = (Path(row["source"]).name, row["source_offset"])
+        reasons.setdefault(key, set()).add(row["reason"])
+    for key, want in EXPECTED.items():
+        if isinstance(want, int):
+            assert faces.get(key) == want, key
+        else:
+            assert key not in faces and reasons.get(key) == {want}, (key, reasons.get(key))
+    assert set(faces) | set(reasons) == set(EXPECTED), "no record may appear that was not in the input"
+    whole = rejects.filter(rejects.column("image_id").is_null()).to_pylist()
+    assert [(Path(r["source"]).name, r["reason"]) for r in whole] == [("does-not-exist", "unreadable_source")]
+
+
+def test_release_columns_and_thresholds(curated):
+    out, _, cfg = curated
+    data, _ = read_release(out)
+    for col in ("sample_id", "image", "width", "height", "det_score", "bbox", "landmarks", "source",
+                "source_caption", "source_offset", "detector", "crop_box", "align_angle"):
+        assert col in data.column_names
+    assert min(data.column("det_score").to_pylist()) > cfg.detect.min_score
+    assert min(data.column("width").to_pylist()) >= cfg.detect.min_face_px
+    row = next(r for r in data.to_pylist() if r["source_offset"] == "astronaut.png")
+    assert row["source_caption"].startswith("Eileen Collins")
+    assert row["image_id"] == image_id_for(row["source"], "astronaut.png")
+    release = json.loads((out / "release" / "release.json").read_text())
+    assert release["profile"] == "offline" and release["records"] == data.num_rows
+    assert release["stages"]["detect"]["status"] == "on"
+    assert release["stages"]["annotate"]["status"] == "off" and release["stages"]["annotate"]["why"]
+    assert (out / "release" / "config.yaml").read_text().startswith("profile: offline")
+
+
+def test_manifest_records_every_shard_and_stage(curated):
+    out, result, _ = curated
+    con = duckdb.connect(str(out / "manifest.duckdb"), read_only=True)
+    status = con.execute("SELECT status FROM runs WHERE run_id = ?", [result["run_id"]]).fetchone()[0]
+    per_stage = dict(con.execute(
+        "SELECT stage, count(*) FROM stage_runs WHERE run_id = ? AND status = 'done' GROUP BY stage",
+        [result["run_id"]]).fetchall())
+    detect_out = con.execute("SELECT sum(rows_out) FROM stage_runs WHERE run_id = ? AND stage = 'detect'",
+                             [result["run_id"]]).fetchone()[0]
+    con.close()
+    assert status == "completed"
+    assert per_stage["ingest"] == per_stage["detect"]  # every shard passes every stage, even an empty one
+    assert detect_out == result["records"]
+    funnel = {row["stage"]: row for row in result["funnel"]}
+    assert funnel["ingest"]["rows_in"] == len(EXPECTED) + 1
+    assert funnel["detect"]["rejects"]["no_face"] == sum(v == "no_face" for v in EXPECTED.values())
+
+
+def test_tasks_ran_on_dask_workers_under_the_prefect_api(curated):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    out, result, _ = curated
+    workers = {json.loads(p.read_text())["worker"] for p in (out / "shards").glob("*/*.json")}
+    assert workers and all(int(w.rsplit(":", 1)[1]) != os.getpid() for w in workers)
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(result["run_id"])
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    assert run.state.is_completed()
+    names = sorted(t.name for t in tasks)
+    assert sum(n.startswith("ingest ") for n in names) == sum(n.startswith("detect ") for n in names) > 1
+    assert all(t.state.is_completed() for t in tasks)
+
+
+def test_rerun_skips_finished_work_and_reproduces_the_release(curated, example_dir):
+    out, first, cfg = curated
+    before, _ = read_release(out)
+    files = {p.name: p.read_bytes() for p in (out / "release" / "data").glob("*.parquet")}
+    second = run_curate(sources(example_dir), out, cfg)
+    assert all(row["cached"] == row["shards"] for row in second["funnel"]), second["funnel"]
+    after, _ = read_release(out)
+    assert after.equals(before)
+    assert files == {p.name: p.read_bytes() for p in (out / "release" / "data").glob("*.parquet")}
+
+
+def test_changed_settings_and_new_files_recompute_only_what_they_affect(prefect_api_url, example_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(example_dir / "folder", src)
+    out = tmp_path / "out"
+    cfg = offline_config(ingest={"shard_size": 3}, execution={"n_workers": 2})
+    first = run_curate([src], out, cfg)
+    shards = {r["stage"]: r["shards"] for r in first["funnel"]}
+
+    strict = cfg.model_copy(deep=True)
+    strict.detect.min_score = 0.999  # drops the tilted portrait (0.998), keeps the upright one (0.9995)
+    second = run_curate([src], out, strict)
+    funnel = {r["stage"]: r for r in second["funnel"]}
+    assert funnel["ingest"]["cached"] == shards["ingest"], "ingest settings did not change"
+    assert funnel["detect"]["cached"] == 0, "detect settings changed: every detect shard reruns"
+    assert second["records"] < first["records"]
+    assert funnel["detect"]["rejects"].get("low_score", 0) > 0
+
+    shutil.copy(example_dir / "folder" / "astronaut.png", src / "zz_new_face.png")
+    third = run_curate([src], out, strict)
+    funnel = {r["stage"]: r for r in third["funnel"]}
+    assert funnel["ingest"]["shards"] - funnel["ingest"]["cached"] <= 2
+    assert third["records"] == second["records"] + 1
+    data, _ = read_release(out)
+    assert "zz_new_face.png" in data.column("source_offset").to_pylist()
+
+
+def test_detect_outputs_are_keyed_by_model_and_settings(curated):
+    out, _, cfg = curated
+    stats = [json.loads(p.read_text()) for p in (out / "shards" / "detect").glob("*.json")]
+    assert stats and all(s["model"].startswith("retinaface-mobilenet0.25@sha256:") for s in stats)
+    for s in stats:
+        table = pq.read_table(s["output"])
+        assert table.num_rows == s["rows_written"] == s["rows_out"]
