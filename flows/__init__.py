@@ -1,1 +1,1 @@
-"""x"""
+"""Prefect flows: the DAGs that map stage tasks over shards (curate)."""

@@ -1,1 +1,1 @@
-"""x"""
+"""Model runners and weights: RetinaFace on onnxruntime, weight resolution, per-process caches."""

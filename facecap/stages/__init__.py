@@ -1,1 +1,1 @@
-"""x"""
+"""Stage logic: plain functions over record batches, free of orchestration."""
