@@ -163,3 +163,28 @@ def test_detect_outputs_are_keyed_by_model_and_settings(curated):
     for s in stats:
         table = pq.read_table(s["output"])
         assert table.num_rows == s["rows_written"] == s["rows_out"]
+
+
+def test_failed_shards_fail_the_run_without_a_release_and_a_rerun_finishes_it(prefect_api_url, example_dir,
+                                                                               tmp_path):
+    from facecap.flows.curate import CurateFailed
+
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "detect").write_text("a file where a folder should be: every detect write fails")
+    cfg = offline_config(ingest={"shard_size": 8}, execution={"n_workers": 2})
+    with pytest.raises(CurateFailed, match="rerun the same command"):
+        run_curate([example_dir / "folder"], out, cfg)
+    assert not (out / "release").exists(), "a run with failed shards must not publish"
+    con = duckdb.connect(str(out / "manifest.duckdb"), read_only=True)
+    status = con.execute("SELECT status FROM runs").fetchone()[0]
+    failed = con.execute("SELECT stage, error FROM stage_runs WHERE status = 'failed'").fetchall()
+    con.close()
+    assert status == "failed" and failed and {stage for stage, _ in failed} == {"detect"}
+    assert all(error for _, error in failed)
+
+    (out / "shards" / "detect").unlink()
+    result = run_curate([example_dir / "folder"], out, cfg)
+    funnel = {r["stage"]: r for r in result["funnel"]}
+    assert funnel["ingest"]["cached"] == funnel["ingest"]["shards"]
+    assert result["records"] == sum(v for k, v in EXPECTED.items() if k[0] == "folder" and isinstance(v, int))

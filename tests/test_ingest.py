@@ -118,6 +118,22 @@ def test_parquet_without_image_column_rejects_every_row_and_says_how_to_fix(tmp_
     assert kept is None and set(_reasons(rejects).values()) == {"decode_error"}
 
 
+def test_corrupt_parquet_row_group_rejects_its_rows_and_keeps_the_others(tmp_path):
+    png = _png()
+    path = tmp_path / "rg.parquet"
+    pq.write_table(pa.table({"image": [png] * 4, "caption": list("abcd")}), path, row_group_size=2,
+                   compression="zstd")
+    data = bytearray(path.read_bytes())
+    start = pq.read_metadata(path).row_group(1).column(0).data_page_offset
+    for i in range(start, start + 64):  # garble the second row group's page header
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    _, kept, rejects, counters = _ingest([path])
+    assert kept.column("source_offset").to_pylist() == ["0", "1"]
+    assert _reasons(rejects) == {"2": "unreadable_member", "3": "unreadable_member"}
+    assert "row group 1" in rejects.column("detail")[0].as_py() and counters.rows_in == 4
+
+
 def test_unreadable_and_missing_sources_are_reported_not_fatal(tmp_path):
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
     (tmp_path / "data.csv").write_text("a,b\n")

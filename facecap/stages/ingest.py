@@ -367,7 +367,15 @@ def _read_parquet(spec: ShardSpec, settings: IngestSettings, batch: _Batcher) ->
             n = pf.metadata.row_group(rg).num_rows
             lo, hi = max(spec.start, offset), min(spec.stop, offset + n)
             if lo < hi:
-                table = pf.read_row_group(rg).slice(lo - offset, hi - lo)
+                try:
+                    table = pf.read_row_group(rg).slice(lo - offset, hi - lo)
+                except Exception as exc:  # a corrupt page loses its row group, not the run
+                    for row in range(lo, hi):
+                        batch.reject(str(row), Reason.UNREADABLE_MEMBER,
+                                     f"row group {rg}: {type(exc).__name__}: {exc}"[:300])
+                    yield None
+                    offset += n
+                    continue
                 for i, rec in enumerate(table.to_pylist()):
                     _parquet_record(str(lo + i), rec, image_col, caption_col, meta_cols, fs, base_dir, batch)
                     yield None
