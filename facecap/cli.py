@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
             stem.json caption sidecars), a WebDataset tar in img2dataset's layout
             (key.jpg + key.txt + key.json), or a Parquet file with an image column
             (bytes, {bytes, path} structs or paths) and a caption column. Globs work.
+            Folders and Parquet files are split into shards of --shard-size records;
+            each tar is one shard.
 
             Every input record ends in OUT/release/data (one row per kept face) or
             OUT/release/rejects (with a reason). Finished shards are kept under
