@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from facecap import storage
 from facecap.config import Config, settings_hash
 from facecap.schema import FACE_SCHEMA, IMAGE_SCHEMA
 from facecap.shards import ShardPaths, iter_shard, run_shard, stage_key
@@ -59,10 +60,16 @@ def run_detect(ingested: dict, out: str, cfg: Config, detector_id: str) -> dict:
     meta = {"input": ingested["input"], "input_key": ingested["key"], "source": ingested["source"],
             "stage_version": DETECT.version, "settings_hash": settings, "model": detector_id}
 
-    def produce(counters):
+    paths = ShardPaths(out, DETECT.name, key)
+    detector = None
+    if not storage.exists(paths.stats):
+        # Loaded (once per worker process) before the shard's clock starts, so
+        # shard seconds measure detection, not start-up.
         detector = load_detector(cfg)
         if detector.identity != detector_id:
             raise RuntimeError(f"worker loaded {detector.identity}, the run planned {detector_id}: weights differ")
+
+    def produce(counters):
         return detect_faces(iter_shard(ingested["output"]), detector, cfg.detect, cfg.image, counters)
 
-    return run_shard(ShardPaths(out, DETECT.name, key), FACE_SCHEMA, produce, meta)
+    return run_shard(paths, FACE_SCHEMA, produce, meta)

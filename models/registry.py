@@ -47,7 +47,9 @@ def detector_identity(cfg: Config, weights: Weights | None = None) -> str:
 def _cached_detector(cfg_json: str, device: str, threads: int | None) -> RetinaFaceDetector:
     cfg = Config.model_validate_json(cfg_json)
     weights = detector_weights(cfg)
-    return RetinaFaceDetector(weights.data, detector_identity(cfg, weights), device=device, threads=threads)
+    detector = RetinaFaceDetector(weights.data, detector_identity(cfg, weights), device=device, threads=threads)
+    detector.warm_up(cfg.detect.input_size, cfg.detect.batch_size)
+    return detector
 
 
 def load_detector(cfg: Config, threads: int | None = None) -> RetinaFaceDetector:

@@ -15,17 +15,19 @@ from facecap.pipeline import StageInfo
 from facecap.stages.ingest import ShardSpec
 
 # Our own stage keys decide what to skip; Prefect's result caching stays off
-# so there is one source of truth for "already done".
+# so there is one source of truth for "already done". No tags on stage tasks:
+# a tagged task asks the API for concurrency slots before every run, which
+# measurably stalls short shards (seconds when the API's database is busy).
 _COMMON = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
-@task(name="ingest", tags=["facecap", "stage:ingest"], retries=2, retry_delay_seconds=[2, 10], **_COMMON)
+@task(name="ingest", task_run_name="ingest {spec.label}", retries=2, retry_delay_seconds=[2, 10], **_COMMON)
 def ingest_task(spec: ShardSpec, out: str, cfg: Config) -> dict:
     """Read one source shard into a normalised image shard. Retries help with flaky storage."""
     return pipeline.run_ingest(spec, out, cfg)
 
 
-@task(name="detect", tags=["facecap", "stage:detect"], **_COMMON)
+@task(name="detect", task_run_name="detect {ingested[input]}", **_COMMON)
 def detect_task(ingested: dict, out: str, cfg: Config, detector_id: str) -> dict:
     """Detect, align and crop faces in one image shard. Deterministic: no retries."""
     return pipeline.run_detect(ingested, out, cfg, detector_id)

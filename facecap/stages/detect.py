@@ -87,8 +87,10 @@ def detect_faces(batches: Iterable[pa.RecordBatch | pa.Table], detector: FaceDet
                 else:
                     decoded.append((image, rgb))
             if decoded:
-                canvases, scales = zip(*(letterbox(rgb, settings.input_size) for _, rgb in decoded))
-                results = detector.detect(np.stack(canvases), settings.candidate_score, settings.nms_iou)
+                size = settings.input_size
+                canvases = np.empty((len(decoded), size, size, 3), dtype=np.uint8)
+                scales = [letterbox(rgb, size, canvases[i])[1] for i, (_, rgb) in enumerate(decoded)]
+                results = detector.detect(canvases, settings.candidate_score, settings.nms_iou)
                 for (image, rgb), detections, scale in zip(decoded, results, scales):
                     _face_rows(image, rgb, detections, scale, settings, detector.identity, kept, rejects, counters)
             chunk = Chunk(kept=pa.Table.from_pylist(kept, schema=FACE_SCHEMA) if kept else None,

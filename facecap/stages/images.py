@@ -93,17 +93,21 @@ def decode_rgb(data: bytes, limits: ImageLimits) -> tuple[np.ndarray | None, Pro
     return rgb, p
 
 
-def letterbox(rgb: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def letterbox(rgb: np.ndarray, size: int, canvas: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fit an image into a size x size canvas (top-left, zero padding, never upscaled).
 
-    Returns the canvas and the (x, y) scale from source to canvas pixels.
+    Fills `canvas` (e.g. one slot of a batch array) when given. Returns the
+    canvas and the (x, y) scale from source to canvas pixels.
     """
     h, w = rgb.shape[:2]
     scale = min(size / w, size / h, 1.0)
     if scale < 1.0:
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
         rgb = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR, reducing_gap=2.0))
-    canvas = np.zeros((size, size, 3), dtype=np.uint8)
+    if canvas is None:
+        canvas = np.zeros((size, size, 3), dtype=np.uint8)
+    else:
+        canvas.fill(0)
     canvas[: rgb.shape[0], : rgb.shape[1]] = rgb
     return canvas, np.array([rgb.shape[1] / w, rgb.shape[0] / h], dtype=np.float32)
 

@@ -162,7 +162,7 @@ def chunk_names(names: list[str], size: int) -> list[tuple[str, ...]]:
     and the next boundary re-synchronises: a re-curation of a grown folder
     re-runs a shard or two, not every shard after the new file.
     """
-    low, high = max(1, size // 4), max(1, 2 * size)
+    low, high = max(1, size // 2), max(1, 2 * size)
     modulus = max(1, size - low + 1)  # expected shard length: low + modulus - 1 = size
     chunks: list[tuple[str, ...]] = []
     current: list[str] = []
