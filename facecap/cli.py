@@ -98,6 +98,9 @@ def _curate(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides, args.profile)
+    from facecap.release import check_output
+
+    check_output(args.out)
 
     from facecap.models.registry import detector_identity
     from facecap.prefect_api import prefect_api

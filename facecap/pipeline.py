@@ -26,12 +26,12 @@ DETECT_VERSION = "1"
 class StageInfo:
     name: str
     version: str
+    priority: int  # later stages first: Dask runs a ready downstream task before more upstream work
     needs_gpu: bool = False
 
 
-INGEST = StageInfo("ingest", INGEST_VERSION)
-DETECT = StageInfo("detect", DETECT_VERSION, needs_gpu=True)
-STAGES = (INGEST, DETECT)
+INGEST = StageInfo("ingest", INGEST_VERSION, priority=0)
+DETECT = StageInfo("detect", DETECT_VERSION, priority=1, needs_gpu=True)
 
 
 def ingest_settings_hash(cfg: Config) -> str:

@@ -16,7 +16,7 @@ from importlib import metadata
 from typing import Any
 
 from facecap import __version__, storage
-from facecap.config import Config
+from facecap.config import Config, ConfigError
 
 # Stages of the full FaceCaption pipeline this version does not run yet; the
 # release says so rather than leaving people to guess.
@@ -50,11 +50,17 @@ def stages_summary(cfg: Config, detector_id: str) -> dict[str, dict[str, Any]]:
     return stages
 
 
+def check_output(out: str) -> None:
+    """Fail before any work if the release could not be published at `out`."""
+    if not storage.is_local(out):
+        raise ConfigError(f"--out {out}: the release is published to a local or mounted directory; "
+                          "object storage outputs are not supported yet")
+
+
 def publish(out: str, run_id: str, shards: list[dict], reject_files: list[tuple[str, int]], cfg: Config,
             info: dict[str, Any]) -> dict[str, Any]:
     """Assemble OUT/release from the final stage's shard stats (in plan order) and reject files."""
-    if not storage.is_local(out):
-        raise NotImplementedError("publishing to object storage is not supported yet; use a local --out")
+    check_output(out)
     staging = os.path.join(out, f".release-staging-{run_id}")
     shutil.rmtree(staging, ignore_errors=True)
     data_files, rows = [], 0

@@ -7,15 +7,12 @@ resumable: a stage's stats file is written last and marks the stage done.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import uuid
 from typing import Any
 
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -67,20 +64,6 @@ def read_json(url: str) -> Any:
     fs, path = filesystem(url)
     with fs.open(path, "rb") as fh:
         return json.load(fh)
-
-
-def write_parquet_atomic(url: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    # Row groups of a few hundred records keep readers' memory bounded even
-    # though each record carries an image.
-    pq.write_table(table, buf, compression="zstd", row_group_size=256)
-    write_bytes_atomic(url, buf.getvalue())
-
-
-def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as fh:
-        return pq.read_table(fh, columns=columns)
 
 
 def copy_file(src: str, dst: str) -> None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask
+from distributed import as_completed as dask_as_completed
 from prefect import flow, get_run_logger
-from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
@@ -32,17 +32,23 @@ class CurateFailed(RuntimeError):
 
 @dataclass
 class _Progress:
-    """Per-stage progress lines for the console and the Prefect UI."""
+    """Per-stage progress lines for the console and the Prefect UI.
+
+    The first shard, then at most one line every `every_seconds`, and the
+    last: a run of ten thousand shards stays readable. Failures always show.
+    """
 
     logger: Any
     total: int
     stage: str
+    every_seconds: float = 5.0
     done: int = 0
     cached: int = 0
     failed: int = 0
     rows_in: int = 0
     rows_out: int = 0
     started: float = field(default_factory=time.time)
+    last_line: float = 0.0
 
     def update(self, stats: dict) -> None:
         self.done += 1
@@ -53,7 +59,11 @@ class _Progress:
             self.cached += bool(stats.get("cached"))
             self.rows_in += stats["rows_in"]
             self.rows_out += stats["rows_out"]
-        rate = self.rows_in / max(time.time() - self.started, 1e-9)
+        now = time.time()
+        if self.done not in (1, self.total) and now - self.last_line < self.every_seconds:
+            return
+        self.last_line = now
+        rate = self.rows_in / max(now - self.started, 1e-9)
         self.logger.info(
             f"{self.stage}: {self.done}/{self.total} shards ({self.cached} already done, {self.failed} failed) | "
             f"{self.rows_in:,} in -> {self.rows_out:,} out | {rate:,.1f} rows/s"
@@ -120,6 +130,7 @@ def curate(sources: list[str], out: str, config: dict | None = None) -> dict:
     logger = get_run_logger()
     cfg = Config.model_validate(config or {})
     out = storage.absolute(out)
+    release.check_output(out)
     run_id = str(flow_run.id or f"local-{int(time.time())}")
     if cfg.detect.threads is None and not cfg.execution.dask_address:
         # Share the machine's cores between local workers instead of oversubscribing them.
@@ -140,43 +151,42 @@ def curate(sources: list[str], out: str, config: dict | None = None) -> dict:
     manifest.start_run(manifest_path, run_id, cfg.profile, sources, cfg.to_yaml(), release.versions())
 
     recorder = _ManifestRecorder(manifest_path, run_id)
-    ingest_progress = _Progress(logger, len(specs), INGEST.name)
-    detect_progress = _Progress(logger, len(specs), DETECT.name)
-    ingest_futures = {}
-    for index, spec in enumerate(specs):
-        fut = ingest_task.submit(spec, out, cfg)
-        ingest_futures[fut] = index
+    progress = {stage.name: _Progress(logger, len(specs), stage.name) for stage in (INGEST, DETECT)}
     ingested: list[dict | None] = [None] * len(specs)
     detected: list[dict | None] = [None] * len(specs)
-    detect_futures = {}
-    for fut in as_completed(list(ingest_futures)):
-        index = ingest_futures[fut]
+    # One completion loop over both stages: a shard's detect is submitted the
+    # moment its ingest finishes, and detect's higher Dask priority runs it
+    # before further ingest, so results (and GPU work) start early and the
+    # ingest copies on disk stay few.
+    pending = {}
+    for index, spec in enumerate(specs):
+        with placement(INGEST, cfg):
+            fut = ingest_task.submit(spec, out, cfg)
+        pending[fut.wrapped_future] = (INGEST, index, fut)
+    first = next(iter(pending), None)
+    completions = dask_as_completed(list(pending), loop=first.client.loop) if first is not None else []
+    for done in completions:
+        stage, index, fut = pending.pop(done)
         spec = specs[index]
         try:
             stats = fut.result()
         except Exception as exc:
-            stats = _failure(INGEST.name, spec.label, spec.source, exc)
+            stats = _failure(stage.name, spec.label, spec.source, exc)
         recorder.add(stats)
-        ingest_progress.update(stats)
+        progress[stage.name].update(stats)
         if stats.get("error"):
             continue
-        ingested[index] = stats
-        with placement(DETECT, cfg):
-            dfut = detect_task.submit(stats, out, cfg, detector_id)
-        detect_futures[dfut] = index
-    for fut in as_completed(list(detect_futures)):
-        index = detect_futures[fut]
-        try:
-            stats = fut.result()
-        except Exception as exc:
-            stats = _failure(DETECT.name, specs[index].label, specs[index].source, exc)
-        recorder.add(stats)
-        detect_progress.update(stats)
-        if not stats.get("error"):
+        if stage is INGEST:
+            ingested[index] = stats
+            with placement(DETECT, cfg):
+                dfut = detect_task.submit(stats, out, cfg, detector_id)
+            pending[dfut.wrapped_future] = (DETECT, index, dfut)
+            completions.add(dfut.wrapped_future)
+        else:
             detected[index] = stats
 
     recorder.flush()
-    failed = ingest_progress.failed + detect_progress.failed
+    failed = sum(p.failed for p in progress.values())
     if failed:
         message = f"{failed} shard(s) failed; finished shards are kept, rerun the same command to resume"
         manifest.finish_run(manifest_path, run_id, "failed", message)

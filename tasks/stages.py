@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Iterator
 
 import dask
@@ -40,6 +40,9 @@ def wants_gpu(stage: StageInfo, cfg: Config) -> bool:
 
 @contextmanager
 def placement(stage: StageInfo, cfg: Config) -> Iterator[None]:
-    """Dask resource annotations for tasks submitted inside this block."""
-    with dask.annotate(resources={"GPU": 1}) if wants_gpu(stage, cfg) else nullcontext():
+    """Dask annotations (priority, and GPU=1 for GPU stages) for tasks submitted inside this block."""
+    annotations: dict = {"priority": stage.priority}
+    if wants_gpu(stage, cfg):
+        annotations["resources"] = {"GPU": 1}
+    with dask.annotate(**annotations):
         yield

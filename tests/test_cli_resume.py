@@ -49,6 +49,11 @@ def test_bad_settings_are_clear_errors(tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
+def test_object_storage_output_is_refused_before_any_work(tmp_path):
+    run = facecap("curate", str(tmp_path), "--out", "s3://bucket/out", "--profile", "offline")
+    assert run.returncode == 2 and "local or mounted directory" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_full_profile_without_weights_says_what_to_place_where(tmp_path):
     (tmp_path / "img").mkdir()
     run = facecap("curate", str(tmp_path / "img"), "--out", str(tmp_path / "out"),
