@@ -147,6 +147,23 @@ def test_unreadable_and_missing_sources_are_reported_not_fatal(tmp_path):
     assert "no such file" in details and "no file matches" in details and "not a folder" in details
 
 
+def test_oversized_files_and_tar_members_are_rejected_unread(tmp_path):
+    png = _png()
+    write_folder(tmp_path / "f", {"big.png": (png, "c"), "ok.png": (png, "d")})
+    (tmp_path / "f" / "big.png").write_bytes(png + b"\0" * 5000)
+    write_webdataset(tmp_path / "t.tar", {"big.png": (png + b"\0" * 5000, "c"), "ok.png": (png, "d")})
+    limit = len(png) + 100
+    cfg = offline_config(image={"max_bytes": limit})
+    specs, _ = plan_shards([str(tmp_path / "f"), str(tmp_path / "t.tar")], cfg.ingest)
+    counters = Counters()
+    chunks = [c for spec in specs for c in ingest_shard(spec, cfg.ingest, cfg.image, counters)]
+    rejects = pa.concat_tables([c.rejected for c in chunks if c.rejected is not None])
+    kept = pa.concat_tables([c.kept for c in chunks if c.kept is not None])
+    assert sorted(kept.column("source_offset").to_pylist()) == ["000000001", "ok.png"]
+    assert _reasons(rejects) == {"big.png": "too_large", "000000000": "too_large"}
+    assert all("(not read)" in d for d in rejects.column("detail").to_pylist())
+
+
 def test_bad_images_in_a_folder_are_rejected_at_ingest(tmp_path):
     jpeg = io.BytesIO()
     astronaut().save(jpeg, format="JPEG")
@@ -159,9 +176,13 @@ def test_bad_images_in_a_folder_are_rejected_at_ingest(tmp_path):
 
 
 def test_same_source_twice_is_read_once_and_ids_are_stable(tmp_path):
-    write_folder(tmp_path, {"a.png": (_png(), "x")})
-    specs, kept, _, _ = _ingest([tmp_path, str(tmp_path) + "/", tmp_path])
-    assert len(specs) == 1 and kept.num_rows == 1
+    write_folder(tmp_path, {"a.png": (_png(), "x"), "b.png": (_png(), "y")})
+    specs, kept, _, _ = _ingest([tmp_path, str(tmp_path) + "/", tmp_path / "a.png", tmp_path])
+    assert kept.num_rows == 2 and sorted(kept.column("source_offset").to_pylist()) == ["a.png", "b.png"]
+    # A file given alone is identified as part of its folder: the same id either way.
+    _, alone, _, _ = _ingest([tmp_path / "a.png"])
+    ids = dict(zip(kept.column("source_offset").to_pylist(), kept.column("image_id").to_pylist()))
+    assert alone.column("image_id").to_pylist() == [ids["a.png"]]
     _, again, _, _ = _ingest([tmp_path])
     assert kept.column("image_id").equals(again.column("image_id"))
 

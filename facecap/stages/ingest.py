@@ -105,6 +105,7 @@ def plan_shards(sources: list[str], settings: IngestSettings) -> tuple[list[Shar
     specs: list[ShardSpec] = []
     notes: list[str] = []
     exts = tuple(e.lower() for e in settings.image_extensions)
+    planned: set[tuple[str, str]] = set()  # (folder, image): a file given alone and via its folder is read once
     for uri, problem in expand_sources(sources):
         if problem:
             specs.append(ShardSpec("unreadable", uri, detail=problem))
@@ -112,7 +113,7 @@ def plan_shards(sources: list[str], settings: IngestSettings) -> tuple[list[Shar
         fs, path = storage.filesystem(uri)
         try:
             if fs.isdir(path):
-                specs.extend(_plan_folder(uri, fs, path, exts, settings.shard_size, notes))
+                specs.extend(_plan_folder(uri, fs, path, exts, settings.shard_size, notes, planned))
             elif path.lower().endswith(TAR_ENDINGS):
                 specs.append(ShardSpec("tar", uri, fingerprint=_fingerprint([_info_token(fs.info(path))])))
             elif path.lower().endswith(PARQUET_ENDINGS):
@@ -120,7 +121,7 @@ def plan_shards(sources: list[str], settings: IngestSettings) -> tuple[list[Shar
             elif path.lower().endswith(exts):
                 parent = posixpath.dirname(path)
                 specs.extend(_plan_folder(uri.rsplit("/", 1)[0], fs, parent, exts, settings.shard_size, notes,
-                                          only=posixpath.basename(path)))
+                                          planned, only=posixpath.basename(path)))
             else:
                 specs.append(ShardSpec("unreadable", uri, detail=(
                     "not a folder, tar shard (.tar, .tar.gz), Parquet file or image "
@@ -131,16 +132,18 @@ def plan_shards(sources: list[str], settings: IngestSettings) -> tuple[list[Shar
 
 
 def _plan_folder(uri: str, fs, path: str, exts: tuple[str, ...], shard_size: int, notes: list[str],
-                 only: str | None = None) -> list[ShardSpec]:
+                 planned: set[tuple[str, str]], only: str | None = None) -> list[ShardSpec]:
     found = fs.find(path, detail=True)
     infos = {posixpath.relpath(p, path): info for p, info in found.items()}
     if only is not None:
         stem = only.rsplit(".", 1)[0]
         infos = {k: v for k, v in infos.items() if k == only or k.rsplit(".", 1)[0] == stem}
-    images = sorted(k for k in infos if k.lower().endswith(exts))
-    stems = {k.rsplit(".", 1)[0] for k in images}
+    all_images = sorted(k for k in infos if k.lower().endswith(exts))
+    images = [k for k in all_images if (uri, k) not in planned]
+    planned.update((uri, k) for k in images)
+    stems = {k.rsplit(".", 1)[0] for k in all_images}
     sidecars = sorted(k for k in infos if k.lower().endswith((".txt", ".json")) and k.rsplit(".", 1)[0] in stems)
-    ignored = len(infos) - len(images) - len(sidecars)
+    ignored = len(infos) - len(all_images) - len(sidecars)
     if ignored:
         notes.append(f"{uri}: ignored {ignored} file(s) that are neither images ({', '.join(exts)}) nor sidecars")
     specs = []
@@ -149,7 +152,7 @@ def _plan_folder(uri: str, fs, path: str, exts: tuple[str, ...], shard_size: int
         side = tuple(s for s in sidecars if s.rsplit(".", 1)[0] in member_stems)
         tokens = [f"{m}={_info_token(infos[m])}" for m in members + side]
         specs.append(ShardSpec("folder", uri, members=members, sidecars=side, fingerprint=_fingerprint(tokens)))
-    if not images:
+    if not all_images:
         notes.append(f"{uri}: no images found")
     return specs
 
@@ -208,6 +211,9 @@ class _Batcher:
         })
 
     def add(self, offset: str, data: bytes | None, caption: str | None, meta: str | None) -> None:
+        if isinstance(data, _TooLarge):
+            self.reject(offset, Reason.TOO_LARGE, f"{data.size} bytes > image.max_bytes={self.limits.max_bytes} (not read)")
+            return
         p = probe(data, self.limits)
         if not p.ok:
             self.reject(offset, p.reason, p.detail)
@@ -231,8 +237,28 @@ class _Batcher:
         return chunk
 
 
+class _TooLarge(bytes):
+    """Stands in for a member or file that was not read because it exceeds image.max_bytes."""
+
+    size: int = 0
+
+
+def _too_large(size: int) -> _TooLarge:
+    marker = _TooLarge()
+    marker.size = size
+    return marker
+
+
+def _read_bounded(fs, path: str, limit: int) -> bytes:
+    """Read a file unless it is larger than `limit` (then a _TooLarge marker): never load a huge file."""
+    size = fs.size(path)
+    if size is not None and size > limit:
+        return _too_large(size)
+    return fs.cat_file(path)
+
+
 def _text(data: bytes | None) -> str | None:
-    if data is None:
+    if data is None or isinstance(data, _TooLarge):
         return None
     return data.decode("utf-8", errors="replace").strip()
 
@@ -269,10 +295,13 @@ def _read_folder(spec: ShardSpec, settings: IngestSettings, batch: _Batcher) -> 
     sidecars = set(spec.sidecars)
     for rel in spec.members:
         stem = rel.rsplit(".", 1)[0]
+        limit = batch.limits.max_bytes
         try:
-            data = fs.cat_file(posixpath.join(root, rel))
-            meta = _text(fs.cat_file(posixpath.join(root, stem + ".json"))) if stem + ".json" in sidecars else None
-            caption = _text(fs.cat_file(posixpath.join(root, stem + ".txt"))) if stem + ".txt" in sidecars else None
+            data = _read_bounded(fs, posixpath.join(root, rel), limit)
+            meta = _text(_read_bounded(fs, posixpath.join(root, stem + ".json"), limit)) \
+                if stem + ".json" in sidecars else None
+            caption = _text(_read_bounded(fs, posixpath.join(root, stem + ".txt"), limit)) \
+                if stem + ".txt" in sidecars else None
         except FileNotFoundError:
             batch.reject(rel, Reason.MISSING_FILE, "file disappeared after planning")
         except OSError as exc:
@@ -316,8 +345,11 @@ def _read_tar(spec: ShardSpec, settings: IngestSettings, batch: _Batcher) -> Ite
                     group = {}
                     yield None
                 key = k
-                extracted = tar.extractfile(member)
-                group[ext] = extracted.read() if extracted else b""
+                if member.size > batch.limits.max_bytes:
+                    group[ext] = _too_large(member.size)  # skipped unread: the stream moves past it
+                else:
+                    extracted = tar.extractfile(member)
+                    group[ext] = extracted.read() if extracted else b""
                 members += 1
     except (tarfile.TarError, OSError, EOFError) as exc:
         # Records already read stay; the break point is recorded so nothing vanishes silently.
@@ -406,11 +438,11 @@ def _parquet_record(offset: str, rec: dict, image_col: str, caption_col: str | N
             batch.reject(offset, Reason.MISSING_FILE, f"unsupported image location {value!r}")
             return
         try:
-            value = fs.cat_file(target)
+            value = _read_bounded(fs, target, batch.limits.max_bytes)
         except FileNotFoundError:
             batch.reject(offset, Reason.MISSING_FILE, f"{target} does not exist")
             return
         except OSError as exc:
             batch.reject(offset, Reason.UNREADABLE_MEMBER, f"{target}: {type(exc).__name__}: {exc}"[:300])
             return
-    batch.add(offset, bytes(value), caption, meta_json)
+    batch.add(offset, value if isinstance(value, _TooLarge) else bytes(value), caption, meta_json)
