@@ -19,7 +19,6 @@ import json
 import os
 import socket
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
@@ -57,17 +56,12 @@ class ShardPaths:
 
 
 class _StreamWriter:
-    """Writes Parquet batches to a temporary name; `commit` renames it into place."""
+    """Writes Parquet batches to an AtomicFile; `commit` publishes it under its name."""
 
     def __init__(self, url: str, schema: pa.Schema):
-        self.url, self.schema = url, schema
-        fs, path = storage.filesystem(url)
-        parent = path.rsplit("/", 1)[0]
-        fs.makedirs(parent, exist_ok=True)
-        self.fs, self.path = fs, path
-        self.tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
-        self.fh = fs.open(self.tmp, "wb")
-        self.writer = pq.ParquetWriter(self.fh, schema, compression="zstd")
+        self.schema = schema
+        self.target = storage.AtomicFile(url)
+        self.writer = pq.ParquetWriter(self.target.fh, schema, compression="zstd")
         self.rows = 0
 
     def write(self, table: pa.Table | None) -> None:
@@ -77,19 +71,13 @@ class _StreamWriter:
 
     def commit(self) -> None:
         self.writer.close()
-        self.fh.close()
-        if storage.is_local(self.url):
-            os.replace(self.tmp, self.path)
-        else:
-            self.fs.mv(self.tmp, self.path)
+        self.target.commit()
 
     def abort(self) -> None:
         try:
             self.writer.close()
-            self.fh.close()
         finally:
-            if self.fs.exists(self.tmp):
-                self.fs.rm(self.tmp)
+            self.target.abort()
 
 
 def run_shard(

@@ -43,17 +43,42 @@ def makedirs(url: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
+class AtomicFile:
+    """A file written under a temporary name beside `url`; `commit` renames it into place.
+
+    Readers never see a partial file: until commit it does not exist under its
+    name, and `abort` removes the temporary.
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self.fs, self.path = filesystem(url)
+        parent, name = self.path.rsplit("/", 1)
+        self.fs.makedirs(parent, exist_ok=True)
+        self.tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+        self.fh = self.fs.open(self.tmp, "wb")
+
+    def commit(self) -> None:
+        self.fh.close()
+        if is_local(self.url):
+            os.replace(self.tmp, self.path)  # atomic on POSIX, also over an existing file
+        else:
+            self.fs.mv(self.tmp, self.path)  # object stores: the PUT itself is atomic
+
+    def abort(self) -> None:
+        self.fh.close()
+        if self.fs.exists(self.tmp):
+            self.fs.rm(self.tmp)
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
-    fs, path = filesystem(url)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
-    with fs.open(tmp, "wb") as fh:
-        fh.write(data)
-    if is_local(url):
-        os.replace(tmp, path)  # atomic on POSIX, also over an existing file
-    else:
-        fs.mv(tmp, path)  # object stores: the PUT itself is atomic
+    target = AtomicFile(url)
+    try:
+        target.fh.write(data)
+    except BaseException:
+        target.abort()
+        raise
+    target.commit()
 
 
 def write_json_atomic(url: str, data: Any) -> None:
