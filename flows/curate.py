@@ -175,6 +175,8 @@ def curate(sources: list[str], out: str, config: dict | None = None) -> dict:
         recorder.add(stats)
         progress[stage.name].update(stats)
         if stats.get("error"):
+            if stage is INGEST:
+                progress[DETECT.name].total -= 1  # this shard never reaches detect
             continue
         if stage is INGEST:
             ingested[index] = stats

@@ -210,7 +210,7 @@ class _Batcher:
             "source_offset": offset, "image_id": image_id_for(self.spec.source, offset) if offset is not None else None,
         })
 
-    def add(self, offset: str, data: bytes | None, caption: str | None, meta: str | None) -> None:
+    def add(self, offset: str, data: bytes | _TooLarge | None, caption: str | None, meta: str | None) -> None:
         if isinstance(data, _TooLarge):
             self.reject(offset, Reason.TOO_LARGE, f"{data.size} bytes > image.max_bytes={self.limits.max_bytes} (not read)")
             return
@@ -237,27 +237,22 @@ class _Batcher:
         return chunk
 
 
-class _TooLarge(bytes):
+@dataclass(frozen=True)
+class _TooLarge:
     """Stands in for a member or file that was not read because it exceeds image.max_bytes."""
 
-    size: int = 0
+    size: int
 
 
-def _too_large(size: int) -> _TooLarge:
-    marker = _TooLarge()
-    marker.size = size
-    return marker
-
-
-def _read_bounded(fs, path: str, limit: int) -> bytes:
+def _read_bounded(fs, path: str, limit: int) -> bytes | _TooLarge:
     """Read a file unless it is larger than `limit` (then a _TooLarge marker): never load a huge file."""
     size = fs.size(path)
     if size is not None and size > limit:
-        return _too_large(size)
+        return _TooLarge(size)
     return fs.cat_file(path)
 
 
-def _text(data: bytes | None) -> str | None:
+def _text(data: bytes | _TooLarge | None) -> str | None:
     if data is None or isinstance(data, _TooLarge):
         return None
     return data.decode("utf-8", errors="replace").strip()
@@ -293,9 +288,9 @@ def ingest_shard(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits,
 def _read_folder(spec: ShardSpec, settings: IngestSettings, batch: _Batcher) -> Iterator[None]:
     fs, root = storage.filesystem(spec.source)
     sidecars = set(spec.sidecars)
+    limit = batch.limits.max_bytes
     for rel in spec.members:
         stem = rel.rsplit(".", 1)[0]
-        limit = batch.limits.max_bytes
         try:
             data = _read_bounded(fs, posixpath.join(root, rel), limit)
             meta = _text(_read_bounded(fs, posixpath.join(root, stem + ".json"), limit)) \
@@ -321,7 +316,7 @@ def _wds_key(name: str) -> tuple[str, str]:
 def _read_tar(spec: ShardSpec, settings: IngestSettings, batch: _Batcher) -> Iterator[None]:
     exts = tuple(e.lower().lstrip(".") for e in settings.image_extensions)
     fs, path = storage.filesystem(spec.source)
-    group: dict[str, bytes] = {}
+    group: dict[str, bytes | _TooLarge] = {}
     key: str | None = None
     members = 0
 
@@ -346,7 +341,7 @@ def _read_tar(spec: ShardSpec, settings: IngestSettings, batch: _Batcher) -> Ite
                     yield None
                 key = k
                 if member.size > batch.limits.max_bytes:
-                    group[ext] = _too_large(member.size)  # skipped unread: the stream moves past it
+                    group[ext] = _TooLarge(member.size)  # skipped unread: the stream moves past it
                 else:
                     extracted = tar.extractfile(member)
                     group[ext] = extracted.read() if extracted else b""
