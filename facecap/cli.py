@@ -86,7 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("config", help="print the resolved configuration as YAML",
                        description="Print every setting (defaults, profile, --config file and --set overrides applied).")
     _add_config_args(s)
+    for module in command_modules():
+        module.register(sub, _add_config_args)
     return parser
+
+
+def command_modules() -> list:
+    """Further commands: every module in facecap/commands with `register(subparsers, add_config_args)`.
+
+    A command's parser sets ``handler=`` (a function of the parsed args that
+    returns the exit code), so adding a command is adding one file.
+    """
+    import importlib
+    import pkgutil
+
+    import facecap.commands as package
+
+    names = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+    return [importlib.import_module(f"facecap.commands.{name}") for name in names]
 
 
 def _curate(args: argparse.Namespace) -> int:
@@ -138,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(load_config(args.config, args.overrides, args.profile).to_yaml(), end="")
             return 0
+        if getattr(args, "handler", None):
+            return int(args.handler(args) or 0)
     except ConfigError as exc:
         print(f"facecap: {exc}", file=sys.stderr)
         return 2

@@ -99,6 +99,76 @@ class ModelSettings(_Section):
     max_download_bytes: int = Field(2 * 2**30, gt=0)
 
 
+# --- attributes (issue 3) -------------------------------------------------
+class AttributeSettings(_Section):
+    backend: Literal["zero-shot", "classifier"] = Field(
+        "zero-shot", description="zero-shot: a CLIP-style model scores prompt pairs; classifier: a 40-way sigmoid head."
+    )
+    model: str | None = Field(
+        None, description="Local directory or hub id of the attribute model. Unset: the profile's default "
+                          "(full: a public CLIP ViT-B/16 from the hub; offline: the stage is off)."
+    )
+    keep_threshold: float = Field(0.85, ge=0, le=1, description="An attribute is kept above this probability.")
+    absent_threshold: float = Field(0.15, ge=0, le=1, description="An attribute is confidently absent below this.")
+    min_attributes: int = Field(6, ge=0, le=40, description="Keep a face only with at least this many kept labels.")
+    batch_size: int = Field(32, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="cuda annotates the task GPU=1.")
+
+
+# --- captions (issue 4) ---------------------------------------------------
+class LLMSettings(_Section):
+    """An OpenAI-compatible chat endpoint (what `vllm serve` exposes)."""
+
+    endpoint: str | None = Field(None, description="Base URL, e.g. http://vllm:8000/v1. Unset: no rewrite.")
+    model: str = Field("Qwen/Qwen2.5-7B-Instruct", description="Model name the endpoint serves.")
+    api_key_env: str = Field("FACECAP_LLM_API_KEY", description="Environment variable holding the API key, if any.")
+    concurrency: int = Field(64, ge=1, description="Requests in flight per worker.")
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(4, ge=0)
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_tokens: int = Field(160, ge=1)
+
+
+class CaptionSettings(_Section):
+    grammar: str | None = Field(None, description="PCFG grammar file; unset: the built-in facecap/data grammar.")
+    sentences: int = Field(0, ge=0, description="Reserved for the grammar; 0 means one sentence per group.")
+    max_attempts: int = Field(3, ge=1, description="Rewrites tried (new seed each) before falling back to raw text.")
+
+
+# --- quality and release (issue 5) ----------------------------------------
+class QualitySettings(_Section):
+    enabled: bool = Field(True, description="Run the quality suites at the end of curate; a failure blocks release.")
+    min_caption_words: int = Field(3, ge=0)
+    max_caption_words: int = Field(120, ge=1)
+    max_duplicate_caption_rate: float = Field(0.2, ge=0, le=1)
+    max_duplicate_image_rate: float = Field(0.05, ge=0, le=1)
+    decode_sample: int = Field(200, ge=0, description="Image bytes decoded per release to check they are images.")
+    test_fraction: float = Field(0.05, ge=0, lt=1, description="Share of source images in the test split.")
+
+
+# --- FLIP training (issue 6) ----------------------------------------------
+class TrainSettings(_Section):
+    model_size: Literal["base", "tiny"] = Field("base", description="base: ViT-B/16 + BERT-base; tiny: tests.")
+    batch_size: int = Field(64, ge=1)
+    steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps (unset: epochs).")
+    epochs: int = Field(15, ge=1)
+
+
+# --- web-scale sources (issue 8) ------------------------------------------
+class DownloadSettings(_Section):
+    connections: int = Field(64, ge=1, description="Concurrent HTTP requests per worker.")
+    timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(2, ge=0)
+    respect_noai: bool = Field(True, description="Skip images served with X-Robots-Tag noai/noimageai.")
+
+
+class TextSettings(_Section):
+    caption_path: Literal["facecaption", "flip80m", "both"] = Field(
+        "facecaption", description="facecaption: attributes -> grammar -> rewrite; flip80m: filtered, denoised "
+                                   "alt-text; both: keep both caption columns."
+    )
+
+
 class Config(_Section):
     profile: Profile = "full"
     ingest: IngestSettings = Field(default_factory=IngestSettings)
@@ -106,6 +176,13 @@ class Config(_Section):
     detect: DetectSettings = Field(default_factory=DetectSettings)
     execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
+    attributes: AttributeSettings = Field(default_factory=AttributeSettings)
+    caption: CaptionSettings = Field(default_factory=CaptionSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    download: DownloadSettings = Field(default_factory=DownloadSettings)
+    text: TextSettings = Field(default_factory=TextSettings)
 
     @field_validator("profile")
     @classmethod

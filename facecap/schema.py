@@ -48,6 +48,36 @@ _SOURCE_FIELDS = [f for f in IMAGE_FIELDS if f.name != "source_image"]
 # Face records lead with what people load first; provenance follows.
 FACE_SCHEMA = pa.schema(FACE_FIELDS[:1] + _SOURCE_FIELDS[:1] + FACE_FIELDS[1:] + _SOURCE_FIELDS[1:])
 
+# Columns the annotate stage adds (issue 3). Probabilities are in CelebA order
+# (facecap.attributes.ATTRIBUTES); the name lists follow that order too.
+ATTRIBUTE_FIELDS: list[pa.Field] = [
+    pa.field("attribute_probs", pa.list_(pa.float32(), 40), nullable=False),
+    pa.field("attributes", pa.list_(pa.string()), nullable=False),  # kept: prob > keep threshold, after rules
+    pa.field("absent_attributes", pa.list_(pa.string()), nullable=False),  # prob < absent threshold
+    pa.field("attribute_rules", pa.list_(pa.string()), nullable=False),  # contradiction rules that fired
+    pa.field("attribute_model", pa.string(), nullable=False),  # backend:identity incl. weights hash
+    pa.field("attr_keep_threshold", pa.float32(), nullable=False),
+    pa.field("attr_absent_threshold", pa.float32(), nullable=False),
+]
+
+# Columns the caption stage adds (issue 4).
+CAPTION_FIELDS: list[pa.Field] = [
+    pa.field("caption", pa.string(), nullable=False),  # the caption people train on
+    pa.field("raw_caption", pa.string(), nullable=False),  # the grammar's text
+    pa.field("grammar_version", pa.string(), nullable=False),
+    pa.field("caption_seed", pa.int64(), nullable=False),
+    pa.field("caption_model", pa.string(), nullable=False),  # "none" when not rewritten
+    pa.field("prompt_version", pa.string()),
+    pa.field("caption_check", pa.string(), nullable=False),  # "passed", "not_rewritten" or the fallback reason
+]
+
+
+def extend_schema(schema: pa.Schema, fields: list[pa.Field]) -> pa.Schema:
+    """A stage's output schema: its input's columns, then its own (replacing same-named ones)."""
+    names = {f.name for f in fields}
+    return pa.schema([f for f in schema if f.name not in names] + fields)
+
+
 REJECT_SCHEMA = pa.schema(
     [
         pa.field("stage", pa.string(), nullable=False),
@@ -80,6 +110,8 @@ class Reason:
     NO_FACE = "no_face"
     LOW_SCORE = "low_score"
     TOO_SMALL = "too_small"
+    # annotate
+    FEW_ATTRIBUTES = "few_attributes"
 
 
 def image_id_for(source: str, offset: str) -> str:

@@ -1,8 +1,9 @@
-"""The curate flow: sources -> ingest -> detect -> release, mapped over shards on Dask.
+"""The curate flow: sources -> ingest -> face stages (detect, annotate, caption) -> release, on Dask.
 
 Shards flow through the stages as soon as they are ready (a shard's detect
-starts when its ingest finishes). The flow's driver is the only writer of the
-manifest and of the release; workers write only their own shard files.
+starts when its ingest finishes, its annotate when its detect finishes...).
+The flow's driver is the only writer of the manifest and of the release;
+workers write only their own shard files.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from prefect_dask import DaskTaskRunner
 
 from facecap import manifest, release, storage
 from facecap.config import Config
-from facecap.models.registry import detector_identity
-from facecap.pipeline import DETECT, INGEST
+from facecap.pipeline import INGEST, plan_run
 from facecap.stages.ingest import plan_shards
-from facecap.tasks.stages import detect_task, ingest_task, placement
+from facecap.tasks.stages import STAGE_TASKS, ingest_task, placement
 
 
 class CurateFailed(RuntimeError):
@@ -136,14 +136,20 @@ def curate(sources: list[str], out: str, config: dict | None = None) -> dict:
         # Share the machine's cores between local workers instead of oversubscribing them.
         cfg.detect.threads = max(1, (os.cpu_count() or 1) // local_workers(cfg))
 
-    detector_id = detector_identity(cfg)  # fails here, before any work, if weights are missing
+    plan = plan_run(cfg)  # fails here, before any work, if a model a stage needs is missing
+    chain = [INGEST] + plan.chain
     specs, notes = plan_shards(sources, cfg.ingest)
     for note in notes:
         logger.warning(note)
     unreadable = [s for s in specs if s.kind == "unreadable"]
     for s in unreadable:
         logger.error(f"source {s.source} cannot be read: {s.detail} (recorded as a reject)")
-    logger.info(f"profile={cfg.profile} detector={detector_id}: {len(specs)} shard(s) from {len(sources)} source(s)")
+    logger.info(f"profile={cfg.profile}: {len(specs)} shard(s) from {len(sources)} source(s); stages "
+                + " -> ".join(f"{st.name}" + (f" [{plan.model(st.name)}]" if st is not INGEST and plan.model(st.name)
+                                              else "") for st in chain))
+    for name, p in plan.stages.items():
+        if not p.on:
+            logger.warning(f"stage {name} is off: {p.why}")
 
     storage.makedirs(out)
     manifest_path = storage.join(out, "manifest.duckdb")
@@ -151,23 +157,23 @@ def curate(sources: list[str], out: str, config: dict | None = None) -> dict:
     manifest.start_run(manifest_path, run_id, cfg.profile, sources, cfg.to_yaml(), release.versions())
 
     recorder = _ManifestRecorder(manifest_path, run_id)
-    progress = {stage.name: _Progress(logger, len(specs), stage.name) for stage in (INGEST, DETECT)}
-    ingested: list[dict | None] = [None] * len(specs)
-    detected: list[dict | None] = [None] * len(specs)
-    # One completion loop over both stages: a shard's detect is submitted the
-    # moment its ingest finishes, and detect's higher Dask priority runs it
-    # before further ingest, so results (and GPU work) start early and the
-    # ingest copies on disk stay few.
+    progress = {stage.name: _Progress(logger, len(specs), stage.name) for stage in chain}
+    # results[k][i]: stats of chain stage k for shard i.
+    results: list[list[dict | None]] = [[None] * len(specs) for _ in chain]
+    # One completion loop over all stages: a shard's next stage is submitted
+    # the moment its previous one finishes, and later stages' higher Dask
+    # priority runs them before further upstream work, so results (and GPU
+    # work) start early and the intermediate copies on disk stay few.
     pending = {}
     for index, spec in enumerate(specs):
         with placement(INGEST, cfg):
             fut = ingest_task.submit(spec, out, cfg)
-        pending[fut.wrapped_future] = (INGEST, index, fut)
+        pending[fut.wrapped_future] = (0, index, fut)
     first = next(iter(pending), None)
     completions = dask_as_completed(list(pending), loop=first.client.loop) if first is not None else []
     for done in completions:
-        stage, index, fut = pending.pop(done)
-        spec = specs[index]
+        k, index, fut = pending.pop(done)
+        stage, spec = chain[k], specs[index]
         try:
             stats = fut.result()
         except Exception as exc:
@@ -175,17 +181,16 @@ def curate(sources: list[str], out: str, config: dict | None = None) -> dict:
         recorder.add(stats)
         progress[stage.name].update(stats)
         if stats.get("error"):
-            if stage is INGEST:
-                progress[DETECT.name].total -= 1  # this shard never reaches detect
+            for later in chain[k + 1:]:
+                progress[later.name].total -= 1  # this shard never reaches them
             continue
-        if stage is INGEST:
-            ingested[index] = stats
-            with placement(DETECT, cfg):
-                dfut = detect_task.submit(stats, out, cfg, detector_id)
-            pending[dfut.wrapped_future] = (DETECT, index, dfut)
-            completions.add(dfut.wrapped_future)
-        else:
-            detected[index] = stats
+        results[k][index] = stats
+        if k + 1 < len(chain):
+            nxt = chain[k + 1]
+            with placement(nxt, cfg):
+                nfut = STAGE_TASKS[nxt.name].submit(stats, out, cfg, plan)
+            pending[nfut.wrapped_future] = (k + 1, index, nfut)
+            completions.add(nfut.wrapped_future)
 
     recorder.flush()
     failed = sum(p.failed for p in progress.values())
@@ -194,11 +199,13 @@ def curate(sources: list[str], out: str, config: dict | None = None) -> dict:
         manifest.finish_run(manifest_path, run_id, "failed", message)
         raise CurateFailed(message)
 
-    reject_files = [(s["rejects_output"], s["rejects_written"]) for s in ingested + detected if s]
+    reject_files = [(s["rejects_output"], s["rejects_written"]) for stage in results for s in stage if s]
     funnel = manifest.funnel(manifest_path, run_id)
     published = release.publish(
-        out, run_id, [d for d in detected if d], reject_files, cfg,
-        {"detector": detector_id, "sources": sources, "funnel": funnel, "shards": len(specs),
+        out, run_id, [d for d in results[-1] if d], reject_files, cfg,
+        {"detector": plan.model("detect"),
+         "stages": {**plan.summary(), "validate": {"status": "off", "why": "quality suites are not run yet"}}, "sources": sources, "funnel": funnel,
+         "shards": len(specs),
          "unreadable_sources": [{"source": s.source, "detail": s.detail} for s in unreadable]},
     )
     manifest.finish_run(manifest_path, run_id, "completed")

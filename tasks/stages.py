@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from facecap import pipeline
 from facecap.config import Config
-from facecap.pipeline import StageInfo
+from facecap.pipeline import RunPlan, StageInfo
 from facecap.stages.ingest import ShardSpec
 
 # Our own stage keys decide what to skip; Prefect's result caching stays off
@@ -27,15 +27,37 @@ def ingest_task(spec: ShardSpec, out: str, cfg: Config) -> dict:
     return pipeline.run_ingest(spec, out, cfg)
 
 
-@task(name="detect", task_run_name="detect {ingested[input]}", **_COMMON)
-def detect_task(ingested: dict, out: str, cfg: Config, detector_id: str) -> dict:
+@task(name="detect", task_run_name="detect {previous[input]}", **_COMMON)
+def detect_task(previous: dict, out: str, cfg: Config, plan: RunPlan) -> dict:
     """Detect, align and crop faces in one image shard. Deterministic: no retries."""
-    return pipeline.run_detect(ingested, out, cfg, detector_id)
+    return pipeline.run_detect(previous, out, cfg, plan)
+
+
+@task(name="annotate", task_run_name="annotate {previous[input]}", **_COMMON)
+def annotate_task(previous: dict, out: str, cfg: Config, plan: RunPlan) -> dict:
+    """Predict the 40 CelebA attributes of one face shard. Deterministic: no retries."""
+    return pipeline.run_annotate(previous, out, cfg, plan)
+
+
+@task(name="caption", task_run_name="caption {previous[input]}", retries=2, retry_delay_seconds=[5, 30], **_COMMON)
+def caption_task(previous: dict, out: str, cfg: Config, plan: RunPlan) -> dict:
+    """Caption one face shard. Retries help when the LLM endpoint is briefly unavailable."""
+    return pipeline.run_caption(previous, out, cfg, plan)
+
+
+# The Prefect task of every face stage, by stage name (the flow walks plan.chain).
+STAGE_TASKS = {
+    pipeline.DETECT.name: detect_task,
+    pipeline.ANNOTATE.name: annotate_task,
+    pipeline.CAPTION.name: caption_task,
+}
 
 
 def wants_gpu(stage: StageInfo, cfg: Config) -> bool:
-    """GPU stages ask Dask for a GPU=1 worker only when the config asks for a GPU device."""
-    return stage.needs_gpu and cfg.detect.device == "cuda"
+    """GPU stages ask Dask for a GPU=1 worker only when their config section asks for a cuda device."""
+    if not stage.needs_gpu or not stage.device_section:
+        return False
+    return getattr(cfg, stage.device_section).device == "cuda"
 
 
 @contextmanager
