@@ -1,0 +1,1 @@
+"""Training loops and their data loading (attribute classifier, FLIP), free of orchestration."""
