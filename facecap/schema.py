@@ -106,12 +106,31 @@ class Reason:
     TOO_LARGE = "too_large"
     UNSUPPORTED_FORMAT = "unsupported_format"
     DECODE_ERROR = "decode_error"
+    # download (URL-list sources, issue 8); HTTP errors are "http_<status>", e.g. http_404
+    TIMEOUT = "timeout"
+    DNS = "dns"
+    CONNECT_ERROR = "connect_error"
+    INVALID_URL = "invalid_url"  # not http(s), no host, bad port
+    BLOCKED_ADDRESS = "blocked_address"  # resolves to loopback/private/link-local/metadata, not allow-listed
+    TOO_MANY_REDIRECTS = "too_many_redirects"
+    REDIRECT_LOOP = "redirect_loop"
+    NOT_IMAGE = "not_image"  # Content-Type says it is not an image (text/html error pages...)
+    ROBOTS_NOAI = "robots_noai"  # X-Robots-Tag: noai / noimageai
     # detect
     NO_FACE = "no_face"
     LOW_SCORE = "low_score"
     TOO_SMALL = "too_small"
     # annotate
     FEW_ATTRIBUTES = "few_attributes"
+    # text (FLIP-80M path, issue 8)
+    NO_CAPTION = "no_caption"  # empty alt-text after cleaning
+    NOT_FACE_CAPTION = "not_face_caption"  # text classifier score not above text.threshold
+
+
+def is_transient(reason: str) -> bool:
+    """Download failures worth retrying later (`--retry-failed`): the server or network may recover."""
+    return reason in (Reason.TIMEOUT, Reason.DNS, Reason.CONNECT_ERROR, "http_429") or (
+        reason.startswith("http_5") and len(reason) == 8)
 
 
 def image_id_for(source: str, offset: str) -> str:

@@ -1,0 +1,264 @@
+"""Download images from URLs: many requests in flight, every URL ends with a status.
+
+`Downloader.iter_fetch(urls)` runs an asyncio event loop of its own (httpx
+AsyncClient, `download.connections` requests in flight) and yields one
+`Fetched` per URL in input order, so a shard written from it is the same
+whatever order the responses came in. A bounded window of URLs is in flight
+at a time: memory stays bounded by the window, not by the URL list.
+
+What happens to each URL (first match wins; the status is a Reason string):
+- not http(s) / no host: invalid_url; host resolves to a non-public address
+  (loopback, private, link-local, metadata, ...): blocked_address, checked
+  after DNS on every hop and connected to by the checked address only
+  (facecap.netguard); unresolvable: dns; cannot connect: connect_error
+- redirects are followed up to download.max_redirects (too_many_redirects),
+  a URL seen twice is redirect_loop
+- HTTP status other than 200: http_<status> (http_404, http_503 ...)
+- X-Robots-Tag noai / noimageai: robots_noai (download.respect_noai)
+- Content-Type that is not an image (text/html error pages): not_image
+- more than image.max_bytes (Content-Length or counted while streaming) or a
+  header claiming more than image.max_pixels (probed while streaming, before
+  the rest is read): too_large
+- no answer within download.timeout_s: timeout
+- body not a readable image: decode_error / unsupported_format / empty_file
+Transient failures (timeout, connect_error, 5xx, 429) are retried with
+exponential backoff up to download.retries times; nothing else is retried.
+Nothing here knows Prefect or Dask.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import urllib.parse
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import httpx
+from PIL import Image, ImageOps
+
+from facecap import netguard
+from facecap.config import DownloadSettings, ImageLimits
+from facecap.schema import Reason
+from facecap.stages.images import probe
+
+OK = "ok"
+# Retried at once with backoff. DNS failures are not (NXDOMAIN rarely heals in
+# seconds) but, like these, are retried by a later `--retry-failed` run.
+RETRY_NOW = {Reason.TIMEOUT, Reason.CONNECT_ERROR, "http_429"}
+PROBE_AT = 64 * 1024  # bytes after which the image header is probed (pixel bombs stop here)
+_REDIRECTS = {301, 302, 303, 307, 308}
+_BINARY_TYPES = {"application/octet-stream", "binary/octet-stream", "application/binary", ""}
+
+
+def retry_now(status: str) -> bool:
+    return status in RETRY_NOW or (status.startswith("http_5") and len(status) == 8)
+
+
+@dataclass
+class Fetched:
+    """The outcome of one URL."""
+
+    url: str
+    status: str  # OK or a Reason
+    data: bytes | None = None
+    detail: str = ""
+    final_url: str | None = None  # after redirects
+    attempts: int = 1
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    resized_from: tuple[int, int] | None = None  # original size when download.resize_max_side shrank it
+    content_type: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+
+class _Stop(Exception):
+    """Ends one attempt with a status."""
+
+    def __init__(self, status: str, detail: str = ""):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def _robots_tokens(headers: httpx.Headers) -> set[str]:
+    tokens: set[str] = set()
+    for value in headers.get_list("x-robots-tag"):
+        for part in value.lower().replace(";", ",").split(","):
+            # "otherbot: noai" applies to a named bot; we treat any mention as an opt-out.
+            tokens.add(part.split(":")[-1].strip())
+    return tokens
+
+
+@dataclass
+class Downloader:
+    settings: DownloadSettings
+    limits: ImageLimits
+    extra_allow: list[str] = field(default_factory=list)  # e.g. models.allow_addresses
+
+    def __post_init__(self) -> None:
+        self.networks = netguard.allow_networks(
+            list(self.settings.allow_addresses) + list(self.extra_allow), "download.allow_addresses")
+
+    # -- the synchronous face: used by ingest ---------------------------------
+    def iter_fetch(self, urls: Iterable[str]) -> Iterator[Fetched]:
+        """Fetch every URL, many at a time; yield results in input order."""
+        loop = asyncio.new_event_loop()
+        pending: deque[asyncio.Task] = deque()
+        client = None
+        try:
+            client = self._client()
+            semaphore = asyncio.Semaphore(self.settings.connections)
+            window = max(4 * self.settings.connections, 16)
+            source = iter(urls)
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < window:
+                    url = next(source, None)
+                    if url is None:
+                        exhausted = True
+                        break
+                    pending.append(loop.create_task(self.fetch(client, url, semaphore)))
+                if not pending:
+                    break
+                head = pending[0]
+                # Runs every task in the window until the oldest one is done.
+                loop.run_until_complete(asyncio.wait({head}))
+                pending.popleft()
+                yield head.result()
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if client is not None:
+                loop.run_until_complete(client.aclose())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    def _client(self) -> httpx.AsyncClient:
+        s = self.settings
+        return httpx.AsyncClient(
+            follow_redirects=False,  # every hop is checked by us (netguard)
+            timeout=httpx.Timeout(s.timeout_s),
+            limits=httpx.Limits(max_connections=s.connections, max_keepalive_connections=s.connections),
+            trust_env=False,  # a proxy from the environment would bypass the address check
+            headers={"User-Agent": s.user_agent, "Accept": "image/*,*/*;q=0.5"},
+        )
+
+    # -- one URL ----------------------------------------------------------------
+    async def fetch(self, client: httpx.AsyncClient, url: str, semaphore: asyncio.Semaphore) -> Fetched:
+        """Fetch one URL, retrying transient failures with exponential backoff."""
+        attempts = self.settings.retries + 1
+        for attempt in range(attempts):
+            async with semaphore:
+                result = await self._attempt(client, url)
+            result.attempts = attempt + 1
+            if result.ok or not retry_now(result.status) or attempt + 1 == attempts:
+                break
+            await asyncio.sleep(self.settings.backoff_s * 2 ** attempt)
+        if result.ok and (self.settings.decode_check or self.settings.resize_max_side):
+            # Decoding is CPU work: a thread, so the event loop keeps downloading.
+            await asyncio.to_thread(self._decode, result)
+        return result
+
+    async def _attempt(self, client: httpx.AsyncClient, url: str) -> Fetched:
+        current, seen = url, {url}
+        try:
+            for _ in range(self.settings.max_redirects + 1):
+                async with asyncio.timeout(self.settings.timeout_s):
+                    nxt = await self._hop(client, url, current)
+                if isinstance(nxt, Fetched):
+                    return nxt
+                if nxt in seen:
+                    return Fetched(url, Reason.REDIRECT_LOOP, detail=f"{current} redirects back to {nxt}")
+                seen.add(nxt)
+                current = nxt
+            return Fetched(url, Reason.TOO_MANY_REDIRECTS,
+                           detail=f"more than download.max_redirects={self.settings.max_redirects} redirects")
+        except _Stop as stop:
+            return Fetched(url, stop.status, detail=stop.detail[:500], final_url=current)
+        except (TimeoutError, httpx.TimeoutException):
+            return Fetched(url, Reason.TIMEOUT, detail=f"no complete answer within {self.settings.timeout_s} s",
+                           final_url=current)
+        except httpx.HTTPError as exc:
+            # Reset connections, protocol errors mid-body: the network, not the URL.
+            return Fetched(url, Reason.CONNECT_ERROR, detail=f"{type(exc).__name__}: {exc}"[:500], final_url=current)
+
+    async def _hop(self, client: httpx.AsyncClient, url: str, current: str) -> Fetched | str:
+        """One request. Returns the result, or the next URL of a redirect."""
+        try:
+            addresses = await netguard.checked_addresses_async(current, self.networks, "download.allow_addresses")
+        except netguard.GuardError as exc:
+            raise _Stop(exc.reason, str(exc)) from None
+        response, last_error = None, None
+        for address in addresses:
+            try:
+                response = await client.send(netguard.pinned(client, current, address), stream=True)
+                break
+            except httpx.ConnectError as exc:
+                last_error = exc
+        if response is None:
+            raise _Stop(Reason.CONNECT_ERROR, f"cannot connect to {current}: {last_error}")
+        try:
+            if response.status_code in _REDIRECTS and response.headers.get("location"):
+                return urllib.parse.urljoin(current, response.headers["location"])
+            if response.status_code != 200:
+                raise _Stop(f"http_{response.status_code}", f"HTTP {response.status_code} from {current}")
+            if self.settings.respect_noai and _robots_tokens(response.headers) & {"noai", "noimageai"}:
+                raise _Stop(Reason.ROBOTS_NOAI, f"X-Robots-Tag: {', '.join(response.headers.get_list('x-robots-tag'))}")
+            content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+            if not (content_type.startswith("image/") or content_type in _BINARY_TYPES):
+                raise _Stop(Reason.NOT_IMAGE, f"Content-Type {content_type}")
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) > self.limits.max_bytes:
+                raise _Stop(Reason.TOO_LARGE, f"Content-Length {length} > image.max_bytes={self.limits.max_bytes}")
+            data = await self._read_body(response)
+        finally:
+            await response.aclose()
+        p = probe(data, self.limits)
+        if not p.ok:
+            raise _Stop(p.reason, p.detail or "")
+        return Fetched(url, OK, data=data, final_url=current, width=p.width, height=p.height, format=p.format,
+                       content_type=content_type or None)
+
+    async def _read_body(self, response: httpx.Response) -> bytes:
+        buf = bytearray()
+        header_checked = False
+        async for chunk in response.aiter_bytes():
+            buf += chunk
+            if len(buf) > self.limits.max_bytes:
+                raise _Stop(Reason.TOO_LARGE, f"body exceeds image.max_bytes={self.limits.max_bytes} (stopped reading)")
+            if not header_checked and len(buf) >= PROBE_AT:
+                header_checked = True
+                p = probe(bytes(buf), self.limits)  # a partial file: only a pixel-count verdict is final
+                if p.reason == Reason.TOO_LARGE:
+                    raise _Stop(Reason.TOO_LARGE, f"{p.detail} (stopped reading)")
+        return bytes(buf)
+
+    def _decode(self, result: Fetched) -> None:
+        """Decode once (truncated bodies fail here, not in detect); shrink huge images if configured."""
+        max_side = self.settings.resize_max_side
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(io.BytesIO(result.data)) as im:
+                    im.load()
+                    if max_side and max(im.size) > max_side:
+                        original = im.size
+                        rgb = ImageOps.exif_transpose(im).convert("RGB")  # re-encoding drops EXIF
+                        rgb.thumbnail((max_side, max_side), Image.LANCZOS, reducing_gap=3.0)
+                        out = io.BytesIO()
+                        rgb.save(out, format="JPEG", quality=self.settings.resize_quality)
+                        result.data = out.getvalue()
+                        result.resized_from = original
+                        p = probe(result.data, self.limits)
+                        result.width, result.height, result.format = p.width, p.height, p.format
+        except Exception as exc:  # Pillow raises many types for corrupt data
+            result.status, result.data, result.width, result.height = Reason.DECODE_ERROR, None, None, None
+            result.detail = f"{type(exc).__name__}: {exc}"[:300]

@@ -1,0 +1,198 @@
+"""A real HTTP server on 127.0.0.1 serving what the web serves image downloaders.
+
+Used by the download tests and bench/bench_download.py. Paths:
+
+  /img/<name>              a real image (see `images`), image/jpeg or image/png
+  /slow/<seconds>/<name>   the image after a delay (timeouts; the bench's fixed latency)
+  /flaky/<n>/<name>        503 for the first n requests of this path, then the image
+  /status/<code>           that HTTP status
+  /redirect/<n>/<name>     a chain of n redirects ending at /img/<name>
+  /loop                    redirects to itself via /loop2
+  /to/<url-quoted>         a 302 to any location (blocked addresses, file://)
+  /html/<name>             the image's bytes served as text/html
+  /noai/<name>             the image with X-Robots-Tag: noai
+  /big                     an oversized body without Content-Length
+  /big-announced           Content-Length above any test limit (body never needed)
+  /truncated               a JPEG cut in half
+  /bomb                    a PNG whose header claims 100000 x 100000 pixels
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import struct
+import threading
+import time
+import urllib.parse
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+
+def astronaut_jpeg() -> bytes:
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def generated_png(seed: int, size: int = 96) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header claims a huge canvas (a decompression bomb's signature)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+@dataclass
+class FixtureServer:
+    images: dict[str, bytes]
+    big_size: int = 512 * 1024
+    base: str = ""
+    requests: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+    def count(self, path: str) -> int:
+        with self.lock:
+            return self.requests[path]
+
+
+def _handler(srv: FixtureServer):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, like real servers
+
+        def log_message(self, *args):
+            pass
+
+        def _send(self, code: int, body: bytes = b"", ctype: str = "image/jpeg", headers: dict | None = None,
+                  length: bool = True) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            if length:
+                self.send_header("Content-Length", str(len(body)))
+            else:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def _image(self, name: str, **kw) -> None:
+            data = srv.images.get(name)
+            if data is None:
+                self._send(404, b"not found", "text/plain")
+                return
+            ctype = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
+            self._send(200, data, kw.pop("ctype", ctype), **kw)
+
+        def _redirect(self, location: str) -> None:
+            self._send(302, b"", "text/plain", {"Location": location})
+
+        def do_GET(self):  # noqa: N802 (http.server naming)
+            path = self.path
+            with srv.lock:
+                srv.requests[path] += 1
+                seen = srv.requests[path]
+            parts = path.strip("/").split("/")
+            head = parts[0]
+            if head == "img":
+                self._image(parts[1])
+            elif head == "slow":
+                time.sleep(float(parts[1]))
+                self._image(parts[2])
+            elif head == "flaky":
+                if seen <= int(parts[1]):
+                    self._send(503, b"busy", "text/plain")
+                else:
+                    self._image(parts[2])
+            elif head == "status":
+                self._send(int(parts[1]), b"status", "text/plain")
+            elif head == "redirect":
+                left = int(parts[1])
+                self._redirect(f"/redirect/{left - 1}/{parts[2]}" if left > 1 else f"/img/{parts[2]}")
+            elif head == "loop":
+                self._redirect("/loop2")
+            elif head == "loop2":
+                self._redirect("/loop")
+            elif head == "to":
+                self._redirect(urllib.parse.unquote(parts[1]))
+            elif head == "html":
+                self._image(parts[1], ctype="text/html; charset=utf-8")
+            elif head == "noai":
+                self._image(parts[1], headers={"X-Robots-Tag": "noai, noimageai"})
+            elif head == "big":
+                self._send(200, b"\xff\xd8\xff" + b"\x00" * srv.big_size, length=False)
+            elif head == "big-announced":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(10 * 2**30))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+            elif head == "truncated":
+                data = srv.images["astronaut.jpg"]
+                self._send(200, data[: len(data) // 2])
+            elif head == "bomb":
+                self._send(200, png_bomb(), "image/png")
+            else:
+                self._send(404, b"not found", "text/plain")
+
+    return Handler
+
+
+class ServerThread:
+    """Start/stop a FixtureServer on an ephemeral 127.0.0.1 port (context manager)."""
+
+    def __init__(self, images: dict[str, bytes], **kw):
+        self.state = FixtureServer(images=images, **kw)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.state))
+        self.httpd.daemon_threads = True
+        self.httpd.request_queue_size = 256
+        self.state.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self) -> FixtureServer:
+        self.thread.start()
+        return self.state
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def default_images() -> dict[str, bytes]:
+    images = {"astronaut.jpg": astronaut_jpeg()}
+    for i in range(4):
+        images[f"gen{i}.png"] = generated_png(i)
+    return images
+
+
+if __name__ == "__main__":  # python tests/http_fixture_server.py: serve until Ctrl-C (for trying the CLI)
+    with ServerThread(default_images()) as s:
+        print(f"serving on {s.base}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
