@@ -106,7 +106,39 @@ class ModelSettings(_Section):
 
 
 # --- attributes (issue 3) -------------------------------------------------
+class AttributeTrainSettings(_Section):
+    """`facecap train-attributes`: fine-tune the classifier backend on CelebA-format data."""
+
+    init: str | None = Field(
+        None, description="Start from this image backbone: a local directory (save_pretrained, safetensors) or a hub "
+                          "id (full profile), e.g. google/vit-base-patch16-224-in21k; its head is replaced by a "
+                          "40-way one. Unset: random init of `arch` (only sensible for tests and smoke runs).")
+    arch: Literal["vit-base", "vit-tiny"] = Field(
+        "vit-base", description="Architecture when init is unset: vit-base = ViT-B/16 at 224 px; vit-tiny = 2 layers, "
+                                "32 hidden, 32 px (tests).")
+    image_size: int | None = Field(None, ge=16, description="Input side in pixels; unset: the backbone's own.")
+    epochs: int = Field(3, ge=1, description="Passes over the train split (when max_steps is unset).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps in total.")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-5, gt=0, description="Peak AdamW learning rate (after warm-up, then cosine decay to 0).")
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(500, ge=0, description="Linear warm-up steps (capped at a tenth of the run).")
+    augment: bool = Field(True, description="Random horizontal flips of train images (CelebA labels are flip-invariant).")
+    held_out_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Parquet data without a split column: share of images (by content hash) held out "
+                                     "for calibration and metrics. The official layout uses list_eval_partition.txt.")
+    seed: int = Field(0, description="Seeds init, data order and augmentation: the same seed reproduces a run.")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding images.")
+    checkpoint_every: int = Field(1000, ge=1, description="Write a resumable checkpoint every this many steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
+    log_every: int = Field(50, ge=1, description="Progress line every this many steps.")
+    eval_batch_size: int = Field(128, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: cuda if torch sees one.")
+
+
 class AttributeSettings(_Section):
+    """The annotate stage: 40 CelebA attributes per face (and `train` for `facecap train-attributes`)."""
+
     backend: Literal["zero-shot", "classifier"] = Field(
         "zero-shot", description="zero-shot: a CLIP-style model scores prompt pairs; classifier: a 40-way sigmoid head."
     )
@@ -117,8 +149,11 @@ class AttributeSettings(_Section):
     keep_threshold: float = Field(0.85, ge=0, le=1, description="An attribute is kept above this probability.")
     absent_threshold: float = Field(0.15, ge=0, le=1, description="An attribute is confidently absent below this.")
     min_attributes: int = Field(6, ge=0, le=40, description="Keep a face only with at least this many kept labels.")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="Faces per model call.")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="cuda annotates the task GPU=1.")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per worker process (unset: the cores shared among local workers).")
+    train: AttributeTrainSettings = Field(default_factory=AttributeTrainSettings)
 
 
 # --- captions (issue 4) ---------------------------------------------------
