@@ -13,6 +13,7 @@ job has one signature: ``run_x(previous_stats, out, cfg, plan) -> stats``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -130,15 +131,64 @@ def run_detect(ingested: dict, out: str, cfg: Config, plan: RunPlan | str) -> di
 
 
 # --- annotate: 40 CelebA attributes per face (issue 3) ----------------------
-ANNOTATE = StageInfo("annotate", "0", priority=2, needs_gpu=True, device_section="attributes")
+ANNOTATE = StageInfo("annotate", "1", priority=2, needs_gpu=True, device_section="attributes")
+
+
+def annotate_settings_hash(cfg: Config) -> str:
+    # Only what changes the records: the model is in the key through its identity;
+    # device, threads, batch size and training settings do not change outputs.
+    return settings_hash({"attributes": cfg.attributes.model_dump(
+        mode="json", include={"backend", "keep_threshold", "absent_threshold", "min_attributes"}),
+        "image": cfg.image.model_dump(mode="json")})
 
 
 def plan_annotate(cfg: Config) -> StagePlan:
-    return StagePlan(False, why="40 CelebA attributes are not annotated by this version")
+    from facecap.models.attributes import attribute_identity, configured_model, is_local_model
+
+    ref = configured_model(cfg)
+    if cfg.profile == "offline" and not is_local_model(ref):
+        # The one switch that runs without attributes: offline, with no local model given.
+        return StagePlan(False, why=(
+            "offline profile: no local attribute model configured (attributes.model); set it to a model "
+            "directory (e.g. one written by `facecap train-attributes`) to annotate the 40 CelebA attributes"
+            + (f"; {ref!r} is not a local directory" if ref else "")))
+    # Resolving (and in the full profile fetching) the model here fails the run before any work.
+    a = cfg.attributes
+    return StagePlan(True, attribute_identity(cfg), info={
+        "backend": a.backend, "model_ref": ref, "keep_threshold": a.keep_threshold,
+        "absent_threshold": a.absent_threshold, "min_attributes": a.min_attributes})
 
 
-def run_annotate(previous: dict, out: str, cfg: Config, plan: RunPlan) -> dict:
-    raise NotImplementedError("the annotate stage is planned off in this version")
+def _attribute_threads(cfg: Config) -> int | None:
+    if cfg.attributes.threads or cfg.execution.dask_address:
+        return cfg.attributes.threads
+    # Local workers share the machine's cores instead of each taking all of them.
+    cores = os.cpu_count() or 1
+    return max(1, cores // (cfg.execution.n_workers or cores))
+
+
+def run_annotate(previous: dict, out: str, cfg: Config, plan: RunPlan | str) -> dict:
+    from facecap.models.attributes import load_attribute_model
+    from facecap.stages.annotate import ANNOTATED_SCHEMA, annotate_faces
+
+    model_id = plan if isinstance(plan, str) else plan.model(ANNOTATE.name)
+    settings = annotate_settings_hash(cfg)
+    key = stage_key(ANNOTATE.name, ANNOTATE.version, settings, model_id, previous["key"])
+    meta = {"input": previous["input"], "input_key": previous["key"], "source": previous["source"],
+            "stage_version": ANNOTATE.version, "settings_hash": settings, "model": model_id}
+    paths = ShardPaths(out, ANNOTATE.name, key)
+    model = None
+    if not storage.exists(paths.stats):
+        # Loaded once per worker process, before the shard's clock starts.
+        model = load_attribute_model(cfg, _attribute_threads(cfg))
+        if model.identity != model_id:
+            raise RuntimeError(f"worker loaded attribute model {model.identity}, the run planned {model_id}: "
+                               "the model files differ between the driver and this worker")
+
+    def produce(counters):
+        return annotate_faces(iter_shard(previous["output"]), model, cfg.attributes, cfg.image, counters)
+
+    return run_shard(paths, ANNOTATED_SCHEMA, produce, meta)
 
 
 # --- caption: PCFG text, LLM rewrite, faithfulness check (issue 4) ----------
