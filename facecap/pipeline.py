@@ -89,6 +89,10 @@ def detect_settings_hash(cfg: Config) -> str:
 
 
 def run_ingest(spec: ShardSpec, out: str, cfg: Config) -> dict:
+    if spec.kind == "urls":  # downloads; retry generations for --retry-failed live in urllist
+        from facecap.stages.urllist import run_url_shard
+
+        return run_url_shard(spec, out, cfg, INGEST.name, INGEST.version)
     key = stage_key(INGEST.name, INGEST.version, ingest_settings_hash(cfg), "", settings_hash(spec.key_material()))
     meta = {"input": spec.label, "input_key": spec.fingerprint, "source": spec.source, "kind": spec.kind,
             "stage_version": INGEST.version, "settings_hash": ingest_settings_hash(cfg), "model": None}

@@ -3,7 +3,9 @@
 Sources are folders of images (with optional ``stem.txt`` / ``stem.json``
 sidecars), WebDataset tar shards in img2dataset's layout (``key.jpg`` +
 ``key.txt`` + ``key.json``) and Parquet files holding image bytes,
-``{bytes, path}`` structs (Hugging Face datasets) or image paths.
+``{bytes, path}`` structs (Hugging Face datasets) or image paths, and URL
+lists (Parquet/CSV/JSONL with a URL column, LAION metadata) whose images are
+downloaded by the shard's ingest (facecap.stages.urllist, .download).
 
 Planning (``plan_shards``) lists what each shard will read and fingerprints
 it, cheaply, from file metadata; ``ingest_shard`` reads one shard and yields
@@ -24,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facecap import storage
-from facecap.config import ImageLimits, IngestSettings
+from facecap.config import Config, DownloadSettings, ImageLimits, IngestSettings
 from facecap.schema import IMAGE_SCHEMA, Reason, image_id_for
 from facecap.stages.base import Chunk, Counters, rejected
 from facecap.stages.images import probe
@@ -42,7 +44,7 @@ BATCH_ROWS = 64  # records per yielded batch: bounds memory whatever the shard s
 class ShardSpec:
     """What one ingest task reads. Small and picklable: it travels to workers."""
 
-    kind: Literal["folder", "tar", "parquet", "unreadable"]
+    kind: Literal["folder", "tar", "parquet", "urls", "unreadable"]
     source: str  # container URI, absolute
     members: tuple[str, ...] = ()  # folder: image paths relative to `source`
     start: int = 0  # parquet: row range [start, stop)
@@ -56,7 +58,7 @@ class ShardSpec:
         name = posixpath.basename(self.source.rstrip("/")) or self.source
         if self.kind == "folder":
             return f"{name}[{self.members[0]}..+{len(self.members)}]" if self.members else name
-        if self.kind == "parquet":
+        if self.kind in ("parquet", "urls"):
             return f"{name}[{self.start}:{self.stop}]"
         return name
 
@@ -117,14 +119,17 @@ def plan_shards(sources: list[str], settings: IngestSettings) -> tuple[list[Shar
             elif path.lower().endswith(TAR_ENDINGS):
                 specs.append(ShardSpec("tar", uri, fingerprint=_fingerprint([_info_token(fs.info(path))])))
             elif path.lower().endswith(PARQUET_ENDINGS):
-                specs.extend(_plan_parquet(uri, fs, path, settings.shard_size))
+                specs.extend(_plan_parquet(uri, fs, path, settings, notes))
+            elif urllist.list_format(path):
+                specs.extend(urllist.plan_url_list(uri, fs, path, settings,
+                                                   _fingerprint([_info_token(fs.info(path))])))
             elif path.lower().endswith(exts):
                 parent = posixpath.dirname(path)
                 specs.extend(_plan_folder(uri.rsplit("/", 1)[0], fs, parent, exts, settings.shard_size, notes,
                                           planned, only=posixpath.basename(path)))
             else:
                 specs.append(ShardSpec("unreadable", uri, detail=(
-                    "not a folder, tar shard (.tar, .tar.gz), Parquet file or image "
+                    "not a folder, tar shard (.tar, .tar.gz), Parquet file, URL list (.csv, .tsv, .jsonl) or image "
                     f"({', '.join(exts)})")))
         except Exception as exc:  # an unreadable source is reported, never fatal to the run
             specs.append(ShardSpec("unreadable", uri, detail=f"{type(exc).__name__}: {exc}"[:500]))
@@ -180,14 +185,21 @@ def chunk_names(names: list[str], size: int) -> list[tuple[str, ...]]:
     return chunks
 
 
-def _plan_parquet(uri: str, fs, path: str, shard_size: int) -> list[ShardSpec]:
+def _plan_parquet(uri: str, fs, path: str, settings: IngestSettings, notes: list[str]) -> list[ShardSpec]:
     info = fs.info(path)
     with fs.open(path, "rb") as fh:
-        rows = pq.read_metadata(fh).num_rows
+        metadata = pq.read_metadata(fh)
+    rows, names = metadata.num_rows, metadata.schema.to_arrow_schema().names
     token = _info_token(info)
+    kind = "parquet"
+    if _pick(names, settings.image_column, IMAGE_COLUMNS) in urllist.URL_COLUMNS:  # a URL list: no bytes, no paths
+        if urllist.is_img2dataset_sidecar(fs, path, names):
+            notes.append(f"{uri}: img2dataset's listing of the tar next to it (its images are in the tar); skipped")
+            return []
+        kind = "urls"
     return [
-        ShardSpec("parquet", uri, start=s, stop=min(s + shard_size, rows), fingerprint=_fingerprint([token]))
-        for s in range(0, rows, shard_size)
+        ShardSpec(kind, uri, start=s, stop=min(s + settings.shard_size, rows), fingerprint=_fingerprint([token]))
+        for s in range(0, rows, settings.shard_size)
     ]
 
 
@@ -272,8 +284,17 @@ def _caption_from_meta(meta: str | None) -> str | None:
     return None
 
 
-def ingest_shard(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits, counters: Counters) -> Iterator[Chunk]:
-    """Read one shard's records; yields chunks of image records and rejects."""
+def ingest_shard(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits, counters: Counters,
+                 download: DownloadSettings | None = None) -> Iterator[Chunk]:
+    """Read one shard's records; yields chunks of image records and rejects.
+
+    URL shards download their images (with `download` settings); the curate
+    pipeline runs them through urllist.run_url_shard, which adds retry generations.
+    """
+    if spec.kind == "urls":
+        cfg = Config(ingest=settings, image=limits, download=download or DownloadSettings())
+        yield from urllist.download_shard(spec, cfg, counters)
+        return
     batch = _Batcher(spec, limits, counters)
     readers = {"folder": _read_folder, "tar": _read_tar, "parquet": _read_parquet}
     if spec.kind == "unreadable":
@@ -426,7 +447,8 @@ def _parquet_record(offset: str, rec: dict, image_col: str, caption_col: str | N
     if isinstance(value, str):
         if value.startswith(("http://", "https://")):
             batch.reject(offset, Reason.URL_NOT_DOWNLOADED,
-                         "image is a URL; this version of FaceCap reads bytes and paths only (no download stage)")
+                         f"column {image_col} holds paths, and this one is a URL: put URLs in a url/URL column "
+                         "(a URL list is downloaded), or give local paths")
             return
         target = value if value.startswith("/") or "://" in value else posixpath.join(base_dir, value)
         if "://" in target:
@@ -441,3 +463,7 @@ def _parquet_record(offset: str, rec: dict, image_col: str, caption_col: str | N
             batch.reject(offset, Reason.UNREADABLE_MEMBER, f"{target}: {type(exc).__name__}: {exc}"[:300])
             return
     batch.add(offset, value if isinstance(value, _TooLarge) else bytes(value), caption, meta_json)
+
+
+# URL lists build on this module's ShardSpec and _Batcher; imported last to avoid a cycle.
+from facecap.stages import urllist  # noqa: E402
