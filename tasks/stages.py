@@ -64,7 +64,15 @@ def wants_gpu(stage: StageInfo, cfg: Config) -> bool:
 def placement(stage: StageInfo, cfg: Config) -> Iterator[None]:
     """Dask annotations (priority, and GPU=1 for GPU stages) for tasks submitted inside this block."""
     annotations: dict = {"priority": stage.priority}
-    if wants_gpu(stage, cfg):
-        annotations["resources"] = {"GPU": 1}
+    resources = stage_resources(stage, cfg)
+    if resources:
+        annotations["resources"] = resources
     with dask.annotate(**annotations):
         yield
+
+
+def stage_resources(stage: StageInfo, cfg: Config) -> dict[str, float]:
+    """Dask resources one task of `stage` needs: GPU=1 for a cuda stage, plus execution.stage_resources."""
+    resources: dict[str, float] = {"GPU": 1} if wants_gpu(stage, cfg) else {}
+    resources.update(cfg.execution.stage_resources.get(stage.name, {}))
+    return resources

@@ -8,6 +8,7 @@ raises for bad input: callers get a reason and a detail to record.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -60,7 +61,7 @@ def probe(data: bytes | None, limits: ImageLimits) -> Probe:
                 if fmt in limits.formats and width * height <= limits.max_pixels:
                     orientation = _orientation(im)
     except Exception as exc:  # Pillow raises many types for garbage input
-        return Probe(reason=Reason.DECODE_ERROR, detail=f"{type(exc).__name__}: {exc}"[:300])
+        return Probe(reason=Reason.DECODE_ERROR, detail=_error_detail(exc))
     if fmt not in limits.formats:
         return Probe(reason=Reason.UNSUPPORTED_FORMAT, detail=f"format {fmt} not in image.formats")
     if width <= 0 or height <= 0:
@@ -72,6 +73,11 @@ def probe(data: bytes | None, limits: ImageLimits) -> Probe:
     if orientation in _TRANSPOSED:
         width, height = height, width
     return Probe(width=width, height=height, format=fmt)
+
+
+def _error_detail(exc: BaseException) -> str:
+    """The decoder's message without object addresses (Pillow names its BytesIO "at 0x..."): rejects are reproducible."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")[:300]
 
 
 def decode_rgb(data: bytes, limits: ImageLimits) -> tuple[np.ndarray | None, Probe]:
@@ -87,7 +93,7 @@ def decode_rgb(data: bytes, limits: ImageLimits) -> tuple[np.ndarray | None, Pro
                     im = ImageOps.exif_transpose(im)
                 rgb = np.asarray(im.convert("RGB"))
     except Exception as exc:
-        return None, Probe(reason=Reason.DECODE_ERROR, detail=f"{type(exc).__name__}: {exc}"[:300])
+        return None, Probe(reason=Reason.DECODE_ERROR, detail=_error_detail(exc))
     if rgb.shape[:2] != (p.height, p.width):
         return None, Probe(reason=Reason.DECODE_ERROR, detail=f"decoded {rgb.shape[1]}x{rgb.shape[0]}, header said {p.width}x{p.height}")
     return rgb, p
