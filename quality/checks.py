@@ -1,0 +1,128 @@
+"""The release's expectations, defined as code: what is checked, on which column, with which bounds.
+
+Each check is one number computed by a DuckDB aggregate over the release's
+Parquet files (a count of offending rows, or a rate), and one Great
+Expectations expectation on that number. The heavy work (15M rows) stays in
+DuckDB; GX validates the small frame of numbers DuckDB produced. (GX 1.24's
+own DuckDB path through duckdb-engine fails with "list index out of range":
+see DESIGN.md.)
+
+Thresholds come from the config that produced the release (its
+config.yaml): the same settings the stages used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from facecap.attributes import ATTRIBUTES
+from facecap.config import Config
+
+# Suites, in report order. A suite's checks are not applicable when the
+# stage that writes their columns was off.
+SUITE_STAGE = {"faces": "detect", "attributes": "annotate", "captions": "caption", "release": None}
+
+# Regular expressions (RE2, as DuckDB runs them) for caption defects.
+HTML_PATTERN = r"<\s*/?\s*[A-Za-z][A-Za-z0-9]*(\s[^>]*)?/?>|&(#[0-9]+|#x[0-9A-Fa-f]+|[A-Za-z]+);"
+# Grammar leftovers: braces/brackets of unexpanded symbols, $variables, and
+# identifier-like tokens (NON_TERMINAL, Black_Hair) that no sentence contains.
+TEMPLATE_PATTERN = r"[{}\[\]]|\$[A-Za-z_]|[A-Za-z0-9]+_[A-Za-z0-9_]+"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One expectation: `metric` (a DuckDB aggregate expression) must lie in [min_value, max_value]."""
+
+    name: str
+    suite: str
+    description: str  # what must hold, with the configured bounds filled in
+    metric: str | None  # SQL aggregate over the `faces` view; None: computed in Python (see suites.py)
+    columns: tuple[str, ...]  # release columns it reads: missing ones fail the check
+    min_value: float | None = 0  # counts and rates: 0 .. max_value
+    max_value: float | None = 0
+
+
+def _attribute_names_sql() -> str:
+    return "[" + ", ".join(f"'{name}'" for name in ATTRIBUTES) + "]"
+
+
+def _landmarks_outside_sql(margin: float) -> str:
+    # Landmarks may sit slightly outside RetinaFace's box on turned faces:
+    # allow `margin` x the box side. Spelled out per point (no lambda): fast.
+    terms = []
+    for i in range(5):
+        x, y = f"landmarks[{2 * i + 1}]", f"landmarks[{2 * i + 2}]"
+        mx, my = f"{margin} * (bbox[3] - bbox[1])", f"{margin} * (bbox[4] - bbox[2])"
+        terms.append(f"{x} < bbox[1] - {mx} OR {x} > bbox[3] + {mx} OR {y} < bbox[2] - {my} OR {y} > bbox[4] + {my}")
+    return "count(*) FILTER (landmarks IS NULL OR len(landmarks) != 10 OR " + " OR ".join(terms) + ")"
+
+
+def build_checks(cfg: Config) -> list[Check]:
+    """Every expectation of a release, with bounds from `cfg`."""
+    q, d, a = cfg.quality, cfg.detect, cfg.attributes
+    tol = q.bbox_tolerance_px
+    keep = a.keep_threshold
+    names = _attribute_names_sql()
+    words = r"len(string_split_regex(trim(caption), '\s+'))"
+    return [
+        # --- faces (detect) ----------------------------------------------
+        Check("sample_id_not_null", "faces", "sample_id is never null", "count(*) - count(sample_id)",
+              ("sample_id",)),
+        Check("sample_id_unique", "faces", "sample_id is unique", "count(sample_id) - count(DISTINCT sample_id)",
+              ("sample_id",)),
+        Check("det_score_at_least_threshold", "faces", f"det_score >= detect.min_score ({d.min_score})",
+              f"count(*) FILTER (det_score IS NULL OR det_score < CAST({d.min_score} AS FLOAT))", ("det_score",)),
+        Check("crop_at_least_min_px", "faces", f"crop width and height >= detect.min_face_px ({d.min_face_px})",
+              f"count(*) FILTER (width IS NULL OR height IS NULL OR least(width, height) < {d.min_face_px})",
+              ("width", "height")),
+        Check("bbox_inside_source", "faces",
+              f"bbox lies inside the source image (tolerance {tol} px) and has positive size",
+              f"count(*) FILTER (bbox IS NULL OR len(bbox) != 4 OR bbox[1] < -{tol} OR bbox[2] < -{tol} "
+              f"OR bbox[3] > source_width + {tol} OR bbox[4] > source_height + {tol} "
+              f"OR bbox[3] <= bbox[1] OR bbox[4] <= bbox[2])",
+              ("bbox", "source_width", "source_height")),
+        Check("landmarks_inside_bbox", "faces",
+              f"the 5 landmarks lie inside the bbox (tolerance {q.landmark_tolerance:g} x box side)",
+              _landmarks_outside_sql(q.landmark_tolerance), ("landmarks", "bbox")),
+        Check("image_bytes_decode", "faces", f"image bytes decode (a sample of {q.decode_sample})", None,
+              ("image",)),
+        Check("duplicate_image_rate", "faces",
+              f"share of rows repeating another row's image bytes <= quality.max_duplicate_image_rate "
+              f"({q.max_duplicate_image_rate})",
+              "coalesce(1 - count(DISTINCT hash(image)) / nullif(count(*), 0), 0)", ("image",),
+              max_value=q.max_duplicate_image_rate),
+        # --- attributes (annotate) -----------------------------------------
+        Check("min_kept_attributes", "attributes",
+              f"at least attributes.min_attributes ({a.min_attributes}) kept attributes",
+              f"count(*) FILTER (attributes IS NULL OR len(attributes) < {a.min_attributes})", ("attributes",)),
+        Check("attribute_probs_valid", "attributes", "attribute_probs has 40 values within [0, 1]",
+              "count(*) FILTER (attribute_probs IS NULL OR len(attribute_probs) != 40 "
+              "OR list_min(attribute_probs) < 0 OR list_max(attribute_probs) > 1 "
+              "OR list_max(attribute_probs) IS NULL)", ("attribute_probs",)),
+        Check("kept_attributes_match_probs", "attributes",
+              f"every kept attribute is a CelebA name whose probability > attributes.keep_threshold ({keep})",
+              f"count(*) FILTER (len(attributes) > 0 AND coalesce(list_min(list_transform(attributes, "
+              f"lambda n: coalesce(attribute_probs[list_position({names}, n)], -1))) <= CAST({keep} AS FLOAT), "
+              f"true))", ("attributes", "attribute_probs")),
+        # --- captions (caption) --------------------------------------------
+        Check("caption_not_empty", "captions", "caption is not null or blank",
+              "count(*) FILTER (caption IS NULL OR trim(caption) = '')", ("caption",)),
+        Check("caption_words_in_bounds", "captions",
+              f"caption length in words within quality.min/max_caption_words "
+              f"({q.min_caption_words}..{q.max_caption_words})",
+              f"count(*) FILTER (trim(caption) != '' AND ({words} < {q.min_caption_words} "
+              f"OR {words} > {q.max_caption_words}))", ("caption",)),
+        Check("caption_no_template_leftovers", "captions",
+              "caption has no grammar leftovers (braces, $vars, IDENTIFIER_LIKE tokens)",
+              f"count(*) FILTER (regexp_matches(caption, '{TEMPLATE_PATTERN}'))", ("caption",)),
+        Check("caption_no_html", "captions", "caption has no HTML tags or entities",
+              f"count(*) FILTER (regexp_matches(caption, '{HTML_PATTERN}'))", ("caption",)),
+        Check("duplicate_caption_rate", "captions",
+              f"share of rows repeating another row's caption <= quality.max_duplicate_caption_rate "
+              f"({q.max_duplicate_caption_rate})",
+              "coalesce(1 - count(DISTINCT caption) / nullif(count(*), 0), 0)", ("caption",),
+              max_value=q.max_duplicate_caption_rate),
+        # --- the release as a whole ----------------------------------------
+        Check("rows_match_funnel", "release",
+              "release rows == rows_out of the manifest funnel's last stage (observed: the difference)", None, ()),
+    ]

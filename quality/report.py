@@ -1,0 +1,393 @@
+"""The release's quality report: RELEASE/report/index.html (one self-contained file) and report.json.
+
+Figures are DuckDB aggregates over the release's Parquet files, so the report
+of a 15M-row release costs a few scans, not a load. index.html has inline
+CSS, inline SVG charts and thumbnails as data URIs: it opens offline, with no
+CDN. report.json holds the same figures for machines.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+from html import escape
+from typing import Any
+
+from facecap.attributes import ATTRIBUTES, CATEGORY_OF, PAPER_CATEGORY_SHARES
+from facecap.quality import svg
+from facecap.quality.release_db import ReleaseDB
+from facecap.quality.suites import NOT_APPLICABLE, CheckResult
+
+PAPER_MEAN_CROP_PX = 285  # FaceCaption-15M: mean face region 285 x 285
+PAPER_MEAN_CAPTION_WORDS = 30
+REJECT_EXAMPLES_PER_REASON = 3
+THUMB_PX = 112
+
+
+# --- figures ---------------------------------------------------------------
+def _hist(db: ReleaseDB, expr: str, lo: float, hi: float, bins: int) -> dict:
+    width = (hi - lo) / bins or 1
+    rows = db.con.execute(
+        f"SELECT least(greatest(floor(({expr} - {lo}) / {width}), 0), {bins - 1})::INT AS b, count(*) "
+        f"FROM faces WHERE {expr} IS NOT NULL GROUP BY b").fetchall()
+    counts = [0] * bins
+    for b, n in rows:
+        counts[int(b)] = int(n)
+    return {"edges": [round(lo + i * width, 6) for i in range(bins + 1)], "counts": counts}
+
+
+def _caption_column(db: ReleaseDB) -> tuple[str | None, str]:
+    """The caption people train on; the source's own text when the caption stage was off (and say so)."""
+    if "caption" in db.columns:
+        return "caption", "caption"
+    if "source_caption" in db.columns:
+        return "source_caption", "source_caption (caption stage off: the original alt-text)"
+    return None, "no caption column"
+
+
+def _four_gram_curve(db: ReleaseDB, column: str, sample: int) -> dict:
+    """Unique 4-grams as the share of data grows: the paper's naturalness measure, on a deterministic sample."""
+    texts = [t for (t,) in db.con.execute(
+        f"SELECT {column} FROM faces WHERE {column} IS NOT NULL ORDER BY hash(sample_id) LIMIT {int(sample)}"
+    ).fetchall()]
+    seen: set[tuple[str, ...]] = set()
+    total = 0
+    points = []
+    marks = {max(1, round(len(texts) * k / 10)) for k in range(1, 11)} if texts else set()
+    for i, text in enumerate(texts, 1):
+        words = re.findall(r"[a-z0-9']+", text.lower())
+        grams = list(zip(words, words[1:], words[2:], words[3:]))
+        total += len(grams)
+        seen.update(grams)
+        if i in marks:
+            points.append({"share": round(i / len(texts), 3), "captions": i, "unique_4grams": len(seen),
+                           "total_4grams": total})
+    return {"sample": len(texts), "points": points}
+
+
+def compute_figures(db: ReleaseDB) -> dict[str, Any]:
+    cfg, cols = db.cfg, set(db.columns)
+    rows = int(db.scalar("SELECT count(*) FROM faces"))
+    fig: dict[str, Any] = {"rows": rows}
+    if rows and {"image_id"} <= cols:
+        fig["source_images"] = int(db.scalar("SELECT count(DISTINCT image_id) FROM faces"))
+    fig["splits"] = split_counts(db.path)
+    if rows and "det_score" in cols:
+        lo = min(cfg.detect.min_score, float(db.scalar("SELECT min(det_score) FROM faces")))
+        fig["det_score"] = {"mean": round(float(db.scalar("SELECT avg(det_score) FROM faces")), 5),
+                            "threshold": cfg.detect.min_score, **_hist(db, "det_score", lo, 1.0, 20)}
+    if rows and {"width", "height"} <= cols:
+        w, h, lo, hi = db.con.execute("SELECT avg(width), avg(height), min(least(width, height)), "
+                                      "max(greatest(width, height)) FROM faces").fetchone()
+        fig["crop"] = {"mean_width": round(float(w), 1), "mean_height": round(float(h), 1),
+                       "paper_mean": PAPER_MEAN_CROP_PX, "min_face_px": cfg.detect.min_face_px,
+                       **_hist(db, "sqrt(width * height)", float(lo), float(max(hi, lo + 1)), 20)}
+    annotate_off = db.stage_off_reason("annotate")
+    if rows and "attributes" in cols:
+        per_face = dict(db.con.execute("SELECT len(attributes), count(*) FROM faces GROUP BY 1 ORDER BY 1").fetchall())
+        freq = dict(db.con.execute("SELECT a, count(*) FROM (SELECT unnest(attributes) AS a FROM faces) GROUP BY a")
+                    .fetchall())
+        kept = sum(freq.values()) or 1
+        shares = {cat: 0 for cat in PAPER_CATEGORY_SHARES}
+        for name, n in freq.items():
+            if name in CATEGORY_OF:
+                shares[CATEGORY_OF[name]] += n
+        fig["attributes"] = {
+            "mean_per_face": round(sum(k * v for k, v in per_face.items()) / rows, 2),
+            "per_face": {str(k): int(v) for k, v in per_face.items()},
+            "frequency": {name: int(freq.get(name, 0)) for name in ATTRIBUTES},
+            "category_share_pct": {cat: round(100 * n / kept, 1) for cat, n in shares.items()},
+            "paper_category_share_pct": PAPER_CATEGORY_SHARES,
+        }
+    else:
+        fig["attributes"] = {NOT_APPLICABLE: f"stage annotate off ({annotate_off})" if annotate_off
+                             else "no attributes column"}
+    column, label = _caption_column(db)
+    if rows and column:
+        words = rf"len(string_split_regex(trim({column}), '\s+'))"
+        mean, hi = db.con.execute(f"SELECT avg({words}), max({words}) FROM faces WHERE trim({column}) != ''").fetchone()
+        fig["caption_words"] = {"column": label, "mean": round(float(mean or 0), 1),
+                                "paper_mean": PAPER_MEAN_CAPTION_WORDS,
+                                **_hist(db, words, 0, float(max(hi or 1, 40)), 20)}
+        fig["four_grams"] = {"column": label, **_four_gram_curve(db, column, cfg.quality.ngram_sample)}
+    if rows and "caption_check" in cols:
+        checks = dict(db.con.execute("SELECT caption_check, count(*) FROM faces GROUP BY 1 ORDER BY 2 DESC").fetchall())
+        not_rewritten = int(db.scalar("SELECT count(*) FILTER (caption_model = 'none' OR "
+                                      "caption_check = 'not_rewritten') FROM faces")) if "caption_model" in cols \
+            else int(checks.get("not_rewritten", 0))
+        fig["rewrite"] = {"checks": {str(k): int(v) for k, v in checks.items()},
+                          "not_rewritten_share": round(not_rewritten / rows, 4)}
+    else:
+        off = db.stage_off_reason("caption")
+        fig["rewrite"] = {NOT_APPLICABLE: f"stage caption off ({off})" if off else "no caption_check column"}
+    return fig
+
+
+def split_counts(release_dir: str) -> dict[str, int]:
+    """Rows per split, from the Parquet footers (data/train-*.parquet, data/test-*.parquet)."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    out = {}
+    for split in ("train", "test"):
+        files = glob.glob(os.path.join(release_dir, "data", f"{split}-*.parquet"))
+        if files:
+            out[split] = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return out
+
+
+def rejects_summary(db: ReleaseDB) -> dict[str, Any]:
+    if not db.has_rejects:
+        return {"by_reason": [], "examples": {}}
+    by_reason = [{"stage": s, "reason": r, "count": int(n)} for s, r, n in db.con.execute(
+        "SELECT stage, reason, count(*) AS n FROM rejects GROUP BY ALL ORDER BY n DESC, stage, reason").fetchall()]
+    examples: dict[str, list[dict]] = {}
+    cur = db.con.execute(
+        "SELECT stage, reason, detail, source, source_offset, det_score, bbox FROM rejects "
+        "QUALIFY row_number() OVER (PARTITION BY reason ORDER BY hash(coalesce(sample_id, '') || source || "
+        f"coalesce(source_offset, ''))) <= {REJECT_EXAMPLES_PER_REASON} ORDER BY reason")
+    names = [d[0] for d in cur.description]
+    for row in cur.fetchall():
+        rec = dict(zip(names, row))
+        if rec["det_score"] is not None:
+            rec["det_score"] = round(float(rec["det_score"]), 4)
+        examples.setdefault(rec["reason"], []).append(rec)
+    return {"by_reason": by_reason, "examples": examples}
+
+
+# --- images ----------------------------------------------------------------
+def _thumbnail(data: bytes, limits, box: list[float] | None = None) -> str | None:
+    """A small JPEG data URI (decoded within the configured bounds), optionally of a region."""
+    from PIL import Image
+
+    from facecap.stages.images import decode_rgb
+
+    rgb, _ = decode_rgb(data, limits)
+    if rgb is None:
+        return None
+    img = Image.fromarray(rgb)
+    if box:
+        x1, y1, x2, y2 = box
+        pad = 0.2 * max(x2 - x1, y2 - y1)
+        img = img.crop((max(0, x1 - pad), max(0, y1 - pad), min(img.width, x2 + pad), min(img.height, y2 + pad)))
+    img.thumbnail((THUMB_PX, THUMB_PX))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def gallery(db: ReleaseDB) -> list[dict]:
+    n = db.cfg.quality.gallery_size
+    if n <= 0 or "image" not in db.columns:
+        return []
+    column, _ = _caption_column(db)
+    extra = ", attributes" if "attributes" in db.columns else ""
+    cur = db.con.execute(f"SELECT sample_id, image, {column or 'NULL'} AS caption, det_score, width, height{extra} "
+                         f"FROM faces ORDER BY hash(sample_id) LIMIT {int(n)}")
+    names = [d[0] for d in cur.description]
+    out = []
+    for row in cur.fetchall():
+        rec = dict(zip(names, row))
+        rec["thumbnail"] = _thumbnail(rec.pop("image") or b"", db.cfg.image)
+        out.append(rec)
+    return out
+
+
+def _reject_thumbnail(example: dict, limits) -> str | None:
+    """A crop from the source, only where that is cheap: a local image file under a folder source."""
+    source, offset = example.get("source") or "", example.get("source_offset") or ""
+    path = os.path.join(source, offset)
+    if not (os.path.isdir(source) and os.path.isfile(path)) or os.path.getsize(path) > limits.max_bytes:
+        return None
+    with open(path, "rb") as fh:
+        return _thumbnail(fh.read(), limits, example.get("bbox"))
+
+
+# --- HTML ------------------------------------------------------------------
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1100px;
+color:#1d2330;padding:0 16px}h1{font-size:24px}h2{font-size:18px;border-bottom:1px solid #dde;padding-bottom:4px;
+margin-top:32px}table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #dde;padding:3px 8px;
+text-align:left;vertical-align:top}th{background:#f3f5f9}.passed{color:#137333;font-weight:600}
+.failed{color:#b3261e;font-weight:700}.na{color:#6b7280}.banner{padding:10px 14px;border-radius:6px;margin:12px 0;
+font-weight:600}.ok{background:#e6f4ea}.bad{background:#fce8e6}.warn{background:#fef7e0}svg{display:block;
+margin:8px 0}svg text{font:11px sans-serif;fill:#1d2330}svg .t{font-weight:600;font-size:12px}svg .b{fill:#5b7bd5}
+svg .r{stroke:#d93025;stroke-width:2;stroke-dasharray:3 2}svg .rt{fill:#d93025}svg .l{fill:none;stroke:#5b7bd5;
+stroke-width:2}svg .a{stroke:#999}.grid{display:flex;flex-wrap:wrap;gap:10px}.card{width:220px;border:1px solid #dde;
+border-radius:6px;padding:6px;font-size:12px}.card img{width:112px;height:112px;object-fit:cover;display:block}
+pre{background:#f6f8fa;padding:8px;overflow:auto;font-size:12px}code{font-size:12px}
+"""
+
+
+def _table(headers: list[str], rows: list[list[Any]], raw: set[int] | None = None) -> str:
+    raw = raw or set()
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c if i in raw else escape('' if c is None else str(c))}</td>"
+                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _status(result: dict) -> str:
+    cls = {"passed": "passed", "failed": "failed"}.get(result["status"], "na")
+    return f'<span class="{cls}">{escape(result["status"])}</span>'
+
+
+def render_html(report: dict[str, Any]) -> str:
+    info, fig, v = report["release"], report["figures"], report["validation"]
+    parts = [f"<h1>FaceCap release quality report</h1><p>run <code>{escape(str(info.get('run_id')))}</code>, "
+             f"created {escape(str(info.get('created_at')))}, profile <b>{escape(str(info.get('profile')))}</b>, "
+             f"report written {escape(report['generated_at'])}</p>"]
+    if v["passed"]:
+        parts.append('<div class="banner ok">All applicable quality checks passed.</div>')
+    elif v.get("allow_failures"):
+        parts.append(f'<div class="banner warn">Checks failed ({escape(", ".join(v["failed"]))}); published anyway '
+                     "because --allow-failures was given (recorded in release.json).</div>")
+    else:
+        parts.append(f'<div class="banner bad">NOT PUBLISHED: checks failed: {escape(", ".join(v["failed"]))}. '
+                     "The release stays in staging; fix the data or settings and rerun, or pass "
+                     "--allow-failures to publish it anyway.</div>")
+    h = report["headline"]
+    parts.append("<h2>Headline</h2>" + _table(["figure", "value"], [[k, val] for k, val in h.items()]))
+
+    parts.append("<h2>Funnel</h2>" + _table(
+        ["stage", "rows in", "rows out", "rejects by reason"],
+        [[r["stage"], f"{r.get('rows_in', 0):,}", f"{r.get('rows_out', 0):,}",
+          ", ".join(f"{k} {n:,}" for k, n in (r.get("rejects") or {}).items()) or "none"]
+         for r in info.get("funnel") or []]))
+    stages = info.get("stages") or {}
+    parts.append(_table(["stage", "status", "model / why"],
+                        [[name, s.get("status"), s.get("model") or s.get("why") or ""] for name, s in stages.items()]))
+
+    parts.append("<h2>Quality suites</h2>" + _table(
+        ["suite", "check", "status", "observed", "allowed", "what must hold / why not applicable"],
+        [[c["suite"], c["name"], _status(c), "" if c["observed"] is None else c["observed"],
+          f"{c['min_value']} .. {c['max_value']}" if c["status"] != NOT_APPLICABLE else "",
+          c["why"] if c["why"] else c["description"]] for c in v["checks"]], raw={2}))
+    parts.append("<p>Great Expectations' own Data Docs: <a href=\"gx/index.html\">gx/index.html</a> "
+                 "(they load their CSS/JS from a CDN, so offline they render unstyled).</p>")
+
+    parts.append("<h2>Distributions</h2>")
+    if "det_score" in fig:
+        d = fig["det_score"]
+        parts.append(svg.histogram(d["edges"], d["counts"], f"detector score (mean {d['mean']})",
+                                   mark=d["threshold"], mark_label=f"threshold {d['threshold']}"))
+    if "crop" in fig:
+        c = fig["crop"]
+        parts.append(svg.histogram(c["edges"], c["counts"],
+                                   f"crop side, px (mean {c['mean_width']} x {c['mean_height']}; paper 285 x 285)",
+                                   mark=c["paper_mean"], mark_label="paper mean 285"))
+    a = fig["attributes"]
+    if NOT_APPLICABLE in a:
+        parts.append(f'<p class="na">Attributes: not applicable: {escape(a[NOT_APPLICABLE])}</p>')
+    else:
+        per = a["per_face"]
+        parts.append(svg.bars(list(per), list(per.values()), f"kept attributes per face (mean {a['mean_per_face']})"))
+        parts.append(svg.bars(list(a["frequency"]), list(a["frequency"].values()), "attribute frequency (faces)"))
+        cats = list(a["category_share_pct"])
+        parts.append(svg.bars(cats, [a["category_share_pct"][k] for k in cats],
+                              "category share of kept labels, % (red tick: FaceCaption-15M)",
+                              reference=[a["paper_category_share_pct"][k] for k in cats], unit="%"))
+    if "caption_words" in fig:
+        w = fig["caption_words"]
+        parts.append(svg.histogram(w["edges"], w["counts"], f"{w['column']}: words per caption (mean {w['mean']}; "
+                                   f"paper ≈ {w['paper_mean']})", mark=w["paper_mean"], mark_label="paper ≈ 30"))
+        g = fig["four_grams"]
+        parts.append(svg.line([p["captions"] for p in g["points"]], [p["unique_4grams"] for p in g["points"]],
+                              f"unique 4-grams vs captions ({g['column']}; deterministic sample of {g['sample']:,})",
+                              "captions", "unique 4-grams"))
+    r = fig["rewrite"]
+    if NOT_APPLICABLE in r:
+        parts.append(f'<p class="na">Rewrite faithfulness: not applicable: {escape(r[NOT_APPLICABLE])}</p>')
+    else:
+        parts.append(svg.bars(list(r["checks"]), list(r["checks"].values()), "rewrite faithfulness (caption_check)"))
+        parts.append(f"<p>Share of captions not rewritten by the LLM: <b>{100 * r['not_rewritten_share']:.1f} %</b></p>")
+
+    parts.append("<h2>Sample faces</h2><div class=\"grid\">")
+    for g in report["gallery"]:
+        img = f'<img src="{g["thumbnail"]}" alt="face">' if g.get("thumbnail") else "<p>(undecodable)</p>"
+        attrs = f"<br><i>{escape(', '.join(g['attributes']))}</i>" if g.get("attributes") else ""
+        parts.append(f'<div class="card">{img}<code>{escape(g["sample_id"])}</code> score {g["det_score"]:.3f}, '
+                     f'{g["width"]}x{g["height"]}<br>{escape(g.get("caption") or "")}{attrs}</div>')
+    parts.append("</div>")
+
+    rej = report["rejects"]
+    parts.append("<h2>Rejects</h2>" + _table(["stage", "reason", "count"],
+                                             [[r["stage"], r["reason"], f"{r['count']:,}"] for r in rej["by_reason"]]))
+    parts.append("<p>Reject rows carry no crop; a thumbnail is cut from the source only where that is cheap "
+                 "(a local image file in a folder source), otherwise the row's provenance is shown.</p>")
+    for reason, examples in rej["examples"].items():
+        parts.append(f"<h3>{escape(reason)}</h3><div class=\"grid\">")
+        for e in examples:
+            img = f'<img src="{e["thumbnail"]}" alt="source region">' if e.get("thumbnail") else ""
+            score = f"score {e['det_score']}<br>" if e.get("det_score") is not None else ""
+            parts.append(f'<div class="card">{img}<code>{escape(os.path.basename(e["source"] or ""))}</code> '
+                         f'{escape(str(e.get("source_offset") or ""))}<br>{score}{escape(str(e.get("detail") or ""))}'
+                         "</div>")
+        parts.append("</div>")
+
+    parts.append("<h2>What produced it</h2>" + _table(
+        ["", ""], [["detector", info.get("detector")]] +
+        [[f"{name} model", s["model"]] for name, s in stages.items() if s.get("model")] +
+        [["sources", ", ".join(info.get("sources") or [])]]))
+    parts.append(_table(["package", "version"], [[k, val] for k, val in (info.get("versions") or {}).items()]))
+    parts.append(f"<h3>config.yaml</h3><pre>{escape(report['config_yaml'])}</pre>")
+    return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>FaceCap release report"
+            f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def headline(fig: dict, info: dict, validation: dict) -> dict[str, Any]:
+    h: dict[str, Any] = {"face records": f"{fig['rows']:,}", "rejects": f"{info.get('rejects', 0):,}"}
+    if "source_images" in fig:
+        h["source images"] = f"{fig['source_images']:,}"
+    if fig.get("splits"):
+        h["split"] = ", ".join(f"{k} {v:,}" for k, v in fig["splits"].items())
+    if "crop" in fig:
+        h["mean crop"] = f"{fig['crop']['mean_width']} x {fig['crop']['mean_height']} px (paper 285 x 285)"
+    if "det_score" in fig:
+        h["mean detector score"] = fig["det_score"]["mean"]
+    if NOT_APPLICABLE not in fig["attributes"]:
+        h["kept attributes per face"] = fig["attributes"]["mean_per_face"]
+    if "caption_words" in fig:
+        h["words per caption"] = f"{fig['caption_words']['mean']} ({fig['caption_words']['column']}; paper ≈ 30)"
+    h["quality checks"] = (f"{validation['counts']['passed']} passed, {validation['counts']['failed']} failed, "
+                           f"{validation['counts']['not applicable']} not applicable")
+    return h
+
+
+def write_report(db: ReleaseDB, results: list[CheckResult], validation: dict, generated_at: str) -> dict:
+    """Write RELEASE/report/index.html and report.json; return the report dict (figures, no thumbnails)."""
+    fig = compute_figures(db)
+    rejects = rejects_summary(db)
+    for examples in rejects["examples"].values():
+        for e in examples:
+            e["thumbnail"] = _reject_thumbnail(e, db.cfg.image)
+    config_path = os.path.join(db.path, "config.yaml")
+    report = {
+        "generated_at": generated_at,
+        "release": {k: db.info.get(k) for k in ("run_id", "created_at", "profile", "records", "rejects", "funnel",
+                                                 "stages", "detector", "sources", "versions")},
+        "validation": validation,
+        "headline": headline(fig, db.info, validation),
+        "figures": fig,
+        "rejects": rejects,
+        "gallery": gallery(db),
+        "config_yaml": open(config_path).read() if os.path.isfile(config_path) else db.cfg.to_yaml(),
+    }
+    out_dir = os.path.join(db.path, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    html = render_html(report)
+    from facecap import storage
+
+    storage.write_bytes_atomic(os.path.join(out_dir, "index.html"), html.encode())
+    machine = json.loads(json.dumps(report, default=str))
+    for g in machine["gallery"]:
+        g.pop("thumbnail", None)
+    for examples in machine["rejects"]["examples"].values():
+        for e in examples:
+            e.pop("thumbnail", None)
+    storage.write_json_atomic(os.path.join(out_dir, "report.json"), machine)
+    return machine

@@ -1,0 +1,210 @@
+"""Run the release's Great Expectations suites on numbers DuckDB computed.
+
+One DuckDB pass over the Parquet files computes every check's metric (see
+quality/checks.py); a few more queries add what needs its own scan (a decoded
+image sample, the funnel). GX then validates that one-row frame with one
+suite per part of the record (faces, attributes, captions, release), and
+writes its Data Docs. A check whose stage was off is reported "not
+applicable" with the stage's reason: never silently passed, never failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from facecap.quality.checks import SUITE_STAGE, Check, build_checks
+from facecap.quality.release_db import ReleaseDB
+
+PASSED, FAILED, NOT_APPLICABLE = "passed", "failed", "not applicable"
+
+
+@dataclass
+class CheckResult:
+    name: str
+    suite: str
+    description: str
+    status: str  # passed | failed | not applicable
+    observed: float | int | None
+    min_value: float | None
+    max_value: float | None
+    why: str | None = None  # for not applicable / failures that are not a number (missing column)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def funnel_last_rows(db: ReleaseDB) -> tuple[str | None, int | None, str]:
+    """The last stage of the run's funnel and its rows_out, from the manifest if it is next to the release."""
+    funnel = _manifest_funnel(db) or db.info.get("funnel") or []
+    by_stage = {row["stage"]: row for row in funnel}
+    # The pipeline's stage order (release.json's keys are sorted, the manifest's by time).
+    from facecap.pipeline import FACE_STAGES, INGEST
+
+    order = [s for s in [INGEST.name] + [st.name for st in FACE_STAGES] if s in by_stage]
+    if not order:
+        return None, None, "no funnel in release.json and no manifest"
+    last = order[-1]
+    return last, int(by_stage[last]["rows_out"]), "manifest" if _manifest_path(db) else "release.json"
+
+
+def _manifest_path(db: ReleaseDB) -> str | None:
+    # OUT/release/ or OUT/staging/<run>/: the manifest is OUT/manifest.duckdb.
+    for up in (1, 2):
+        candidate = os.path.join(db.path, *([os.pardir] * up), "manifest.duckdb")
+        if os.path.isfile(candidate):
+            return os.path.normpath(candidate)
+    return None
+
+
+def _manifest_funnel(db: ReleaseDB) -> list[dict] | None:
+    path, run_id = _manifest_path(db), db.info.get("run_id")
+    if not path or not run_id:
+        return None
+    import duckdb
+
+    try:
+        con = duckdb.connect(path, read_only=True)
+    except duckdb.Error:
+        return None  # held by a writer: release.json's copy of the funnel is used
+    try:
+        rows = con.execute(
+            "SELECT stage, coalesce(sum(rows_in), 0), coalesce(sum(rows_out), 0) FROM stage_runs "
+            "WHERE run_id = ? GROUP BY stage", [run_id]).fetchall()
+    except duckdb.Error:
+        rows = []
+    finally:
+        con.close()
+    return [{"stage": s, "rows_in": int(i), "rows_out": int(o)} for s, i, o in rows] or None
+
+
+def decode_failures(db: ReleaseDB, sample: int) -> tuple[int, int]:
+    """(undecodable, decoded) over a deterministic sample of image bytes."""
+    from facecap.stages.images import decode_rgb
+
+    if sample <= 0 or "image" not in db.columns:
+        return 0, 0
+    rows = db.con.execute(
+        f"SELECT image FROM faces USING SAMPLE reservoir({int(sample)} ROWS) REPEATABLE (7)").fetchall()
+    # The same bounded decode the stages use: header limits first, then pixels.
+    bad = sum(decode_rgb(blob or b"", db.cfg.image)[0] is None for (blob,) in rows)
+    return bad, len(rows)
+
+
+def compute_metrics(db: ReleaseDB, checks: list[Check]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every applicable check's observed value (one DuckDB pass), and why the others are skipped or failed."""
+    metrics: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    sql_checks = []
+    for check in checks:
+        stage = SUITE_STAGE[check.suite]
+        off = db.stage_off_reason(stage)
+        missing = [c for c in check.columns if c not in db.columns]
+        if off:
+            skipped[check.name] = f"{NOT_APPLICABLE}: stage {stage} off ({off})"
+        elif missing and stage and not db.stage(stage):
+            skipped[check.name] = f"{NOT_APPLICABLE}: no {', '.join(missing)} column and no record of stage {stage}"
+        elif missing:
+            skipped[check.name] = f"{FAILED}: stage {stage} was on but the release has no {', '.join(missing)} column"
+        elif check.metric is not None:
+            sql_checks.append(check)
+    if sql_checks:
+        select = ", ".join(f"{c.metric} AS {c.name}" for c in sql_checks)
+        row = db.con.execute(f"SELECT {select} FROM faces").fetchone()
+        metrics.update({c.name: _plain(v) for c, v in zip(sql_checks, row)})
+    if "image_bytes_decode" not in skipped:
+        bad, decoded = decode_failures(db, db.cfg.quality.decode_sample)
+        metrics["image_bytes_decode"] = bad
+        metrics["_decoded_sample"] = decoded
+    stage, expected, where = funnel_last_rows(db)
+    if expected is None:
+        skipped["rows_match_funnel"] = f"{NOT_APPLICABLE}: {where}"
+    else:
+        rows = db.scalar("SELECT count(*) FROM faces")
+        metrics["rows_match_funnel"] = int(rows) - expected
+        metrics["_funnel"] = {"stage": stage, "rows_out": expected, "from": where, "release_rows": int(rows)}
+    return metrics, skipped
+
+
+def _plain(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, float):
+        return round(value, 6)
+    return int(value) if hasattr(value, "__int__") and not isinstance(value, bool) else value
+
+
+def _quiet_gx() -> None:
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="great_expectations")
+
+
+def run_gx(metrics: dict[str, Any], checks: list[Check], docs_dir: str | None) -> dict[str, bool]:
+    """Validate the metrics with one GX suite per part of the record; build Data Docs into docs_dir."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    _quiet_gx()
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+    import pandas as pd
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = {"globally": False}
+    frame = pd.DataFrame([{c.name: metrics[c.name] for c in checks if c.name in metrics}])
+    asset = context.data_sources.add_pandas("release").add_dataframe_asset("release_metrics")
+    batch = asset.add_batch_definition_whole_dataframe("whole release")
+    definitions = []
+    for suite_name in SUITE_STAGE:
+        active = [c for c in checks if c.suite == suite_name and c.name in metrics]
+        if not active:
+            continue
+        suite = context.suites.add(gx.ExpectationSuite(name=f"facecap_{suite_name}"))
+        for c in active:
+            suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(
+                column=c.name, min_value=c.min_value, max_value=c.max_value, mostly=1.0,
+                meta={"check": c.name, "notes": c.description}))
+        definitions.append(context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"facecap_{suite_name}", data=batch, suite=suite)))
+    if not definitions:
+        return {}
+    actions = []
+    if docs_dir:
+        context.add_data_docs_site(site_name="release", site_config={
+            "class_name": "SiteBuilder", "show_how_to_buttons": False,
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": docs_dir},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}})
+        actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["release"]))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(name="facecap_release", validation_definitions=definitions,
+                                                       actions=actions))
+    outcome = checkpoint.run(batch_parameters={"dataframe": frame})
+    passed: dict[str, bool] = {}
+    for run in outcome.run_results.values():
+        for result in run.results:
+            passed[result.expectation_config.kwargs["column"]] = bool(result.success)
+    return passed
+
+
+def run_suites(db: ReleaseDB, docs_dir: str | None = None) -> tuple[list[CheckResult], dict[str, Any]]:
+    """Every check's result (in suite order) and the raw metrics."""
+    checks = build_checks(db.cfg)
+    metrics, skipped = compute_metrics(db, checks)
+    gx_passed = run_gx(metrics, checks, docs_dir)
+    results = []
+    for c in checks:
+        if c.name in skipped:
+            status, why = skipped[c.name].split(": ", 1)
+            results.append(CheckResult(c.name, c.suite, c.description, status, None, c.min_value, c.max_value, why))
+            continue
+        ok = gx_passed.get(c.name)
+        if ok is None:  # GX did not report it: never count that as a pass
+            results.append(CheckResult(c.name, c.suite, c.description, FAILED, metrics.get(c.name), c.min_value,
+                                       c.max_value, "no result from Great Expectations"))
+            continue
+        results.append(CheckResult(c.name, c.suite, c.description, PASSED if ok else FAILED, metrics[c.name],
+                                   c.min_value, c.max_value))
+    return results, metrics
+
+
+__all__ = ["CheckResult", "run_suites", "funnel_last_rows", "PASSED", "FAILED", "NOT_APPLICABLE"]

@@ -1,0 +1,89 @@
+"""Validate a release: suites, report, dataset card, and the verdict recorded in release.json.
+
+`validate_release` is plain code (no Prefect): `facecap validate`, the
+`validate` flow and the curate flow's validate stage all call it. It never
+moves the release; publishing (or keeping it in staging) is the caller's
+decision, taken from the returned verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from facecap import storage
+from facecap.quality.card import write_card
+from facecap.quality.release_db import open_release
+from facecap.quality.report import write_report
+from facecap.quality.suites import FAILED, NOT_APPLICABLE, PASSED, run_suites
+
+
+def validate_release(release_dir: str, overrides: list[str] | None = None, allow_failures: bool = False,
+                     threads: int | None = None, log=print) -> dict[str, Any]:
+    """Run every suite on RELEASE_DIR, write report/ and README.md, record the verdict; return it.
+
+    The verdict's "publishable" is true when every applicable check passed,
+    or when `allow_failures` overrides failures (recorded as such).
+    """
+    started = time.time()
+    db = open_release(release_dir, overrides, threads=threads)
+    try:
+        log(f"validate: {db.path}: running quality suites on {len(db.columns)} columns")
+        docs_dir = os.path.join(db.path, "report", "gx")
+        results, metrics = run_suites(db, docs_dir)
+        failed = [r.name for r in results if r.status == FAILED]
+        counts = {s: sum(r.status == s for r in results) for s in (PASSED, FAILED, NOT_APPLICABLE)}
+        now = datetime.now(timezone.utc).isoformat()
+        verdict: dict[str, Any] = {
+            "passed": not failed,
+            "publishable": not failed or allow_failures,
+            "allow_failures": bool(allow_failures and failed),
+            "failed": failed,
+            "counts": counts,
+            "checks": [r.to_dict() for r in results],
+            "funnel_check": metrics.get("_funnel"),
+            "decoded_sample": metrics.get("_decoded_sample"),
+            "validated_at": now,
+        }
+        for r in results:
+            mark = {PASSED: "ok  ", FAILED: "FAIL", NOT_APPLICABLE: "n/a "}[r.status]
+            log(f"  {mark} {r.suite}/{r.name}: " + (f"{r.observed}" if r.why is None else r.why))
+        report = write_report(db, results, verdict, now)
+        info = dict(db.info)
+        summary = {k: verdict[k] for k in ("passed", "allow_failures", "failed", "counts", "validated_at")}
+        if verdict["allow_failures"]:
+            summary["override"] = "--allow-failures: published although the checks above failed"
+        info["validation"] = summary
+        info.setdefault("stages", {})["validate"] = {
+            "status": "on", "passed": verdict["passed"], "failed": failed,
+            **({"override": "allow_failures"} if verdict["allow_failures"] else {})}
+        info["headline"] = report["headline"]
+        info["splits"] = report["figures"].get("splits", {})
+        write_card(db.path, info, report, db.columns)
+        storage.write_json_atomic(os.path.join(db.path, "release.json"), info)
+        verdict["report"] = os.path.join(db.path, "report", "index.html")
+        verdict["seconds"] = round(time.time() - started, 2)
+        log(f"validate: {counts[PASSED]} passed, {counts[FAILED]} failed, {counts[NOT_APPLICABLE]} not applicable "
+            f"in {verdict['seconds']} s; report {verdict['report']}")
+        return verdict
+    finally:
+        db.close()
+
+
+def read_verdict(release_dir: str) -> dict | None:
+    path = os.path.join(release_dir, "release.json")
+    with open(path) as fh:
+        return json.load(fh).get("validation")
+
+
+class ReleaseBlocked(RuntimeError):
+    """A release failed its quality checks and was not published (exit status 1)."""
+
+
+def blocked_message(verdict: dict, release_dir: str) -> str:
+    return (f"quality checks failed: {', '.join(verdict['failed'])}. The release is NOT published; it stays in "
+            f"{release_dir} and {os.path.join(release_dir, 'report', 'index.html')} says why. Fix the data or "
+            "settings and rerun, or pass --allow-failures to publish it anyway (recorded in release.json).")

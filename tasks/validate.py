@@ -1,0 +1,20 @@
+"""Prefect task around the release validation (quality/validate.py)."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from facecap.quality.validate import validate_release
+
+
+@task(name="validate", task_run_name="validate {release_dir}", cache_policy=NO_CACHE, persist_result=False)
+def validate_task(release_dir: str, overrides: list[str] | None = None, allow_failures: bool = False) -> dict:
+    """Run the quality suites on a release, write its report and card, record the verdict.
+
+    Called directly in the flow's process (not submitted to Dask): the suites
+    are DuckDB aggregates over the release's Parquet files, one scan, driven
+    from where the release is written. No retries: the result is deterministic.
+    """
+    logger = get_run_logger()
+    return validate_release(release_dir, overrides, allow_failures, log=logger.info)
