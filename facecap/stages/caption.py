@@ -1,0 +1,216 @@
+"""Caption: attributes -> raw grammar text -> LLM rewrite (if an endpoint is set) -> faithfulness check.
+
+Per face record:
+1. The grammar samples raw text from the kept and confidently absent
+   attributes, seeded by sample id + grammar version + caption.seed.
+2. With no `llm.endpoint` that text is the caption, and the record says so
+   (caption_model "none", caption_check "not_rewritten").
+3. Otherwise the rewrite prompt + raw text go to the endpoint; the reply is
+   checked (every kept attribute still said, nothing invented, optionally a
+   MiniLM similarity to the raw text). A failing reply is asked again with a
+   new request seed, up to caption.max_attempts; then the raw text is kept
+   and caption_check records why ("omission: Smiling (3 attempts)").
+If the endpoint itself keeps failing (timeouts, 5xx after retries) the shard
+fails instead of quietly keeping raw text: replies already received are in
+the cache, so the rerun only asks for the rest.
+
+Faces with no attributes, or with names that are not CelebA's, are rejects
+with a reason. Counts (rewrites passed, fallbacks by reason, hallucinated and
+omitted attributes, LLM requests and cache hits) go to the shard's stats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+
+from facecap.attributes import ATTRIBUTES
+from facecap.config import CaptionSettings, ConfigError, LLMSettings
+from facecap.schema import Reason
+from facecap.stages.base import Chunk, Counters, rejected
+from facecap.text.faithfulness import (CheckResult, Lexicon, check_caption, grammar_lexicon_mismatches,
+                                       load_lexicon, shared_similarity)
+from facecap.text.grammar import CaptionGrammar, caption_seed, load_grammar
+from facecap.text.llm import ChatResult, LLMClient, LLMUnavailable
+from facecap.text.prompt import RewritePrompt, load_prompt
+
+NOT_REWRITTEN = "not_rewritten"
+PASSED = "passed"
+LLM_ERROR = "llm_error"
+NO_MODEL = "none"
+_KNOWN = frozenset(ATTRIBUTES)
+
+
+@lru_cache(maxsize=4)
+def _checked_pair(grammar: CaptionGrammar, lexicon: Lexicon) -> None:
+    problems = grammar_lexicon_mismatches(grammar, lexicon)
+    if problems:
+        raise ConfigError(f"caption grammar {grammar.source} and lexicon {lexicon.source} disagree (a raw caption "
+                          "would fail its own check); add the phrasing to the lexicon or change the grammar:\n  "
+                          + "\n  ".join(problems[:20]))
+
+
+def request_seed(seed: int, attempt: int) -> int:
+    """The LLM request seed of a rewrite attempt (vLLM samples deterministically with it)."""
+    return (seed % 2**31) ^ attempt
+
+
+@dataclass
+class CaptionOutcome:
+    caption: str
+    raw: str
+    seed: int
+    model: str
+    prompt_version: str | None
+    check: str
+
+
+class Captioner:
+    """Everything the caption stage needs, loaded once per worker process."""
+
+    def __init__(self, settings: CaptionSettings, llm: LLMSettings, cache_dir: str | None = None):
+        self.settings = settings
+        self.grammar = load_grammar(settings.grammar)
+        self.lexicon = load_lexicon(settings.lexicon)
+        _checked_pair(self.grammar, self.lexicon)
+        self.llm = llm
+        self.prompt: RewritePrompt | None = None
+        self.client: LLMClient | None = None
+        self.similarity = None
+        if llm.endpoint:
+            self.prompt = load_prompt(settings.prompt)
+            self.client = LLMClient(llm, cache_dir)
+            if settings.min_similarity is not None:
+                self.similarity = shared_similarity()
+
+    @property
+    def identity(self) -> str:
+        return caption_identity(self.grammar.version, self.lexicon.version,
+                                f"{self.llm.model}@{self.prompt.version}" if self.prompt else None)
+
+    def raw(self, sample_id: str, attributes: Iterable[str], absent: Iterable[str]) -> tuple[str, int]:
+        seed = caption_seed(sample_id, self.grammar.version, self.settings.seed)
+        return self.grammar.caption(attributes, absent, seed, self.settings.negatives).text, seed
+
+    def caption_many(self, items: list[tuple[str, list[str], list[str]]], counters: Counters) -> list[CaptionOutcome]:
+        """Caption (sample_id, kept attributes, absent attributes) triples, in order."""
+        outcomes = []
+        for sample_id, kept, absent in items:
+            text, seed = self.raw(sample_id, kept, absent)
+            outcomes.append(CaptionOutcome(text, text, seed, NO_MODEL, None, NOT_REWRITTEN))
+        if self.client is None:
+            counters.extra["captions_not_rewritten"] += len(outcomes)
+            return outcomes
+        self._rewrite(items, outcomes, counters)
+        return outcomes
+
+    def _rewrite(self, items, outcomes: list[CaptionOutcome], counters: Counters) -> None:
+        assert self.client is not None and self.prompt is not None
+        pending = list(range(len(outcomes)))
+        last_reason: dict[int, str] = {}
+        requests_before = self.client.stats.requests
+        hits_before = self.client.stats.cache_hits
+        retries_before = self.client.stats.retries
+        for attempt in range(self.settings.max_attempts):
+            if not pending:
+                break
+            counters.extra["rewrite_attempts"] += len(pending)
+            replies: list[ChatResult] = self.client.chat_many(
+                [self.prompt.messages(outcomes[i].raw) for i in pending],
+                [request_seed(outcomes[i].seed, attempt) for i in pending])
+            transient = [r for r in replies if r.transient]
+            if transient:
+                raise LLMUnavailable(f"the LLM endpoint {self.client.base_url} failed {len(transient)} of "
+                                     f"{len(replies)} requests after {self.llm.retries} retries (first: "
+                                     f"{transient[0].error}); replies received so far are cached, rerun to resume")
+            answered = [(i, r.text) for i, r in zip(pending, replies) if r.ok]
+            scores = {}
+            if self.similarity is not None and answered:
+                values = self.similarity.scores([outcomes[i].raw for i, _ in answered], [t for _, t in answered])
+                scores = {i: s for (i, _), s in zip(answered, values)}
+            still = []
+            for i, reply in zip(pending, replies):
+                if not reply.ok:
+                    # 4xx or a malformed reply: asking again would not help.
+                    last_reason[i] = f"{LLM_ERROR}: {reply.error}"[:300]
+                    continue
+                _, kept, absent = items[i]
+                result: CheckResult = check_caption(reply.text, kept, absent, self.lexicon, scores.get(i),
+                                                    self.settings.min_similarity)
+                counters.extra["hallucinated_attributes"] += len(result.hallucinated)
+                counters.extra["contradicting_attributes"] += len(result.contradicting)
+                counters.extra["omitted_attributes"] += len(result.omitted)
+                if result.passed:
+                    o = outcomes[i]
+                    o.caption, o.model, o.check = reply.text, self.llm.model, PASSED
+                    o.prompt_version = self.prompt.version
+                    counters.extra["rewrites_passed"] += 1
+                else:
+                    counters.extra[f"rewrites_failed_{result.reason.split(':', 1)[0]}"] += 1
+                    last_reason[i] = result.reason
+                    still.append(i)
+            pending = still
+        for i, reason in last_reason.items():
+            o = outcomes[i]
+            if o.check == PASSED:
+                continue
+            o.prompt_version = self.prompt.version
+            attempts = "1 attempt" if reason.startswith(LLM_ERROR) else f"{self.settings.max_attempts} attempts"
+            o.check = f"{reason} ({attempts})"
+            counters.extra["rewrite_fallbacks"] += 1
+            counters.extra[f"fallback_{reason.split(':', 1)[0]}"] += 1
+        counters.extra["llm_requests"] += self.client.stats.requests - requests_before
+        counters.extra["llm_cache_hits"] += self.client.stats.cache_hits - hits_before
+        counters.extra["llm_retries"] += self.client.stats.retries - retries_before
+
+
+def caption_identity(grammar_version: str, lexicon_version: str, rewriter: str | None) -> str:
+    """The caption stage's model identity: grammar + lexicon + (LLM model @ prompt version, or none)."""
+    return f"grammar:{grammar_version};lexicon:{lexicon_version};llm:{rewriter or NO_MODEL}"
+
+
+def caption_faces(batches: Iterable[pa.RecordBatch | pa.Table], captioner: Captioner, schema: pa.Schema,
+                  counters: Counters, batch_size: int = 512) -> Iterator[Chunk]:
+    """Annotated face records in, captioned records (schema `schema`) and rejects out."""
+    buffer: list[dict] = []
+    for table in batches:
+        buffer.extend(table.to_pylist())
+        if len(buffer) >= batch_size:
+            yield _caption_rows(buffer, captioner, schema, counters)
+            buffer = []
+    if buffer:
+        yield _caption_rows(buffer, captioner, schema, counters)
+
+
+def _caption_rows(rows: list[dict], captioner: Captioner, schema: pa.Schema, counters: Counters) -> Chunk:
+    counters.rows_in += len(rows)
+    good, items, rejects = [], [], []
+    for row in rows:
+        kept = list(row.get("attributes") or [])
+        absent = list(row.get("absent_attributes") or [])
+        unknown = sorted(set(kept + absent) - _KNOWN)
+        reason = None
+        if unknown:
+            reason, detail = Reason.UNKNOWN_ATTRIBUTE, f"not CelebA attribute names: {', '.join(unknown)}"
+        elif not kept:
+            reason, detail = Reason.NO_ATTRIBUTES, "no kept attribute to caption"
+        if reason:
+            rejects.append({"stage": "caption", "reason": reason, "detail": detail, "image_id": row.get("image_id"),
+                            "sample_id": row.get("sample_id"), "source": row.get("source") or "",
+                            "source_offset": row.get("source_offset"), "det_score": row.get("det_score"),
+                            "bbox": row.get("bbox")})
+            continue
+        good.append(row)
+        items.append((row["sample_id"], kept, absent))
+    outcomes = captioner.caption_many(items, counters)
+    for row, o in zip(good, outcomes):
+        row.update(caption=o.caption, raw_caption=o.raw, grammar_version=captioner.grammar.version,
+                   caption_seed=o.seed, caption_model=o.model, prompt_version=o.prompt_version, caption_check=o.check)
+    counters.rows_out += len(good)
+    kept_table = pa.Table.from_pylist(good, schema=schema) if good else None
+    rejects_table = rejected(rejects)
+    counters.add_rejects(rejects_table)
+    return Chunk(kept_table, rejects_table)
