@@ -134,6 +134,7 @@ class AttributeTrainSettings(_Section):
     log_every: int = Field(50, ge=1, description="Progress line every this many steps.")
     eval_batch_size: int = Field(128, ge=1)
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: cuda if torch sees one.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (unset: torch's default, all cores).")
 
 
 class AttributeSettings(_Section):

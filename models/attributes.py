@@ -325,7 +325,7 @@ class ZeroShotAttributeModel:
         negative = self._text_embeddings([prompts[a][1] for a in ATTRIBUTES])
         self.direction = positive - negative  # (40, d): one dot product per attribute gives the pair's margin
         logit_scale = getattr(self.model, "logit_scale", None)
-        temperature = float(logit_scale.exp()) if logit_scale is not None else 100.0
+        temperature = float(logit_scale.detach().exp()) if logit_scale is not None else 100.0
         # Without a fitted calibration a prompt pair is CLIP's own two-way softmax.
         self.calibration = load_calibration(location.path, Calibration.identity(temperature))
 
