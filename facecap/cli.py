@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
             SOURCE may be a folder of images (jpg, png, webp; optional stem.txt /
             stem.json caption sidecars), a WebDataset tar in img2dataset's layout
             (key.jpg + key.txt + key.json), or a Parquet file with an image column
-            (bytes, {bytes, path} structs or paths) and a caption column. Globs work.
+            (bytes, {bytes, path} structs or paths) and a caption column, or a URL
+            list (Parquet/CSV/TSV/JSONL with a url/URL column, e.g. LAION metadata),
+            whose images are downloaded by the shard's ingest. Globs work.
             Folders and Parquet files are split into shards of --shard-size records;
             each tar is one shard.
 
@@ -76,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shard-size", type=int, metavar="N", help="records per shard (default 2000)")
     c.add_argument("--min-score", type=float, metavar="P", help="keep faces with detector score above P (default 0.98)")
     c.add_argument("--min-face-px", type=int, metavar="PX", help="minimum crop side in source pixels (default 128)")
+    c.add_argument("--allow-addresses", action="append", metavar="CIDR",
+                   help="let URL downloads reach this private/loopback range, e.g. 127.0.0.1/32 (repeatable; "
+                        "default: public addresses only)")
+    c.add_argument("--retry-failed", action="store_true",
+                   help="re-download the transient failures (timeout, 5xx, dns, connect) of URL shards already "
+                        "done, and merge them in; other shards are reused as they are")
+    c.add_argument("--allow-failures", action="store_true",
+                   help="publish the release even if its quality checks fail (recorded in release.json); "
+                        "without it a failing release stays in OUT/staging/<run id> and the exit status is 1")
 
     e = sub.add_parser("example-data", help="write example sources (real photos from PyPI wheels + generated images)",
                        description="Write example sources under DIR: a folder with sidecar captions, a WebDataset "
@@ -114,6 +125,10 @@ def _curate(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if args.allow_addresses:
+        overrides.append("download.allow_addresses=" + json.dumps(args.allow_addresses))
+    if args.retry_failed:
+        overrides.append("download.retry_failed=true")
     cfg = load_config(args.config, overrides, args.profile)
     from facecap.release import check_output
 
@@ -127,13 +142,22 @@ def _curate(args: argparse.Namespace) -> int:
         from facecap.flows.curate import curate, task_runner_for
 
         result = curate.with_options(task_runner=task_runner_for(cfg))(
-            sources=list(args.sources), out=args.out, config=cfg.model_dump(mode="json"))
+            sources=list(args.sources), out=args.out, config=cfg.model_dump(mode="json"),
+            allow_failures=args.allow_failures)
     print("\nFunnel (records per stage):")
     for row in result["funnel"]:
         rejects = ", ".join(f"{k} {v}" for k, v in row["rejects"].items()) or "none"
         print(f"  {row['stage']:<8} {row['rows_in']:>8,} in -> {row['rows_out']:>8,} out  "
               f"({row['shards']} shards, {row['cached']} already done; rejects: {rejects})")
     print(f"\nRelease: {result['records']:,} face records, {result['rejects']:,} rejects in {result['release']}")
+    checks = result.get("validation")
+    if checks:
+        counts = checks["counts"]
+        print(f"Quality: {counts['passed']} checks passed, {counts['failed']} failed, {counts['not applicable']} not "
+              f"applicable; report {result['release']}/report/index.html")
+        if checks.get("allow_failures"):
+            print(f"facecap: published with --allow-failures although {', '.join(checks['failed'])} failed "
+                  "(recorded in release.json)", file=sys.stderr)
     return 0
 
 
@@ -167,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, WeightsError):
             print(f"facecap: {exc}", file=sys.stderr)
             return 2
-        if isinstance(exc, CurateFailed):
+        from facecap.quality.validate import ReleaseBlocked
+
+        if isinstance(exc, (CurateFailed, ReleaseBlocked)):
             print(f"facecap: {exc}", file=sys.stderr)
             return 1
         raise

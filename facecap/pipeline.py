@@ -266,13 +266,97 @@ def read_shard_schema(url: str):
         return pq.read_schema(fh).remove_metadata()
 
 
+# --- text: FLIP-80M alt-text path: keywords, classifier, denoise (issue 8) ---
+TEXT = StageInfo("text", "1", priority=3)
+_TEXT_TOOLS: dict = {}  # per worker process: model identity -> loaded TextTools
+
+
+def text_settings_hash(cfg: Config) -> str:
+    # File contents (keywords, classifier, prompt) are in the model identity; batch size changes nothing.
+    text = cfg.text.model_dump(mode="json", include={"caption_path", "threshold", "denoise"})
+    llm = cfg.llm.model_dump(mode="json", include={"model", "max_tokens"}) if cfg.text.denoise else None
+    return settings_hash({"text": text, "llm": llm})
+
+
+def plan_text(cfg: Config) -> StagePlan:
+    from facecap.text.clean import CLEANER_VERSION
+    from facecap.text.denoise import load_prompt
+    from facecap.text.keywords import KeywordMatcher
+    from facecap.text.text_filter import describe, planned_identity
+
+    t = cfg.text
+    if t.caption_path == "facecaption":
+        return StagePlan(False, why="text.caption_path is facecaption: captions come from attributes "
+                                    "(set it to flip80m or both for the filtered, denoised alt-text)")
+    matcher = KeywordMatcher.from_file(t.keywords_file)
+    cleaner = CLEANER_VERSION
+    info = {"caption_path": t.caption_path, "filter": describe(t), "threshold": t.threshold,
+            "keywords": len(matcher.keywords), "denoise": "rules (pre-cleaner only)"}
+    if t.denoise:
+        if not cfg.llm.endpoint:
+            raise ConfigError("text.denoise is on but llm.endpoint is not set: set llm.endpoint to an "
+                              "OpenAI-compatible server, or turn text.denoise off (the pre-cleaner still runs)")
+        prompt = load_prompt(t.denoise_prompt)
+        cleaner = f"{CLEANER_VERSION}+llm:{cfg.llm.model}:denoise-{prompt.version}"
+        info.update(denoise="llm", llm_model=cfg.llm.model, denoise_prompt_version=prompt.version)
+    # Resolving the classifier's files here fails the run before any work if they are missing.
+    return StagePlan(True, f"{planned_identity(t, matcher)}|{matcher.identity}|{cleaner}", info=info)
+
+
+def _text_tools(cfg: Config, out: str, model_id: str):
+    from facecap.stages.text import TextTools
+    from facecap.text.keywords import KeywordMatcher
+    from facecap.text.text_filter import load_text_filter
+
+    if model_id not in _TEXT_TOOLS:
+        matcher = KeywordMatcher.from_file(cfg.text.keywords_file)
+        classifier = load_text_filter(cfg.text, matcher)
+        cleaner = model_id.rsplit("|", 1)[1]
+        if f"{classifier.identity}|{matcher.identity}|{cleaner}" != model_id:
+            raise RuntimeError(f"worker loaded text filter {classifier.identity}|{matcher.identity}, the run "
+                               f"planned {model_id}: the classifier or keyword files differ on this worker")
+        denoise = None
+        if cfg.text.denoise:
+            from facecap.text.denoise import denoise_many, denoise_settings, load_prompt
+            from facecap.text.llm import LLMClient
+
+            prompt = load_prompt(cfg.text.denoise_prompt)
+            client = LLMClient(denoise_settings(cfg.llm), llm_cache_dir(cfg, out))
+
+            def denoise(texts):
+                return denoise_many(texts, prompt, client)
+        _TEXT_TOOLS.clear()  # one configuration per worker at a time
+        _TEXT_TOOLS[model_id] = TextTools(matcher, classifier, cleaner, denoise)
+    return _TEXT_TOOLS[model_id]
+
+
+def run_text(previous: dict, out: str, cfg: Config, plan: RunPlan | str) -> dict:
+    from facecap.stages.text import filter_captions, text_schema
+
+    model_id = plan if isinstance(plan, str) else plan.model(TEXT.name)
+    settings = text_settings_hash(cfg)
+    key = stage_key(TEXT.name, TEXT.version, settings, model_id, previous["key"])
+    meta = {"input": previous["input"], "input_key": previous["key"], "source": previous["source"],
+            "stage_version": TEXT.version, "settings_hash": settings, "model": model_id}
+    paths = ShardPaths(out, TEXT.name, key)
+    tools, schema = None, None
+    if not storage.exists(paths.stats):
+        tools = _text_tools(cfg, out, model_id)  # loaded once per worker, before the shard's clock starts
+        schema = text_schema(read_shard_schema(previous["output"]), cfg.text)
+
+    def produce(counters):
+        return filter_captions(iter_shard(previous["output"], batch_rows=256), tools, cfg.text, schema, counters)
+
+    return run_shard(paths, schema, produce, meta)
+
+
 # --- the chain ---------------------------------------------------------------
-FACE_STAGES: tuple[StageInfo, ...] = (DETECT, ANNOTATE, CAPTION)
+FACE_STAGES: tuple[StageInfo, ...] = (DETECT, ANNOTATE, TEXT, CAPTION)
 PLANNERS: dict[str, Callable[[Config], StagePlan]] = {
-    DETECT.name: plan_detect, ANNOTATE.name: plan_annotate, CAPTION.name: plan_caption,
+    DETECT.name: plan_detect, ANNOTATE.name: plan_annotate, TEXT.name: plan_text, CAPTION.name: plan_caption,
 }
 JOBS: dict[str, Callable[[dict, str, Config, RunPlan], dict]] = {
-    DETECT.name: run_detect, ANNOTATE.name: run_annotate, CAPTION.name: run_caption,
+    DETECT.name: run_detect, ANNOTATE.name: run_annotate, TEXT.name: run_text, CAPTION.name: run_caption,
 }
 
 

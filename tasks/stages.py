@@ -45,10 +45,17 @@ def caption_task(previous: dict, out: str, cfg: Config, plan: RunPlan) -> dict:
     return pipeline.run_caption(previous, out, cfg, plan)
 
 
+@task(name="text", task_run_name="text {previous[input]}", retries=2, retry_delay_seconds=[5, 30], **_COMMON)
+def text_task(previous: dict, out: str, cfg: Config, plan: RunPlan) -> dict:
+    """Filter and clean the alt-text of one face shard (FLIP-80M path). Retries help when the LLM is briefly away."""
+    return pipeline.run_text(previous, out, cfg, plan)
+
+
 # The Prefect task of every face stage, by stage name (the flow walks plan.chain).
 STAGE_TASKS = {
     pipeline.DETECT.name: detect_task,
     pipeline.ANNOTATE.name: annotate_task,
+    pipeline.TEXT.name: text_task,
     pipeline.CAPTION.name: caption_task,
 }
 

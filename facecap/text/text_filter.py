@@ -69,6 +69,17 @@ def _weights_file(directory: Path) -> Path | None:
     return None
 
 
+def encoder_identity(ref: str | None) -> str:
+    """Name + weights hash of a sentence encoder, without loading it."""
+    path = resolve_encoder(ref)
+    local = Path(path).is_dir()
+    weights = _weights_file(Path(path)) if local else None
+    name = Path(path).name if local else path
+    if name == "model" and ref in (None, MINILM_PACKAGE):
+        name = "all-MiniLM-L6-v2"
+    return f"{name}:{_file_digest(weights)}" if weights else name
+
+
 @dataclass
 class SentenceEncoder:
     """Mean-pooled, L2-normalised transformer embeddings (the all-MiniLM-L6-v2 recipe) without sentence-transformers."""
@@ -95,11 +106,7 @@ class SentenceEncoder:
         except OSError as exc:
             raise ConfigError(f"text.encoder: cannot load {path!r} ({exc}); give a local directory with a "
                               "transformers model, or a hub id when online") from exc
-        weights = _weights_file(Path(path)) if local else None
-        name = Path(path).name if local else path
-        if name == "model" and self.ref in (None, MINILM_PACKAGE):
-            name = "all-MiniLM-L6-v2"
-        self.identity = f"{name}:{_file_digest(weights)}" if weights else name
+        self.identity = encoder_identity(self.ref)
         self._torch = torch
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -139,14 +146,18 @@ class EmbeddingClassifier:
         if config.get("encoder") and config["encoder"] != encoder.identity:
             raise ConfigError(f"the text filter in {directory} was trained on encoder {config['encoder']}, "
                               f"but text.encoder loads {encoder.identity}: retrain it or point text.encoder there")
-        identity = f"{HEAD_KIND}:{_file_digest(directory / HEAD_WEIGHTS)}+{encoder.identity}"
-        return cls(directory, encoder, tensors["weight"].astype(np.float32), float(tensors["bias"][0]), identity)
+        return cls(directory, encoder, tensors["weight"].astype(np.float32), float(tensors["bias"][0]),
+                   head_identity(directory, encoder.identity))
 
     def score(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros(0, np.float32)
         logits = self.encoder.encode(texts) @ self.weight + self.bias
         return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+
+
+def head_identity(directory: Path, encoder_id: str) -> str:
+    return f"{HEAD_KIND}:{_file_digest(directory / HEAD_WEIGHTS)}+{encoder_id}"
 
 
 def save_head(directory: str | Path, weight: np.ndarray, bias: float, info: dict) -> Path:
@@ -215,6 +226,23 @@ def describe(settings: TextSettings) -> str:
     if not settings.classifier:
         return "keyword match (no text.classifier)"
     return f"classifier {settings.classifier}"
+
+
+def planned_identity(settings: TextSettings, matcher: KeywordMatcher) -> str:
+    """The identity `load_text_filter` will report, computed from files only (for the run plan and stage key)."""
+    ref = settings.classifier
+    if not ref:
+        return KeywordFilter(matcher).identity
+    path = Path(ref).expanduser()
+    if (path / HEAD_CONFIG).is_file():
+        config = json.loads((path / HEAD_CONFIG).read_text())
+        if not (path / HEAD_WEIGHTS).is_file():
+            raise ConfigError(f"text.classifier {path}: {HEAD_WEIGHTS} is missing; retrain with `facecap train-text-filter`")
+        return head_identity(path, encoder_identity(settings.encoder or config.get("encoder_ref")))
+    weights = _weights_file(path) if path.is_dir() else None
+    if path.is_dir():
+        return f"seqcls:{path.name}:{_file_digest(weights)}" if weights else f"seqcls:{path}"
+    return f"seqcls:{ref}"
 
 
 def load_text_filter(settings: TextSettings, matcher: KeywordMatcher) -> TextFilter:
