@@ -24,6 +24,9 @@ from facecap.config import Config
 from facecap.pipeline import INGEST, plan_run
 from facecap.stages.ingest import plan_shards
 from facecap.tasks.stages import STAGE_TASKS, ingest_task, placement
+from facecap.tasks.validate import validate_task
+from facecap.flows.run_artifacts import publish_curate_artifacts
+from facecap.quality.validate import ReleaseBlocked, blocked_message
 
 
 class CurateFailed(RuntimeError):
@@ -125,7 +128,7 @@ def _failure(stage: str, label: str, source: str, exc: BaseException) -> dict:
 
 
 @flow(name="curate", flow_run_name="curate {out}", log_prints=True)
-def curate(sources: list[str], out: str, config: dict | None = None) -> dict:
+def curate(sources: list[str], out: str, config: dict | None = None, allow_failures: bool = False) -> dict:
     """Turn image sources into a face release in OUT/release (see `facecap curate --help`)."""
     logger = get_run_logger()
     cfg = Config.model_validate(config or {})
@@ -201,17 +204,29 @@ def curate(sources: list[str], out: str, config: dict | None = None) -> dict:
 
     reject_files = [(s["rejects_output"], s["rejects_written"]) for stage in results for s in stage if s]
     funnel = manifest.funnel(manifest_path, run_id)
-    published = release.publish(
+    staged, _ = release.assemble(
         out, run_id, [d for d in results[-1] if d], reject_files, cfg,
         {"detector": plan.model("detect"),
-         "stages": {**plan.summary(), "validate": {"status": "off", "why": "quality suites are not run yet"}}, "sources": sources, "funnel": funnel,
+         "stages": {**plan.summary(), "validate": {"status": "off", "why": "quality.enabled is false"}},
+         "sources": sources, "funnel": funnel,
          "shards": len(specs),
          "unreadable_sources": [{"source": s.source, "detail": s.detail} for s in unreadable]},
     )
+    if cfg.quality.enabled:
+        # The validate stage: the staged release is published only if its suites pass (or --allow-failures).
+        verdict = validate_task(staged, None, allow_failures)
+        if not verdict["publishable"]:
+            message = blocked_message(verdict, staged)
+            manifest.finish_run(manifest_path, run_id, "blocked", message)
+            publish_curate_artifacts(funnel, staged, published=False, verdict=verdict)
+            raise ReleaseBlocked(message)
+    published = release.promote(staged, out)
+    publish_curate_artifacts(funnel, storage.join(out, "release"), published=True,
+                             verdict=verdict if cfg.quality.enabled else None, records=published["records"])
     manifest.finish_run(manifest_path, run_id, "completed")
     logger.info(
         f"release: {published['records']:,} face records, {published['rejects']:,} rejects -> "
         f"{storage.join(out, 'release')}"
     )
     return {"run_id": run_id, "release": storage.join(out, "release"), "records": published["records"],
-            "rejects": published["rejects"], "funnel": funnel}
+            "rejects": published["rejects"], "funnel": funnel, "validation": published.get("validation")}

@@ -1,0 +1,47 @@
+"""`facecap serve`: run FaceCap's deployments in this process (one machine, no work pool)."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+
+def register(subparsers, add_config_args) -> None:
+    p = subparsers.add_parser(
+        "serve", help="run the deployments (schedules, UI-started runs, the train trigger) in this process",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Register the same deployments as `facecap deploy` and execute their runs in
+            this process until Ctrl-C: runs started from the UI or the API, the recurate
+            schedule (deploy.recurate_cron over deploy.sources -> deploy.out) and the train
+            run each completed curate run triggers. Each run executes in a subprocess;
+            curate starts its own local Dask cluster unless execution.dask_address is set.
+
+            Uses PREFECT_API_URL if set (a `prefect server start` whose UI shows the runs),
+            otherwise starts an embedded server for as long as it serves and prints its
+            address. --config, --set and --profile become the runs' default parameters.
+            On a cluster use `facecap deploy` and Prefect workers instead."""))
+    add_config_args(p)
+    p.add_argument("--limit", type=int, metavar="N", help="at most N flow runs at once (default: no limit)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from facecap import deploy
+    from facecap.config import load_config
+    from facecap.prefect_api import prefect_api
+
+    cfg = load_config(args.config, args.overrides, args.profile)
+    config_file = os.path.abspath(args.config) if args.config else None
+    specs = deploy.deployment_specs(cfg, config_file, args.overrides, args.profile)
+    for note in deploy.skipped_notes(cfg):
+        print(f"note: {note}", flush=True)
+    with prefect_api() as url:
+        print(f"serving {', '.join(s.name for s in specs)} against {url} (Ctrl-C stops)", flush=True)
+        try:
+            deploy.serve(specs, limit=args.limit)
+        except KeyboardInterrupt:
+            pass
+    return 0

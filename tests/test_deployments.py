@@ -1,0 +1,213 @@
+"""Deployments as a user meets them: a real `prefect server start`, `facecap serve`, runs started through the API.
+
+The server and `facecap serve` are separate processes with their own
+PREFECT_HOME, as on a real machine. A curate run is created from the
+deployment (what the UI's "Run" button does), executed by the serve process,
+and read back the way the UI shows it: its state, its artifacts (funnel table,
+quality summary), and the train run its completion triggered. A failed curate
+run triggers nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from facecap import deploy
+from facecap.config import Config, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server (API, UI, event triggers) on a free 127.0.0.1 port with a temporary home."""
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": "", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                             "--analytics-off", "--no-scheduler", "--no-late-runs"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+
+    def healthy() -> bool:
+        assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, 180, "prefect server start")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def served(prefect_server, tmp_path_factory):
+    """`facecap serve` against the server: registers the deployments and executes their runs."""
+    home = tmp_path_factory.mktemp("serve-home")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": prefect_server,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log_path = home / "serve.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "facecap", "serve", "--profile", "offline", "--set", "ingest.shard_size=8",
+         "--set", "execution.n_workers=1", "--set", "train.model_size=tiny", "--set", "train.steps=1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(home))
+    client = httpx.Client(base_url=prefect_server, timeout=30)
+
+    def deployments() -> dict | None:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        found = client.post("/deployments/filter", json={}).json()
+        names = {f"{d['name']}": d for d in found}
+        return names if {"curate", "train", "validate", "eval"} <= set(names) else None
+
+    try:
+        yield client, wait_for(deployments, 120, "facecap serve to register its deployments"), log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        client.close()
+
+
+def run_deployment(client: httpx.Client, deployment: dict, parameters: dict, timeout: float, log: Path) -> dict:
+    """Create a flow run from a deployment (the UI's Run button) and wait until it is final."""
+    created = client.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters})
+    assert created.status_code == 201, created.text
+
+    def final():
+        run = client.get(f"/flow_runs/{created.json()['id']}").json()
+        return run if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+    try:
+        return wait_for(final, timeout, f"flow run {created.json()['name']}")
+    except AssertionError:
+        raise AssertionError(log.read_text()[-4000:])
+
+
+def train_runs(client: httpx.Client, deployment: dict) -> list[dict]:
+    return client.post("/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}).json()
+
+
+def test_deployment_run_shows_state_artifacts_and_triggers_training(served, example_dir, tmp_path):
+    client, deployments, log = served
+    curate, train = deployments["curate"], deployments["train"]
+    assert curate["tags"] == ["facecap", "curate"] and curate["parameters"]["profile"] == "offline"
+
+    # A curate run that fails (a relative output path is refused) triggers no training.
+    failed = run_deployment(client, curate, {"sources": [str(example_dir / "folder")], "out": "relative/out"},
+                            240, log)
+    assert failed["state"]["type"] == "FAILED"
+    failed_logs = client.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [failed["id"]]}}}).json()
+    assert any("must be an absolute path" in entry["message"] for entry in failed_logs)
+
+    out = tmp_path / "out"
+    run = run_deployment(client, curate, {"sources": [str(example_dir / "folder"), str(example_dir / "parquet")],
+                                          "out": str(out)}, 420, log)
+    assert run["state"]["type"] == "COMPLETED", (run["state"], log.read_text()[-4000:])
+    assert run["name"] == f"curate {out}" and "facecap" in run["tags"]
+    release_json = out / "release" / "release.json"
+    assert release_json.exists()
+
+    # The inner curate flow run (a subflow) holds the artifacts, as the UI lists them under the run.
+    artifacts = client.post("/artifacts/filter", json={"artifacts": {"key": {"any_": ["curate-funnel",
+                                                                                      "curate-quality"]}}}).json()
+    by_key = {a["key"]: a for a in artifacts}
+    assert set(by_key) == {"curate-funnel", "curate-quality"}, artifacts
+    funnel = {row["stage"]: row for row in _table(by_key["curate-funnel"]["data"])}
+    from helpers import read_release
+
+    data, _ = read_release(out)
+    assert funnel["detect"]["records out"] == data.num_rows > 0
+    assert funnel["ingest"]["already done (skipped)"] == 0
+    assert str(out / "release") in by_key["curate-quality"]["data"]
+
+    # Its completion triggered the train deployment on the new release.
+    triggered = wait_for(lambda: train_runs(client, train), 120, "the train run triggered by the curate run")
+    assert len(triggered) == 1, "only the completed curate run may trigger training"
+    assert triggered[0]["parameters"]["release_dir"] == str(out / "release")
+    assert triggered[0]["parameters"]["out"] == str(out / "train")
+    assert triggered[0]["parameters"]["settings"] == ["ingest.shard_size=8", "execution.n_workers=1",
+                                                      "train.model_size=tiny", "train.steps=1"]
+
+
+def _table(data):
+    import json
+
+    rows = json.loads(data) if isinstance(data, str) else data
+    return rows
+
+
+def test_recurate_schedule_and_prefect_yaml_agree_with_the_code():
+    cfg = Config.model_validate({"deploy": {"sources": ["/data/sources"], "out": "/data/facecap",
+                                            "recurate_cron": "30 2 * * 1"}})
+    specs = {s.name: s for s in deploy.deployment_specs(cfg, "/etc/facecap/config.yaml", [], None)}
+    assert specs["recurate"].cron == "30 2 * * 1" and specs["recurate"].parameters["sources"] == ["/data/sources"]
+    assert specs["train"].triggers and specs["train"].triggers[0]["expect"] == ["prefect.flow-run.Completed"]
+    no_sources = {s.name for s in deploy.deployment_specs(Config(), None, [], None)}
+    assert "recurate" not in no_sources and "curate" in no_sources
+
+    # prefect.yaml is what `facecap deploy --write-prefect-yaml` renders from docker/facecap.yaml.
+    from facecap.config import load_config
+
+    docker_cfg = load_config(ROOT / "docker" / "facecap.yaml")
+    rendered = deploy.prefect_yaml(
+        deploy.deployment_specs(docker_cfg, "/etc/facecap/config.yaml", [], None), docker_cfg.deploy.work_pool)
+    assert yaml.safe_load((ROOT / "prefect.yaml").read_text()) == yaml.safe_load(rendered), \
+        "prefect.yaml is stale: facecap deploy --config docker/facecap.yaml --write-prefect-yaml prefect.yaml"
+    for entry in yaml.safe_load(rendered)["deployments"]:
+        path, _, function = entry["entrypoint"].partition(":")
+        assert (ROOT / path).is_file() and f"def {function}(" in (ROOT / path).read_text(), entry["entrypoint"]
+
+
+def test_deployment_parameters_resolve_into_the_typed_config():
+    cfg = deploy.resolve_config(None, {"detect": {"min_score": 0.9}, "ingest": {"image_extensions": [".png"]}},
+                                ["detect.min_face_px=64"], "offline")
+    assert (cfg.detect.min_score, cfg.detect.min_face_px, cfg.ingest.image_extensions) == (0.9, 64, [".png"])
+    with pytest.raises(ConfigError, match="detect.min_scor"):
+        deploy.resolve_config(None, {"detect": {"min_scor": 0.9}}, [], None)
+    with pytest.raises(ConfigError, match="mapping"):
+        deploy.resolve_config(None, ["detect.min_score=0.9"], [], None)
+
+
+def test_deploy_without_a_server_is_a_clear_error(tmp_path):
+    env = {**os.environ, "PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-m", "facecap", "deploy", "--profile", "offline"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert run.returncode == 2 and "PREFECT_API_URL" in run.stderr and "Traceback" not in run.stderr
