@@ -113,7 +113,7 @@ def _handler(srv: FixtureServer):
             with srv.lock:
                 srv.requests[path] += 1
                 seen = srv.requests[path]
-            parts = path.strip("/").split("/")
+            parts = urllib.parse.urlsplit(path).path.strip("/").split("/")  # ?n=1 makes distinct URLs
             head = parts[0]
             if head == "img":
                 self._image(parts[1])
