@@ -31,6 +31,9 @@ def register(subparsers, add_config_args) -> None:
     add_config_args(p)
     p.add_argument("--work-pool", metavar="NAME", help="work pool (default: deploy.work_pool, 'facecap')")
     p.add_argument("--write-prefect-yaml", metavar="FILE", help="write prefect.yaml instead of registering")
+    p.add_argument("--config-at", metavar="PATH",
+                   help="where runs read --config (default: its absolute path here; the docker images mount "
+                        "docker/facecap.yaml at /etc/facecap/config.yaml)")
     p.add_argument("--project-dir", default="/app", metavar="DIR",
                    help="where workers find the project (prefect.yaml's working directory; default /app, the images')")
     p.set_defaults(handler=run)
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from facecap.config import ConfigError, load_config
 
     cfg = load_config(args.config, args.overrides, args.profile)
-    config_file = os.path.abspath(args.config) if args.config and not args.write_prefect_yaml else args.config
+    config_file = args.config_at or (os.path.abspath(args.config) if args.config else None)
     specs = deploy.deployment_specs(cfg, config_file, args.overrides, args.profile)
     pool = args.work_pool or cfg.deploy.work_pool
     for note in deploy.skipped_notes(cfg):
