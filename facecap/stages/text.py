@@ -2,10 +2,10 @@
 
 Per face record, from its `source_caption` (the alt-text):
 1. the deterministic pre-cleaner (facecap.text.clean); empty -> rejected `no_caption`
-2. face keywords found (facecap.text.keywords) -> `keywords`
-3. the face-caption classifier's score (facecap.text.text_filter); not above
+2. the face-caption classifier's score (facecap.text.text_filter); not above
    `text.threshold` -> rejected `not_face_caption`
-4. optionally the LLM denoise (facecap.text.denoise) on the kept captions
+3. optionally the LLM denoise (facecap.text.denoise) on the kept captions
+4. face keywords found in the final text (facecap.text.keywords) -> `keywords`
 The cleaned text is `text_caption`; with text.caption_path = flip80m it is
 also the record's `caption`. Counts of characters in and removed go to the
 shard's stats (extra: alt_text_chars, text_chars_removed), so a run reports
@@ -63,7 +63,6 @@ def filter_captions(batches: Iterator[pa.RecordBatch], tools: TextTools, setting
                 rejects.append(_reject(row, Reason.NOT_FACE_CAPTION,
                                        f"text score {score:.3f} <= text.threshold={settings.threshold}: {c.text[:200]}"))
                 continue
-            row["keywords"] = tools.matcher.find(c.text)
             row["text_score"] = score
             kept.append(row)
             kept_clean.append(c)
@@ -71,7 +70,8 @@ def filter_captions(batches: Iterator[pa.RecordBatch], tools: TextTools, setting
         for i, (row, c) in enumerate(zip(kept, kept_clean)):
             text, method = (denoised[i].text, denoised[i].method) if denoised else (c.text, "rules")
             alt_chars = len(row.get("source_caption") or "")
-            row.update({"text_caption": text, "text_filter": tools.classifier.identity,
+            row.update({"text_caption": text, "keywords": tools.matcher.find(text),  # of the text released
+                        "text_filter": tools.classifier.identity,
                         "text_threshold": settings.threshold, "text_denoise": method, "text_cleaner": tools.cleaner,
                         "alt_text_chars": alt_chars, "text_chars_removed": max(0, alt_chars - len(text))})
             if settings.caption_path == "flip80m":
