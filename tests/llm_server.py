@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -88,6 +89,11 @@ def scripted(script: dict[str, list[str]], default: str = "faithful") -> Callabl
     return behaviour
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512  # the default 5 drops connection bursts (64 clients connecting at once)
+
+
 class FakeVLLM:
     """An OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models) on a free local port."""
 
@@ -102,8 +108,7 @@ class FakeVLLM:
         self.headers: list[dict] = []
         self.in_flight = 0
         self.max_in_flight = 0
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -120,6 +125,12 @@ class FakeVLLM:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as vLLM's server
+
+            def setup(self) -> None:
+                super().setup()
+                # Headers and body go out as two writes; without this, Nagle's algorithm
+                # holds the body for the client's delayed ACK (~40 ms a request).
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def log_message(self, *args) -> None:
                 pass
@@ -174,3 +185,17 @@ class FakeVLLM:
                         fake.in_flight -= 1
 
         return Handler
+
+
+if __name__ == "__main__":
+    # A stand-alone server for benchmarks (its own process, as vLLM would be):
+    #   python tests/llm_server.py --latency 0.2      prints its URL, serves until killed
+    import argparse
+
+    parser = argparse.ArgumentParser(description="OpenAI-compatible test server (vLLM stand-in)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each reply")
+    parser.add_argument("--model", default="test-model")
+    args = parser.parse_args()
+    with FakeVLLM(always("faithful", delay=args.latency), model=args.model) as server:
+        print(server.url, flush=True)
+        threading.Event().wait()
