@@ -25,6 +25,7 @@ from helpers import offline_config, read_release, run_curate
 from facecap.example_data import astronaut, generated
 
 DASK = str(Path(sys.executable).with_name("dask"))
+BUSY_IMAGES = 80
 
 
 class DaskProcesses:
@@ -145,11 +146,12 @@ def test_gpu_stage_runs_only_on_the_gpu_worker_and_release_equals_a_local_run(cl
 
 @pytest.fixture(scope="module")
 def busy_images(tmp_path_factory) -> Path:
-    """120 images (most with a face) in 30 shards: a few seconds of detect per worker, enough to kill one mid-run."""
+    """80 distinct images (most with a face) in about 20 shards: enough detect work to kill a worker mid-run."""
     root = tmp_path_factory.mktemp("busy")
     face = astronaut()
-    for i in range(120):
-        img = generated("shapes", seed=i) if i % 5 == 4 else face.rotate((i * 7) % 30 - 15).resize((480, 480))
+    for i in range(BUSY_IMAGES):
+        # A distinct angle each: identical crops would (rightly) fail the release's duplicate-image check.
+        img = generated("shapes", seed=i) if i % 5 == 4 else face.rotate(i * 0.4 - 16).resize((480, 480))
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=85)
         (root / f"img{i:03d}.jpg").write_bytes(buf.getvalue())
@@ -195,4 +197,4 @@ def test_killing_a_worker_mid_run_loses_and_duplicates_nothing(prefect_api_url, 
     assert sorted_rejects(rejects).equals(sorted_rejects(clean_rejects))
     # Every input image is accounted for once: kept faces' images + rejected images = inputs.
     accounted = set(data.column("image_id").to_pylist()) | set(rejects.column("image_id").to_pylist())
-    assert len(accounted) == 120
+    assert len(accounted) == BUSY_IMAGES
