@@ -1,0 +1,130 @@
+"""Quality suites on real DuckDB scans and real Great Expectations: clean releases pass, each defect is caught."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from quality_helpers import DEFECTS, write_synthetic_release
+
+from facecap.cli import main as facecap_main
+from facecap.quality.validate import ReleaseBlocked, validate_release
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> tuple[Path, dict]:
+    staged = write_synthetic_release(tmp_path_factory.mktemp("clean"))
+    return staged, validate_release(str(staged), log=_quiet)
+
+
+def _by_name(verdict: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in verdict["checks"]}
+
+
+def test_a_clean_release_with_every_column_passes_every_check(clean):
+    staged, verdict = clean
+    checks = _by_name(verdict)
+    assert verdict["passed"] and verdict["publishable"] and not verdict["failed"]
+    assert {c["status"] for c in checks.values()} == {"passed"}, "with every stage on nothing is n/a"
+    assert checks["rows_match_funnel"]["observed"] == 0
+    assert verdict["decoded_sample"] > 0 and checks["image_bytes_decode"]["observed"] == 0
+    recorded = json.loads((staged / "release.json").read_text())
+    assert recorded["validation"]["passed"] is True and recorded["stages"]["validate"]["status"] == "on"
+
+
+@pytest.mark.parametrize("defect", sorted(DEFECTS))
+def test_each_injected_defect_fails_its_expectation_and_blocks_publication(defect, tmp_path):
+    staged = write_synthetic_release(tmp_path, defect=defect)
+    verdict = validate_release(str(staged), log=_quiet)
+    check = _by_name(verdict)[DEFECTS[defect]]
+    assert check["status"] == "failed" and check["observed"] != 0, check
+    assert verdict["failed"] == [DEFECTS[defect]], "the defect must fail its own check and no other"
+    assert not verdict["publishable"]
+    report = (staged / "report" / "index.html").read_text()
+    assert "NOT PUBLISHED" in report and DEFECTS[defect] in report
+
+
+def test_thresholds_come_from_the_release_config(tmp_path):
+    staged = write_synthetic_release(tmp_path)
+    # The clean release's scores are 0.985..0.9999: a stricter detect.min_score than the stages used must fail.
+    verdict = validate_release(str(staged), overrides=["detect.min_score=0.999"], log=_quiet)
+    assert "det_score_at_least_threshold" in verdict["failed"]
+    assert "0.999" in _by_name(verdict)["det_score_at_least_threshold"]["description"]
+
+
+def test_checks_of_stages_that_were_off_are_not_applicable_not_passed(tmp_path):
+    staged = write_synthetic_release(tmp_path)
+    info = json.loads((staged / "release.json").read_text())
+    info["stages"]["caption"] = {"status": "off", "why": "no LLM endpoint configured"}
+    (staged / "release.json").write_text(json.dumps(info))
+    verdict = validate_release(str(staged), log=_quiet)
+    captions = [c for c in verdict["checks"] if c["suite"] == "captions"]
+    assert captions and all(c["status"] == "not applicable" and "no LLM endpoint" in c["why"] for c in captions)
+    assert verdict["passed"], "not applicable is neither a pass nor a failure"
+
+    # A stage that was on but whose column is missing is a failure, not "not applicable".
+    info["stages"]["caption"] = {"status": "on"}
+    (staged / "release.json").write_text(json.dumps(info))
+    import pyarrow.parquet as pq
+
+    for f in (staged / "data").glob("*.parquet"):
+        table = pq.read_table(f)
+        pq.write_table(table.drop_columns(["caption"]), f)
+    verdict = validate_release(str(staged), log=_quiet)
+    assert "caption_not_empty" in verdict["failed"]
+
+
+def test_report_is_self_contained_and_holds_the_figures(clean):
+    staged, verdict = clean
+    html = (staged / "report" / "index.html").read_text()
+    data = json.loads((staged / "report" / "report.json").read_text())
+    # Offline: no external stylesheet, script or image; thumbnails are data URIs; charts are inline SVG.
+    assert not re.search(r"""(src|href)=["']https?://""", html) and "<script" not in html
+    assert html.count("data:image/jpeg;base64,") >= 4 and html.count("<svg") >= 6
+    fig = data["figures"]
+    assert fig["rows"] == data["release"]["records"] == sum(fig["splits"].values())
+    assert fig["crop"]["paper_mean"] == 285 and 140 <= fig["crop"]["mean_width"] <= 220
+    shares = fig["attributes"]["category_share_pct"]
+    assert set(shares) == set(fig["attributes"]["paper_category_share_pct"]) and abs(sum(shares.values()) - 100) < 0.5
+    assert fig["attributes"]["mean_per_face"] >= 6
+    assert fig["caption_words"]["mean"] > 10 and fig["caption_words"]["paper_mean"] == 30
+    curve = fig["four_grams"]["points"]
+    assert len(curve) == 10 and all(a["unique_4grams"] <= b["unique_4grams"] for a, b in zip(curve, curve[1:]))
+    assert fig["rewrite"]["checks"]["passed"] > 0 and 0 < fig["rewrite"]["not_rewritten_share"] < 1
+    for check in verdict["checks"]:  # every expectation with its observed value
+        assert check["name"] in html
+    assert "33.9" in json.dumps(fig["attributes"]["paper_category_share_pct"])
+    assert (staged / "report" / "gx" / "index.html").exists(), "GX Data Docs are kept with the report"
+    card = (staged / "README.md").read_text()
+    assert "split: train" in card and "No identities" in card and f"{fig['rows']}" in card.replace(",", "")
+
+
+def test_validate_command_exits_1_on_failure_and_records_allow_failures(tmp_path, capsys):
+    staged = write_synthetic_release(tmp_path, defect="html_caption")
+    assert facecap_main(["validate", str(staged)]) == 1
+    assert "caption_no_html" in capsys.readouterr().err
+    assert facecap_main(["validate", str(staged), "--allow-failures"]) == 0
+    info = json.loads((staged / "release.json").read_text())
+    assert info["validation"]["allow_failures"] is True and info["validation"]["failed"] == ["caption_no_html"]
+    assert "allow-failures" in (staged / "report" / "index.html").read_text()
+    assert facecap_main(["validate", str(tmp_path / "nowhere")]) == 2
+
+
+def test_validate_flow_fails_on_a_defective_release(prefect_api_url, tmp_path):
+    from facecap.flows.validate import validate
+
+    staged = write_synthetic_release(tmp_path, defect="duplicate_id")
+    state = validate(str(staged), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ReleaseBlocked, match="sample_id_unique"):
+        state.result()
+    good = write_synthetic_release(tmp_path / "good")
+    assert validate(str(good))["passed"] is True
+    shutil.rmtree(tmp_path)
