@@ -199,14 +199,15 @@ class CaptionGrammar:
         said = kept | frozenset(stated) | (frozenset(["Male"]) if "Male" in absent_set else frozenset())
         ctx = _Context(rng, kept, frozenset(stated), gender, said)
         groups = {GROUP_OF[a] for a in said}
-        sentences = []
+        tokens: list[str] = []
         for symbol in self.table[START].pick(rng):
             if symbol not in groups:
                 continue  # an empty group is skipped
-            tokens: list[str] = []
+            first = len(tokens)
             self._expand(symbol, ctx, tokens, 0)
-            sentences.append(_render(tokens))
-        return CaptionText(" ".join(sentences), tuple(sorted(stated)))
+            if len(tokens) > first:
+                tokens[first] = tokens[first][:1].upper() + tokens[first][1:]
+        return CaptionText(_render(tokens), tuple(sorted(stated)))
 
     def _expand(self, symbol: str, ctx: "_Context", out: list[str], depth: int) -> None:
         if depth > MAX_DEPTH:
@@ -214,26 +215,41 @@ class CaptionGrammar:
                               f"(a recursive rule?) at {symbol}")
         kind, arg = self._kinds[symbol]
         if kind == _OPT:
-            if arg in ctx.kept:
-                self._expand(f"ATTR_{arg}", ctx, out, depth + 1)
-            elif arg in ctx.stated:
-                self._expand(f"NEG_{arg}", ctx, out, depth + 1)
+            target = self._opt_target(arg, ctx)
+            if target:
+                self._expand(target, ctx, out, depth + 1)
             return
         if kind == _LIST:
             out.append(self._list(arg, ctx, depth))
             return
         if kind == _GENDERED:
             symbol = arg + ctx.gender
-        leaves = self._leaves
-        for item in self._compiled[symbol].pick(ctx.rng):
-            if type(item) is _NT:
-                leaf = leaves.get(item)
-                if leaf is not None:
-                    out.append(leaf.pick(ctx.rng))
-                else:
-                    self._expand(item, ctx, out, depth + 1)
-            else:
+        leaves, kinds, rng = self._leaves, self._kinds, ctx.rng
+        for item in self._compiled[symbol].pick(rng):
+            if type(item) is not _NT:
                 out.append(item)
+                continue
+            leaf = leaves.get(item)
+            if leaf is None:
+                # OPT_x and X_G usually end in a leaf: resolve them here, without a call.
+                kind, arg = kinds[item]
+                target = self._opt_target(arg, ctx) if kind == _OPT else arg + ctx.gender if kind == _GENDERED \
+                    else item
+                if not target:
+                    continue
+                leaf = leaves.get(target)
+                if leaf is None:
+                    self._expand(target, ctx, out, depth + 1)
+                    continue
+            out.append(leaf.pick(rng))
+
+    @staticmethod
+    def _opt_target(name: str, ctx: "_Context") -> str | None:
+        if name in ctx.kept:
+            return "ATTR_" + name
+        if name in ctx.stated:
+            return "NEG_" + name
+        return None
 
     def _list(self, group: str, ctx: "_Context", depth: int) -> str:
         """A group's kept attributes, then its stated negatives after "but", each part shuffled."""
@@ -292,8 +308,7 @@ def _join_list(phrases: list[str]) -> str:
 def _render(tokens: list[str]) -> str:
     text = " ".join(t for t in tokens if t)
     text = text.replace(" ,", ",").replace(" .", ".")
-    text = _ARTICLE.sub(lambda m: m.group(1) + "n ", text)
-    return text[:1].upper() + text[1:]
+    return _ARTICLE.sub(r"\1n ", text)
 
 
 def caption_seed(sample_id: str, grammar_version: str, run_seed: int = 0) -> int:
