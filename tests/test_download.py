@@ -147,8 +147,13 @@ def test_every_url_ends_in_the_shard_or_in_rejects_with_its_status(tmp_path, ser
 
     # Retries on transient failures only: everything else was asked exactly once.
     asked = {p: server.count(p) - before[p] for p in paths}
+    details = {paths[int(r["source_offset"])]: r["detail"] for r in rejects.to_pylist()}
     for p in paths:
-        assert asked[p] == TRANSIENT.get(p, 1), p
+        if p.startswith("/slow/"):  # a timed-out request may reach the busy server after the client gave up
+            assert asked[p] <= TRANSIENT[p] and details[p].endswith(f"({TRANSIENT[p]} attempts)")
+        else:
+            assert asked[p] == TRANSIENT.get(p, 1), p
+    assert details["/status/503"].endswith("(3 attempts)") and "attempts" not in details["/status/404"]
     # The blocked targets were refused after resolution, before any connection.
     assert connections and set(connections) == {"127.0.0.1"}
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ssl
 import urllib.parse
 import warnings
 from collections import deque
@@ -48,9 +49,16 @@ OK = "ok"
 # Retried at once with backoff. DNS failures are not (NXDOMAIN rarely heals in
 # seconds) but, like these, are retried by a later `--retry-failed` run.
 RETRY_NOW = {Reason.TIMEOUT, Reason.CONNECT_ERROR, "http_429"}
+INLINE_DECODE_PIXELS = 512 * 512  # decoded on the event loop; larger images in a thread
 PROBE_AT = 64 * 1024  # bytes after which the image header is probed (pixel bombs stop here)
 _REDIRECTS = {301, 302, 303, 307, 308}
 _BINARY_TYPES = {"application/octet-stream", "binary/octet-stream", "application/binary", ""}
+
+
+def _tls_context() -> ssl.SSLContext:
+    import certifi
+
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 def retry_now(status: str) -> bool:
@@ -104,16 +112,23 @@ class Downloader:
     def __post_init__(self) -> None:
         self.networks = netguard.allow_networks(
             list(self.settings.allow_addresses) + list(self.extra_allow), "download.allow_addresses")
+        self._resolved: dict[tuple[str, int], list[str] | netguard.GuardError] = {}
 
     # -- the synchronous face: used by ingest ---------------------------------
     def iter_fetch(self, urls: Iterable[str]) -> Iterator[Fetched]:
         """Fetch every URL, many at a time; yield results in input order."""
         loop = asyncio.new_event_loop()
         pending: deque[asyncio.Task] = deque()
-        client = None
+        clients: list[httpx.AsyncClient] = []
         try:
-            client = self._client()
-            semaphore = asyncio.Semaphore(self.settings.connections)
+            # One single-connection client per request slot, handed out through a queue: httpcore's shared
+            # pool rescans every connection on each request, which cost more CPU than the downloads at
+            # 32+ connections (bench/bench_download.py); a slot keeps its keep-alive connection.
+            tls = _tls_context()  # one for all slots: loading the CA bundle per client costs ~20 ms each
+            clients = [self._client(tls) for _ in range(self.settings.connections)]
+            slots: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
+            for client in clients:
+                slots.put_nowait(client)
             window = max(4 * self.settings.connections, 16)
             source = iter(urls)
             exhausted = False
@@ -123,7 +138,7 @@ class Downloader:
                     if url is None:
                         exhausted = True
                         break
-                    pending.append(loop.create_task(self.fetch(client, url, semaphore)))
+                    pending.append(loop.create_task(self.fetch(slots, url)))
                 if not pending:
                     break
                 head = pending[0]
@@ -136,35 +151,42 @@ class Downloader:
                 task.cancel()
             if pending:
                 loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            if client is not None:
+            for client in clients:
                 loop.run_until_complete(client.aclose())
             loop.run_until_complete(loop.shutdown_default_executor())
             loop.close()
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self, tls: ssl.SSLContext) -> httpx.AsyncClient:
         s = self.settings
         return httpx.AsyncClient(
+            verify=tls,
             follow_redirects=False,  # every hop is checked by us (netguard)
             timeout=httpx.Timeout(s.timeout_s),
-            limits=httpx.Limits(max_connections=s.connections, max_keepalive_connections=s.connections),
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
             trust_env=False,  # a proxy from the environment would bypass the address check
             headers={"User-Agent": s.user_agent, "Accept": "image/*,*/*;q=0.5"},
         )
 
     # -- one URL ----------------------------------------------------------------
-    async def fetch(self, client: httpx.AsyncClient, url: str, semaphore: asyncio.Semaphore) -> Fetched:
+    async def fetch(self, slots: "asyncio.Queue[httpx.AsyncClient]", url: str) -> Fetched:
         """Fetch one URL, retrying transient failures with exponential backoff."""
         attempts = self.settings.retries + 1
         for attempt in range(attempts):
-            async with semaphore:
+            client = await slots.get()
+            try:
                 result = await self._attempt(client, url)
+            finally:
+                slots.put_nowait(client)
             result.attempts = attempt + 1
             if result.ok or not retry_now(result.status) or attempt + 1 == attempts:
                 break
             await asyncio.sleep(self.settings.backoff_s * 2 ** attempt)
         if result.ok and (self.settings.decode_check or self.settings.resize_max_side):
-            # Decoding is CPU work: a thread, so the event loop keeps downloading.
-            await asyncio.to_thread(self._decode, result)
+            if (result.width or 0) * (result.height or 0) <= INLINE_DECODE_PIXELS:
+                self._decode(result)  # under a millisecond: cheaper than a thread hop on a busy machine
+            else:
+                # Large images: a thread, so the event loop keeps downloading meanwhile.
+                await asyncio.to_thread(self._decode, result)
         return result
 
     async def _attempt(self, client: httpx.AsyncClient, url: str) -> Fetched:
@@ -190,12 +212,31 @@ class Downloader:
             # Reset connections, protocol errors mid-body: the network, not the URL.
             return Fetched(url, Reason.CONNECT_ERROR, detail=f"{type(exc).__name__}: {exc}"[:500], final_url=current)
 
-    async def _hop(self, client: httpx.AsyncClient, url: str, current: str) -> Fetched | str:
-        """One request. Returns the result, or the next URL of a redirect."""
+    async def _addresses(self, url: str) -> list[str]:
+        """Checked addresses of url's host, resolved once per host and Downloader (one shard).
+
+        LAION shards hit the same hosts many times; one lookup each also keeps
+        every request to a host on the addresses that were checked.
+        """
         try:
-            addresses = await netguard.checked_addresses_async(current, self.networks, "download.allow_addresses")
+            target = netguard.parse_target(url)
         except netguard.GuardError as exc:
             raise _Stop(exc.reason, str(exc)) from None
+        key = (target.host, target.port)
+        if key not in self._resolved:
+            try:
+                self._resolved[key] = await netguard.checked_addresses_async(url, self.networks,
+                                                                             "download.allow_addresses")
+            except netguard.GuardError as exc:
+                self._resolved[key] = exc
+        found = self._resolved[key]
+        if isinstance(found, netguard.GuardError):
+            raise _Stop(found.reason, str(found))
+        return found
+
+    async def _hop(self, client: httpx.AsyncClient, url: str, current: str) -> Fetched | str:
+        """One request. Returns the result, or the next URL of a redirect."""
+        addresses = await self._addresses(current)
         response, last_error = None, None
         for address in addresses:
             try:

@@ -190,7 +190,8 @@ class _UrlShard:
                 self.counters.extra["downloaded_bytes"] += len(fetched.data)
                 self.batch.add(offset, fetched.data, caption, meta)
             else:
-                self.batch.reject(offset, fetched.status, f"{url}: {fetched.detail}"[:500])
+                tries = f" ({fetched.attempts} attempts)" if fetched.attempts > 1 else ""
+                self.batch.reject(offset, fetched.status, f"{url}: {fetched.detail}{tries}"[:500])
             if fetched.attempts > 1:
                 self.counters.extra["retried_urls"] += 1
             if self.batch.ready():
