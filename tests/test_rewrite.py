@@ -281,3 +281,37 @@ def test_run_caption_with_an_endpoint_and_the_plan(tmp_path):
 
 def test_every_attribute_name_is_known_to_the_lexicon(lexicon):
     assert {name for name, _, _ in lexicon.patterns} == set(ATTRIBUTES)
+
+
+def _write_cache_entries(args) -> int:
+    cache_dir, worker = args
+    client = LLMClient(LLMSettings(endpoint="http://127.0.0.1:9/v1"), cache_dir)
+    for round_ in range(30):
+        for i in range(10):
+            client._cache_put(client.cache_key(conversation(f"text {i}")), f"reply {i} " + "x" * 2000)
+    return worker
+
+
+def test_cache_is_safe_with_several_processes_writing_the_same_keys(tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2) as pool:
+        assert sorted(pool.map(_write_cache_entries, [(tmp_path, 0), (tmp_path, 1)])) == [0, 1]
+    client = LLMClient(LLMSettings(endpoint="http://127.0.0.1:9/v1"), tmp_path)
+    results = client.chat_many([conversation(f"text {i}") for i in range(10)])
+    assert all(r.cached for r in results) and client.stats.requests == 0
+    assert [r.text.split(" x")[0] for r in results] == [f"reply {i}" for i in range(10)]
+    assert not [p for p in tmp_path.rglob(".tmp-*")]
+
+
+def test_caption_preview_rewrites_and_checks_with_an_endpoint(capsys, tmp_path):
+    from facecap.cli import main
+
+    with FakeVLLM(always("hallucinating")) as server:
+        code = main(["caption-preview", "--attributes", "Male,Smiling,Black_Hair", "-n", "2",
+                     "--set", f"llm.endpoint={server.url}", "--set", f"llm.model={MODEL}",
+                     "--set", f"llm.cache_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert code == 0 and server.requests == 2
+    assert out.count("raw: ") == 2 and out.count("check:   hallucination: Goatee, Wearing_Hat") == 2
+    assert "0 of 2 rewrites passed" in out
