@@ -1,0 +1,61 @@
+"""The validate stage of the real curate flow (real Prefect API, real Dask, real detections on real photos)."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import pytest
+from helpers import offline_config, run_curate
+
+from facecap.quality.validate import ReleaseBlocked, validate_release
+
+
+def test_a_failing_release_stays_in_staging_and_allow_failures_publishes_it(prefect_api_url, example_dir, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    # The tar repeats two of the folder's photos byte for byte: with the default
+    # max_duplicate_image_rate (0.05) their identical crops are a real defect.
+    sources = [example_dir / "folder", example_dir / "webdataset" / "*.tar"]
+    out = tmp_path / "out"
+    cfg = offline_config(ingest={"shard_size": 8}, execution={"n_workers": 2}, quality={})
+    with pytest.raises(ReleaseBlocked, match="duplicate_image_rate") as blocked:
+        run_curate(sources, out, cfg)
+    assert not (out / "release").exists(), "a release that fails its checks must not be published"
+    (staged,) = (out / "staging").iterdir()
+    assert str(staged) in str(blocked.value)
+    report = (staged / "report" / "index.html").read_text()
+    assert "NOT PUBLISHED" in report and "duplicate_image_rate" in report
+    info = json.loads((staged / "release.json").read_text())
+    assert info["published"] is False and info["validation"]["failed"] == ["duplicate_image_rate"]
+    con = duckdb.connect(str(out / "manifest.duckdb"), read_only=True)
+    status, message = con.execute("SELECT status, message FROM runs WHERE run_id = ?", [staged.name]).fetchone()
+    con.close()
+    assert status == "blocked" and "duplicate_image_rate" in message
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(staged.name)
+    assert run.state.is_failed()
+
+    # Rerun (every shard cached) with the explicit override.
+    from facecap.flows.curate import curate, task_runner_for
+
+    result = curate.with_options(task_runner=task_runner_for(cfg))(
+        sources=[str(s) for s in sources], out=str(out), config=cfg.model_dump(mode="json"), allow_failures=True)
+    release = out / "release"
+    info = json.loads((release / "release.json").read_text())
+    assert info["published"] is True and result["validation"]["allow_failures"] is True
+    assert info["validation"]["failed"] == ["duplicate_image_rate"] and "override" in info["validation"]
+    assert info["stages"]["validate"]["override"] == "allow_failures"
+    assert (release / "README.md").exists() and (release / "report" / "index.html").exists()
+    assert sorted(p.name.split("-")[0] for p in (release / "data").glob("*.parquet"))[0] in ("test", "train")
+
+    # Real detections pass every geometric check (bbox in image, landmarks in bbox, decode, funnel).
+    verdict = validate_release(str(release), overrides=["quality.max_duplicate_image_rate=0.5"], log=lambda _: None)
+    assert verdict["passed"], verdict["failed"]
+    checks = {c["name"]: c for c in verdict["checks"]}
+    for name in ("bbox_inside_source", "landmarks_inside_bbox", "image_bytes_decode", "rows_match_funnel",
+                 "crop_at_least_min_px", "det_score_at_least_threshold"):
+        assert checks[name]["status"] == "passed", name
+    assert checks["min_kept_attributes"]["status"] == "not applicable"  # annotate is off in this profile
+    assert "stage annotate off" in checks["min_kept_attributes"]["why"]
