@@ -75,6 +75,13 @@ def prefect_server(tmp_path_factory):
             proc.kill()
 
 
+# The recurate schedule is registered but never fires here (the server runs without its scheduler).
+SERVE_SETTINGS = ["ingest.shard_size=8", "execution.n_workers=1", "train.model_size=tiny", "train.steps=1",
+                  "deploy.sources=[/nonexistent/sources]", "deploy.out=/nonexistent/out",
+                  "deploy.recurate_cron=15 4 * * 2"]
+SERVE_SETTINGS_ARGS = [a for setting in SERVE_SETTINGS for a in ("--set", setting)]
+
+
 @pytest.fixture(scope="module")
 def served(prefect_server, tmp_path_factory):
     """`facecap serve` against the server: registers the deployments and executes their runs."""
@@ -84,8 +91,7 @@ def served(prefect_server, tmp_path_factory):
     log_path = home / "serve.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "facecap", "serve", "--profile", "offline", "--set", "ingest.shard_size=8",
-         "--set", "execution.n_workers=1", "--set", "train.model_size=tiny", "--set", "train.steps=1"],
+        [sys.executable, "-m", "facecap", "serve", "--profile", "offline", *SERVE_SETTINGS_ARGS],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(home))
     client = httpx.Client(base_url=prefect_server, timeout=30)
 
@@ -93,7 +99,7 @@ def served(prefect_server, tmp_path_factory):
         assert proc.poll() is None, log_path.read_text()[-3000:]
         found = client.post("/deployments/filter", json={}).json()
         names = {f"{d['name']}": d for d in found}
-        return names if {"curate", "train", "validate", "eval"} <= set(names) else None
+        return names if {"curate", "recurate", "train", "validate", "eval"} <= set(names) else None
 
     try:
         yield client, wait_for(deployments, 120, "facecap serve to register its deployments"), log_path
@@ -134,8 +140,7 @@ def test_deployment_run_shows_state_artifacts_and_triggers_training(served, exam
     failed = run_deployment(client, curate, {"sources": [str(example_dir / "folder")], "out": "relative/out"},
                             240, log)
     assert failed["state"]["type"] == "FAILED"
-    failed_logs = client.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [failed["id"]]}}}).json()
-    assert any("must be an absolute path" in entry["message"] for entry in failed_logs)
+    assert "must be an absolute path" in failed["state"]["message"], failed["state"]
 
     out = tmp_path / "out"
     run = run_deployment(client, curate, {"sources": [str(example_dir / "folder"), str(example_dir / "parquet")],
@@ -158,13 +163,31 @@ def test_deployment_run_shows_state_artifacts_and_triggers_training(served, exam
     assert funnel["ingest"]["already done (skipped)"] == 0
     assert str(out / "release") in by_key["curate-quality"]["data"]
 
+    # Task runs are named by stage and shard, and carry no tags (each tag costs a concurrency-slot lookup).
+    # (the inner curate flow run has the deployment run's name, so this finds its task runs)
+    tasks = client.post("/task_runs/filter", json={"flow_runs": {"name": {"any_": [run["name"]]}}}).json()
+    stage_tasks = [t for t in tasks if t["name"].split(" ")[0] in ("ingest", "detect")]
+    assert stage_tasks and all(t["state"]["type"] == "COMPLETED" and not t["tags"] for t in stage_tasks)
+    assert {t["name"].split(" ")[0] for t in stage_tasks} == {"ingest", "detect"}
+
     # Its completion triggered the train deployment on the new release.
     triggered = wait_for(lambda: train_runs(client, train), 120, "the train run triggered by the curate run")
     assert len(triggered) == 1, "only the completed curate run may trigger training"
     assert triggered[0]["parameters"]["release_dir"] == str(out / "release")
     assert triggered[0]["parameters"]["out"] == str(out / "train")
-    assert triggered[0]["parameters"]["settings"] == ["ingest.shard_size=8", "execution.n_workers=1",
-                                                      "train.model_size=tiny", "train.steps=1"]
+    assert triggered[0]["parameters"]["settings"] == SERVE_SETTINGS
+
+
+def test_served_deployments_carry_schedule_parameters_and_tags(served):
+    _, deployments, _ = served
+    recurate = deployments["recurate"]
+    assert [s["schedule"]["cron"] for s in recurate["schedules"]] == ["15 4 * * 2"]
+    assert recurate["parameters"]["sources"] == ["/nonexistent/sources"]
+    assert recurate["parameters"]["out"] == "/nonexistent/out"
+    assert deployments["curate"]["schedules"] == [] and "scheduled" in recurate["tags"]
+    schema = deployments["curate"]["parameter_openapi_schema"]
+    assert {"sources", "out", "config_file", "settings", "config", "llm_endpoint", "dask_address"} <= \
+        set(schema["properties"]) and set(schema["required"]) == {"sources", "out"}
 
 
 def _table(data):
