@@ -141,6 +141,28 @@ def test_train_text_filter_separates_face_captions_and_stores_no_pickle(trained_
     assert scores[:3].min() > scores[3:].max()
 
 
+def test_a_bert_style_sequence_classifier_loads_from_a_local_directory(tmp_path, matcher):
+    """A tiny randomly initialised BERT (2 layers, hidden 32): checks the loading code, not its scores."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from facecap.text.text_filter import SequenceClassifier, resolve_encoder
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_encoder(None))  # BERT-uncased WordPiece
+    for name, labels in (("face-last", {0: "other", 1: "face"}), ("face-first", {0: "face", 1: "other"})):
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64, num_labels=2, id2label=labels,
+                            label2id={v: k for k, v in labels.items()})
+        BertForSequenceClassification(config).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        settings = TextSettings(classifier=str(tmp_path / name))
+        classifier = load_text_filter(settings, matcher)
+        assert isinstance(classifier, SequenceClassifier)
+        assert classifier.positive == (1 if name == "face-last" else 0)
+        assert classifier.identity == planned_identity(settings, matcher) and "seqcls:" in classifier.identity
+        scores = classifier.score(["a smiling woman", "a red sofa", "x " * 400])  # long text is truncated
+        assert scores.shape == (3,) and np.all((scores > 0) & (scores < 1))
+
+
 def test_classifier_settings_fail_clearly(tmp_path, matcher):
     assert isinstance(load_text_filter(TextSettings(), matcher), KeywordFilter)
     (tmp_path / "empty").mkdir()
