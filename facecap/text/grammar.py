@@ -46,7 +46,6 @@ _KNOWN = frozenset(ATTRIBUTES)
 MAX_DEPTH = 40  # guards against a recursive rule in an edited grammar
 
 _VERSION_LINE = re.compile(r"^#\s*grammar_version:\s*(\S+)", re.MULTILINE)
-_ARTICLE = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])")
 
 
 def default_grammar_path() -> Path:
@@ -121,6 +120,7 @@ class CaptionGrammar:
             cumulative[-1] = 2.0  # rounding: a draw just below 1 still lands on the last rule
             self.table[lhs.symbol()] = _Choice(rhs, tuple(cumulative))
         self.negatable = frozenset(a for a in ATTRIBUTES if f"NEG_{a}" in self.table)
+        self._stateable = self.negatable - {"Male"}  # Male's absence is said by the nouns, not a NEG phrase
         self._check()
         symbols = set(self.table) | {s for c in self.table.values() for rhs in c.rhs for s in rhs if type(s) is _NT}
         self._kinds = {s: _kind(s) for s in symbols}
@@ -189,16 +189,21 @@ class CaptionGrammar:
         """
         kept = frozenset(attributes)
         absent_set = frozenset(absent) - kept
-        unknown = (kept | absent_set) - _KNOWN
-        if unknown:
-            raise ValueError(f"not CelebA attribute names: {', '.join(sorted(unknown))}")
+        if not (kept <= _KNOWN and absent_set <= _KNOWN):
+            raise ValueError(f"not CelebA attribute names: {', '.join(sorted((kept | absent_set) - _KNOWN))}")
         rng = random.Random(seed)
-        candidates = sorted(a for a in absent_set if a in self.negatable and a != "Male")
-        stated = tuple(sorted(rng.sample(candidates, min(negatives, len(candidates))))) if negatives else ()
-        gender = "_MALE" if "Male" in kept else "_FEMALE" if "Male" in absent_set else "_PERSON"
-        said = kept | frozenset(stated) | (frozenset(["Male"]) if "Male" in absent_set else frozenset())
-        ctx = _Context(rng, kept, frozenset(stated), gender, said)
-        groups = {GROUP_OF[a] for a in said}
+        stated: tuple[str, ...] = ()
+        if negatives:
+            candidates = sorted(absent_set & self._stateable)
+            if candidates:
+                stated = tuple(sorted(rng.sample(candidates, min(negatives, len(candidates)))))
+        female = "Male" in absent_set
+        gender = "_MALE" if "Male" in kept else "_FEMALE" if female else "_PERSON"
+        ctx = _Context(rng, kept, frozenset(stated), gender)
+        groups = {GROUP_OF[a] for a in kept}
+        groups.update(GROUP_OF[a] for a in stated)
+        if female:
+            groups.add(GROUP_OF["Male"])
         tokens: list[str] = []
         for symbol in self.table[START].pick(rng):
             if symbol not in groups:
@@ -207,7 +212,7 @@ class CaptionGrammar:
             self._expand(symbol, ctx, tokens, 0)
             if len(tokens) > first:
                 tokens[first] = tokens[first][:1].upper() + tokens[first][1:]
-        return CaptionText(_render(tokens), tuple(sorted(stated)))
+        return CaptionText(_render(tokens), stated)
 
     def _expand(self, symbol: str, ctx: "_Context", out: list[str], depth: int) -> None:
         if depth > MAX_DEPTH:
@@ -286,7 +291,6 @@ class _Context:
     kept: frozenset
     stated: frozenset
     gender: str
-    said: frozenset
 
 
 def _join_terminals(rhs: tuple) -> tuple:
@@ -308,7 +312,10 @@ def _join_list(phrases: list[str]) -> str:
 def _render(tokens: list[str]) -> str:
     text = " ".join(t for t in tokens if t)
     text = text.replace(" ,", ",").replace(" .", ".")
-    return _ARTICLE.sub(r"\1n ", text)
+    # "a" before a vowel reads "an" (terminals are lower case; "A" only starts a sentence).
+    for vowel in "aeiou":
+        text = text.replace(f" a {vowel}", f" an {vowel}").replace(f"A {vowel}", f"An {vowel}")
+    return text
 
 
 def caption_seed(sample_id: str, grammar_version: str, run_seed: int = 0) -> int:
