@@ -49,7 +49,9 @@ def bench_grammar(n: int) -> dict:
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     return {"captions": n, "seconds": round(wall, 3), "captions_per_s": round(n / wall),
             "captions_per_cpu_s": round(n / cpu), "mean_words": round(words / n, 1),
-            "ratio_to_target": round(n / wall / 20000, 2)}
+            # Per core = per CPU-second of this one-threaded process; on a busy machine
+            # wall-clock captions/s measures the share of a core it got, not the core.
+            "ratio_to_target": round(n / cpu / 20000, 2), "wall_ratio_to_target": round(n / wall / 20000, 2)}
 
 
 def bench_rewrite(n: int, concurrency: int, latency: float) -> dict:
@@ -96,9 +98,9 @@ def main() -> None:
     if load > 0.5 * (os.cpu_count() or 1):
         print(f"warning: load average {load:.1f} before the run; figures will be low", file=sys.stderr)
     g = bench_grammar(args.captions)
-    print(f"PCFG: {g['captions']:,} captions in {g['seconds']} s on one core = {g['captions_per_s']:,}/s "
-          f"({g['captions_per_cpu_s']:,} per CPU-second; mean {g['mean_words']} words); "
-          f"target 20,000/s: ratio {g['ratio_to_target']}")
+    print(f"PCFG: {g['captions']:,} captions, one thread: {g['captions_per_cpu_s']:,} per CPU-second (per core), "
+          f"{g['captions_per_s']:,}/s wall-clock; mean {g['mean_words']} words; target 20,000/s per core: "
+          f"ratio {g['ratio_to_target']} (wall-clock {g['wall_ratio_to_target']})")
     r = bench_rewrite(args.requests, args.concurrency, args.latency)
     print(f"rewrite client: {r['requests']} requests, concurrency {r['concurrency']}, {r['latency_s']} s latency: "
           f"{r['achieved_rps']} req/s achieved vs {r['ideal_rps']} ideal = {r['achieved_over_ideal']} "
