@@ -239,6 +239,7 @@ class TrainSettings(_Section):
     patch_size: int | None = Field(None, ge=2, description="ViT patch side. Unset: 16 (base), 8 (tiny).")
     max_text_tokens: int = Field(65, ge=8, description="Caption length in WordPiece tokens incl. [CLS]/[SEP].")
     embed_dim: int = Field(256, ge=8, description="Width of the shared image-text embedding space.")
+    dropout: float | None = Field(None, ge=0, lt=1, description="BERT dropout. Unset: 0.1 (base), 0 (tiny).")
     queue_size: int = Field(61_440, ge=0, description="Momentum feature queue length (paper: 61,440); 0: no queue.")
     momentum: float = Field(0.995, ge=0, lt=1, description="EMA factor of the momentum encoders.")
     distill_alpha: float = Field(
@@ -257,6 +258,9 @@ class TrainSettings(_Section):
     seed: int = Field(0, description="Seeds model init, data order, augmentation and sampling.")
     augment: bool = Field(True, description="Random resized crop (scale 0.5-1) and horizontal flip on train images.")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding and tokenising.")
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads of the training process (unset: torch's default). On a shared "
+                                "or small CPU, 1 avoids oversubscription with the loader workers.")
     checkpoint_every: int = Field(1000, ge=1, description="Write a resumable checkpoint every this many steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -295,6 +299,18 @@ class DownloadSettings(_Section):
     retry_failed: bool = Field(
         False, description="Re-download the transient failures (timeout, 5xx, dns, connect) of URL shards that "
                            "are already done and merge them in (`--retry-failed`); other shards stay as they are.")
+
+    @field_validator("allow_addresses")
+    @classmethod
+    def _cidr_ranges(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{net!r} is not a CIDR range such as 127.0.0.1/32 ({exc})") from exc
+        return value
 
 
 class TextSettings(_Section):

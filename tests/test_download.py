@@ -261,8 +261,11 @@ def test_csv_and_jsonl_url_lists_and_img2dataset_output(tmp_path, server):
     (tmp_path / "list.csv").write_text("url,caption,similarity\n"
                                        f"{server.url('/img/gen0.png')},\"a face, smiling\",0.31\n"
                                        f"{server.url('/status/404')},gone,0.2\n")
-    (tmp_path / "list.jsonl").write_text(json.dumps({"URL": server.url("/img/gen1.png"), "TEXT": "eyes"}) + "\n"
-                                         + json.dumps({"URL": None, "TEXT": "no url"}) + "\n")
+    odd = ["http://[::1/x.jpg", "http://127.0.0.1:99999/x.jpg", "ftp://example.com/x.jpg",
+           "http://[::ffff:10.0.0.1]/x.jpg"]  # broken, bad port, not http, a private IPv4 inside IPv6
+    (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        [{"URL": server.url("/img/gen1.png"), "TEXT": "eyes"}, {"URL": None, "TEXT": "no url"}]
+        + [{"URL": u, "TEXT": "odd"} for u in odd])) + "\n")
     # img2dataset's layout: the parquet lists what the tar next to it already holds.
     (tmp_path / "00000.tar").write_bytes(b"")
     pq.write_table(pa.table({"url": ["http://x/1.jpg"], "caption": ["c"], "key": ["000000000"],
@@ -279,4 +282,5 @@ def test_csv_and_jsonl_url_lists_and_img2dataset_output(tmp_path, server):
     assert rejects.column("reason").to_pylist() == ["http_404"]
     kept, rejects = shard_tables(jsonl_stats)
     assert kept.column("source_caption").to_pylist() == ["eyes"]
-    assert rejects.column("reason").to_pylist() == ["invalid_url"]
+    assert rejects.column("reason").to_pylist() == ["invalid_url"] * 4 + ["blocked_address"]
+    assert "non-public" in rejects.column("detail")[4].as_py()

@@ -211,6 +211,11 @@ class Downloader:
         except httpx.HTTPError as exc:
             # Reset connections, protocol errors mid-body: the network, not the URL.
             return Fetched(url, Reason.CONNECT_ERROR, detail=f"{type(exc).__name__}: {exc}"[:500], final_url=current)
+        except (httpx.InvalidURL, UnicodeError, ValueError) as exc:  # URLs httpx cannot even express
+            return Fetched(url, Reason.INVALID_URL, detail=f"{type(exc).__name__}: {exc}"[:500], final_url=current)
+        except Exception as exc:  # one odd URL or server must not fail the shard; the detail says what happened
+            return Fetched(url, Reason.CONNECT_ERROR, detail=f"unexpected {type(exc).__name__}: {exc}"[:500],
+                           final_url=current)
 
     async def _addresses(self, url: str) -> list[str]:
         """Checked addresses of url's host, resolved once per host and Downloader (one shard).
