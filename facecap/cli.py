@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-failures", action="store_true",
                    help="publish the release even if its quality checks fail (recorded in release.json); "
                         "without it a failing release stays in OUT/staging/<run id> and the exit status is 1")
+    c.add_argument("--then-train", action="store_true",
+                   help="after a successful curate, train FLIP on the new release (the train-flip flow; train.* "
+                        "settings apply) into --train-out")
+    c.add_argument("--train-out", metavar="DIR", help="FLIP output directory for --then-train (default OUT/flip)")
 
     e = sub.add_parser("example-data", help="write example sources (real photos from PyPI wheels + generated images)",
                        description="Write example sources under DIR: a folder with sidecar captions, a WebDataset "
@@ -158,6 +162,11 @@ def _curate(args: argparse.Namespace) -> int:
         if checks.get("allow_failures"):
             print(f"facecap: published with --allow-failures although {', '.join(checks['failed'])} failed "
                   "(recorded in release.json)", file=sys.stderr)
+    if args.then_train:
+        from facecap.commands.train import run_train_flow
+
+        print(f"\nTraining FLIP on {result['release']} (--then-train)", flush=True)
+        return run_train_flow(result["release"], args.train_out or os.path.join(args.out, "flip"), cfg)
     return 0
 
 

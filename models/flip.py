@@ -75,10 +75,14 @@ def load_tokenizer(ref: str | None):
         ) from exc
 
 
-# Architecture presets. `base` is the paper's ViT-B/16 + BERT-base.
+# Architecture presets. `base` is the paper's ViT-B/16 + BERT-base (BERT's usual 0.1 dropout). `tiny` has no
+# dropout: in a 32-wide random-init BERT the caption's words barely move the [CLS] state, and dropout noise
+# would drown that signal.
 SIZES: dict[str, dict[str, Any]] = {
-    "base": {"hidden": 768, "layers": 12, "heads": 12, "intermediate": 3072, "image_size": 224, "patch_size": 16},
-    "tiny": {"hidden": 32, "layers": 2, "heads": 2, "intermediate": 64, "image_size": 32, "patch_size": 8},
+    "base": {"hidden": 768, "layers": 12, "heads": 12, "intermediate": 3072, "image_size": 224, "patch_size": 16,
+             "dropout": 0.1},
+    "tiny": {"hidden": 32, "layers": 2, "heads": 2, "intermediate": 64, "image_size": 32, "patch_size": 8,
+             "dropout": 0.0},
 }
 
 
@@ -110,11 +114,13 @@ class FlipConfig:
         size = SIZES[train.model_size]
         image_size = train.image_size or size["image_size"]
         patch_size = train.patch_size or size["patch_size"]
+        dropout = size["dropout"] if train.dropout is None else train.dropout
         common = {"hidden_size": size["hidden"], "num_hidden_layers": size["layers"],
                   "num_attention_heads": size["heads"], "intermediate_size": size["intermediate"]}
         return cls(
             vision={**common, "image_size": image_size, "patch_size": patch_size, "num_channels": 3},
-            text={**common, "vocab_size": vocab_size, "max_position_embeddings": max(512, train.max_text_tokens)},
+            text={**common, "vocab_size": vocab_size, "max_position_embeddings": max(512, train.max_text_tokens),
+                  "hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout},
             embed_dim=train.embed_dim, max_text_tokens=train.max_text_tokens, queue_size=train.queue_size,
             momentum=train.momentum, distill_alpha=train.distill_alpha, temperature=train.temperature,
             model_size=train.model_size, vision_init=train.vision_init, text_init=train.text_init,

@@ -138,6 +138,8 @@ def train(release_dir: str, out: str, cfg: Config, log: Callable[[str], None] = 
           on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train (or resume training) FLIP on RELEASE's train split; write OUT/model and OUT/train_result.json."""
     settings = cfg.train
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     dist = setup_distributed(settings.device)
     release_dir = os.path.abspath(release_dir)
     release_hash = release_fingerprint(release_dir)
@@ -269,7 +271,7 @@ def train(release_dir: str, out: str, cfg: Config, log: Callable[[str], None] = 
                 scheduler.step()
                 step += 1
                 record = {"step": step, "epoch": position.epoch, **{k: round(v, 6) for k, v in acc.items()},
-                          "lr": scheduler.get_last_lr()[0], "temp": float(_unwrap(model).temp)}
+                          "lr": scheduler.get_last_lr()[0], "temp": float(_unwrap(model).temp.detach())}
                 acc = {k: 0.0 for k in acc}
                 first_loss = record["loss"] if first_loss is None else first_loss
                 last_loss = record["loss"]
@@ -331,3 +333,28 @@ def train(release_dir: str, out: str, cfg: Config, log: Callable[[str], None] = 
     if dist.world_size > 1:
         torch.distributed.barrier()
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`torchrun --nproc-per-node N -m facecap.training.flip_train RELEASE_DIR OUT [--config F] [--set k=v]`."""
+    import argparse
+
+    from facecap.config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m facecap.training.flip_train",
+                                     description="Train FLIP on a release (one process per GPU under torchrun).")
+    parser.add_argument("release")
+    parser.add_argument("out")
+    parser.add_argument("--config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    rank = int(os.environ.get("RANK", "0"))
+    train(args.release, args.out, cfg, log=print if rank == 0 else (lambda _: None))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
