@@ -13,6 +13,7 @@ quality gate fails the run, so a failed curate run triggers no training.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -71,6 +72,8 @@ def curate_deployment(
     cfg = _config(config_file, config, settings, profile,
                   **{"llm.endpoint": llm_endpoint, "execution.dask_address": dask_address})
     out = _absolute(out, "out")
+    # The CLI quiets Dask through the environment before importing it; here Dask is already imported.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     from facecap.flows.curate import curate, task_runner_for
 
     get_run_logger().info(f"curate {len(sources)} source(s) -> {out} "

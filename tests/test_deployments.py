@@ -234,3 +234,30 @@ def test_deploy_without_a_server_is_a_clear_error(tmp_path):
     run = subprocess.run([sys.executable, "-m", "facecap", "deploy", "--profile", "offline"], capture_output=True,
                          text=True, env=env, timeout=120)
     assert run.returncode == 2 and "PREFECT_API_URL" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_facecap_deploy_and_prefect_deploy_register_for_a_work_pool(prefect_server, tmp_path):
+    """The cluster path: deployments in work pool `facecap` for `prefect worker start --pool facecap`."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path), "PREFECT_API_URL": prefect_server}
+    registered = subprocess.run(
+        [sys.executable, "-m", "facecap", "deploy", "--config", str(ROOT / "docker" / "facecap.yaml"),
+         "--work-pool", "facecap-test"], capture_output=True, text=True, env=env, timeout=300)
+    assert registered.returncode == 0, registered.stderr
+    client = httpx.Client(base_url=prefect_server, timeout=30)
+    pool = client.get("/work_pools/facecap-test")
+    assert pool.status_code == 200 and pool.json()["type"] == "process"
+    found = {d["name"]: d for d in client.post("/deployments/filter", json={}).json()
+             if d.get("work_pool_name") == "facecap-test"}
+    assert set(found) == {"curate", "recurate", "validate", "train", "eval"}
+    assert found["curate"]["entrypoint"] == deploy.CURATE_ENTRYPOINT.replace(":", ".")  # a module path entrypoint
+    assert found["curate"]["parameters"]["config_file"] == str(ROOT / "docker" / "facecap.yaml")
+
+    # prefect.yaml is valid for the pinned Prefect: `prefect deploy --all` from the project root accepts it.
+    client.post("/work_pools/", json={"name": "facecap", "type": "process"})
+    deployed = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], capture_output=True, text=True, env=env,
+                              cwd=ROOT, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    in_pool = {d["name"] for d in client.post("/deployments/filter", json={}).json()
+               if d.get("work_pool_name") == "facecap"}
+    assert in_pool == {"curate", "recurate", "validate", "train", "eval"}
+    client.close()
