@@ -32,22 +32,25 @@ def attribute_model_dir(tmp_path_factory):
 
 
 def _cfg(model_dir: str, **attributes):
-    return offline_config(ingest={"shard_size": 4}, execution={"n_workers": 2},
+    # Quality suites (their own tests) would judge this random model's labels and captions; not the point here.
+    return offline_config(ingest={"shard_size": 4}, execution={"n_workers": 2}, quality={"enabled": False},
                           attributes={"backend": "classifier", "model": model_dir, **attributes})
 
 
 def test_curate_annotates_faces_and_applies_min_attributes(prefect_api_url, example_dir, tmp_path,
                                                             attribute_model_dir):
     out = tmp_path / "out"
-    # Run 1: every detected face is kept (min_attributes=0), so the release shows every face's probabilities.
-    result = run_curate(sources(example_dir), out, _cfg(attribute_model_dir, keep_threshold=0.5, min_attributes=0))
+    # Run 1: every detected face is kept, with every attribute kept (keep_threshold=0; the caption stage
+    # after annotate drops faces without any), so the release shows every face's probabilities.
+    result = run_curate(sources(example_dir), out, _cfg(attribute_model_dir, keep_threshold=0.0, min_attributes=0))
     data, rejects = read_release(out)
     release = json.loads((out / "release" / "release.json").read_text())
     annotate = release["stages"]["annotate"]
     assert annotate["status"] == "on" and annotate["model"].startswith("classifier:model@sha256:")
     assert {f.name for f in ATTRIBUTE_FIELDS} <= set(data.column_names)
     faces = data.num_rows
-    assert faces == result["records"] > 0
+    funnel = {row["stage"]: row for row in result["funnel"]}
+    assert faces == result["records"] == funnel["detect"]["rows_out"] == funnel["annotate"]["rows_out"] > 0
     assert set(data.column("attribute_model").to_pylist()) == {annotate["model"]}
     assert not rejects.filter(rejects.column("stage").to_numpy(zero_copy_only=False) == "annotate").num_rows
     # The recorded probabilities are the model's on the released crops, and the labels follow from them.
@@ -61,7 +64,7 @@ def test_curate_annotates_faces_and_applies_min_attributes(prefect_api_url, exam
     probs = np.asarray(data.column("attribute_probs").to_pylist(), np.float32)
     np.testing.assert_allclose(probs, model.predict(images), rtol=1e-4, atol=1e-5)
     for row, p in zip(data.select(["attributes", "absent_attributes", "attribute_rules"]).to_pylist(), probs):
-        r = resolve_attributes(p, 0.5, 0.15)
+        r = resolve_attributes(p, 0.0, 0.15)
         assert (row["attributes"], row["absent_attributes"], row["attribute_rules"]) == (r.kept, r.absent, r.rules)
 
     # Run 2, same output: only annotate reruns. A keep threshold where the faces' label counts differ and
