@@ -94,6 +94,21 @@ def test_sampled_production_frequencies_match_probabilities(grammar):
             assert abs(counts[word] / n - p) < 0.035, (word, counts[word] / n, p)
 
 
+def test_sentence_orders_follow_the_start_rule_probabilities(grammar, lexicon):
+    n = 4000
+    kept = ["Young", "Smiling", "Bangs", "Goatee", "Wearing_Hat"]
+    expected = {("Smiling", "Bangs", "Goatee", "Wearing_Hat"): 0.4, ("Bangs", "Smiling", "Goatee", "Wearing_Hat"): 0.3,
+                ("Smiling", "Goatee", "Bangs", "Wearing_Hat"): 0.15, ("Wearing_Hat", "Smiling", "Bangs", "Goatee"): 0.15}
+    orders = Counter()
+    for seed in range(n):
+        text = grammar.caption(kept, [], seed).text
+        sentences = text.split(". ")
+        orders[tuple(next(a for a in kept[1:] if a in lexicon.read(s)[0]) for s in sentences[1:])] += 1
+    assert set(orders) == set(expected)
+    for order, p in expected.items():
+        assert abs(orders[order] / n - p) < 0.04, (order, orders[order] / n, p)
+
+
 def test_groups_are_skipped_when_empty_and_ordered_by_the_grammar(grammar):
     text = grammar.caption(["Smiling"], [], 3).text
     assert text.count(".") == 1 and "hair" not in text and "wear" not in text
@@ -169,3 +184,19 @@ def test_caption_preview_with_a_bad_grammar_file_exits_2(tmp_path, capsys):
     assert main(["caption-preview", "--attributes", "Goatee", "--grammar", str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "sum to 1" in err
+
+
+def test_invalid_lexicon_is_a_clear_error(tmp_path):
+    from facecap.text.faithfulness import default_lexicon_path
+
+    data = json.loads(default_lexicon_path().read_text())
+    data["attributes"]["Smiling"]["expressed"].append("smil(e")
+    del data["attributes"]["Goatee"]
+    path = tmp_path / "lexicon.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as err:
+        load_lexicon(path)
+    assert str(path) in str(err.value) and "Goatee: missing" in str(err.value) and "smil(e" in str(err.value)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_lexicon(path)
