@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 
 from facecap.config import Config
 from facecap.flows.eval_flip import eval_flip
+from facecap.training.flip_data import ReleaseSplit
 from facecap.training.flip_train import train
 
 
@@ -32,6 +33,10 @@ def train_flip(release_dir: str, out: str, config: dict | None = None) -> dict:
     cfg = Config.model_validate(config or {})
     result = train(release_dir, out, cfg, log=logger.info)
     if cfg.train.evaluate and result:
-        result["eval"] = eval_flip(checkpoint=result["model_dir"], release_dir=release_dir,
-                                   out=os.path.join(out, "eval.json"), config=config)
+        test = ReleaseSplit(release_dir, "test", cfg.quality.test_fraction).count()
+        if test.rows == 0:
+            logger.warning(f"not evaluated: the release's test split is empty ({test.split_source})")
+        else:
+            result["eval"] = eval_flip(checkpoint=result["model_dir"], release_dir=release_dir,
+                                       out=os.path.join(out, "eval.json"), config=config)
     return result

@@ -79,6 +79,7 @@ def write_synthetic_release(release_dir: str, train_per_class: int = 8, layout: 
     rng = random.Random(seed)
     train = _rows(classes() * train_per_class, rng, "train")
     test = _rows([(c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLOURS)], rng, "test")
+    counts = {"train": len(train), "test": len(test), "no_text": no_text_rows}
     for row in _rows(classes()[:no_text_rows], rng, "notext"):
         train.append({**row, "caption": "", "source_caption": None})
     rng.shuffle(train)
@@ -102,4 +103,4 @@ def write_synthetic_release(release_dir: str, train_per_class: int = 8, layout: 
     manifest = {"records": len(train) + len(test), "synthetic": True, "layout": layout, "seed": seed}
     with open(os.path.join(release_dir, "release.json"), "w") as fh:
         json.dump(manifest, fh)
-    return {"train": len(train), "test": len(test)}
+    return counts
