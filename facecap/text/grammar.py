@@ -210,8 +210,10 @@ class CaptionGrammar:
                 continue  # an empty group is skipped
             first = len(tokens)
             self._expand(symbol, ctx, tokens, 0)
-            if len(tokens) > first:
-                tokens[first] = tokens[first][:1].upper() + tokens[first][1:]
+            for i in range(first, len(tokens)):  # capitalise the sentence's first word
+                if tokens[i]:
+                    tokens[i] = tokens[i][:1].upper() + tokens[i][1:]
+                    break
         return CaptionText(_render(tokens), stated)
 
     def _expand(self, symbol: str, ctx: "_Context", out: list[str], depth: int) -> None:
