@@ -261,3 +261,26 @@ def test_full_profile_without_hub_access_says_what_to_place_where(tmp_path):
         plan_annotate(Config(profile="full", attributes={"backend": "classifier"}))
     with pytest.raises(WeightsError, match="not a directory"):
         plan_annotate(Config(profile="full", attributes={"model": str(tmp_path / "missing" / "model")}))
+
+
+def test_calibrate_attributes_fits_and_writes_a_zero_shot_calibration(clip_dir, tmp_path, capsys):
+    from attribute_helpers import write_celeba_official
+
+    from facecap.cli import main
+
+    model_dir = tmp_path / "clip"
+    shutil.copytree(clip_dir, model_dir)
+    before = ZeroShotAttributeModel(locate_model(Config(profile="offline", attributes={"model": str(model_dir)})))
+    data, _ = write_celeba_official(tmp_path / "celeba", n=40)
+    assert main(["calibrate-attributes", str(data), "--model", str(model_dir), "--profile", "offline"]) == 0
+    assert "mean AP" in capsys.readouterr().out
+    calibration = json.loads((model_dir / "attribute_calibration.json").read_text())
+    metrics = json.loads((model_dir / "calibration_metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["samples"] == 6
+    after = ZeroShotAttributeModel(locate_model(Config(profile="offline", attributes={"model": str(model_dir)})))
+    assert after.identity != before.identity, "a new calibration must rerun annotate"
+    images = [np.asarray(Image.open(io.BytesIO(b))) for b in face_table(2).column("image").to_pylist()]
+    logits = after.logits(images)
+    np.testing.assert_allclose(logits, before.logits(images), rtol=1e-5)
+    z = logits * np.asarray(calibration["scale"]) + np.asarray(calibration["bias"])
+    np.testing.assert_allclose(after.predict(images), 1 / (1 + np.exp(-z)), rtol=1e-4)

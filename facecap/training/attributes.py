@@ -329,7 +329,7 @@ def train_attributes(data_path: str, out: str, cfg: Config, log: Log = print, fr
     model.to(device)
 
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    started, seen, last_log = time.time(), 0, time.time()
+    started, seen = time.time(), 0
     while step < total:
         epoch, skip = divmod(step, steps_per_epoch)
         batches = epoch_batches(data, train_idx, settings, epoch)[skip:]
@@ -346,14 +346,12 @@ def train_attributes(data_path: str, out: str, cfg: Config, log: Log = print, fr
                 eta = (total - step) * settings.batch_size / max(rate, 1e-9)
                 log(f"step {step}/{total} epoch {epoch + 1} loss {loss.item():.4f} "
                     f"lr {scheduler.get_last_lr()[0]:.2e} | {rate:.1f} img/s, ~{eta / 60:.1f} min left")
-                last_log = time.time()
             if step % settings.checkpoint_every == 0 or step == total:
                 path = _save_checkpoint(out_dir, step, model, optimizer, scheduler, fingerprint,
                                         settings.keep_checkpoints)
                 log(f"checkpoint {path.name} written")
             if step >= total:
                 break
-    del last_log
 
     log(f"calibrating on {len(calib_idx)} held-out images, evaluating on {len(eval_idx)}")
     calib_logits = predict_logits(model, dataset, calib_idx, settings.eval_batch_size, device, settings.num_workers)
@@ -395,3 +393,53 @@ def _export(out_dir: Path, model, processor, calibration, metrics: dict, calib_c
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
+
+
+def calibrate_attribute_model(data_path: str, cfg: Config, log: Log = print, limit: int | None = None) -> dict:
+    """Fit `attributes.model`'s calibration on CelebA-format held-out data and write it next to its weights.
+
+    For either backend (typically a zero-shot CLIP, whose prompt margins are
+    not probabilities): logits on the held-out split (validation, else the
+    Parquet hold-out), Platt scaling per attribute, then AP and accuracy on
+    the test split when there is one. Writes MODEL/attribute_calibration.json
+    (which changes the model identity, so annotate reruns) and
+    MODEL/calibration_metrics.json. Returns the metrics summary.
+    """
+    from facecap.models.attributes import (BACKENDS, CALIBRATION_FILE, Calibration, is_local_model,
+                                           locate_model)
+
+    if not is_local_model(cfg.attributes.model):
+        raise ConfigError("calibration is written next to the model: set attributes.model to a local directory")
+    data = load_celeba(data_path, cfg.attributes.train.held_out_fraction)
+    calib_idx = data.indices(VALID)[:limit] if limit else data.indices(VALID)
+    test_idx = data.indices(TEST)[:limit] if limit else data.indices(TEST)
+    if not len(calib_idx):
+        raise ConfigError(f"{data.description}: no held-out images to calibrate on")
+    location = locate_model(cfg)
+    model = BACKENDS[cfg.attributes.backend](location, cfg.attributes.device)
+    batch = cfg.attributes.batch_size
+
+    def logits(indices: np.ndarray) -> np.ndarray:
+        out = []  # raw logits: an existing calibration file is ignored here and replaced at the end
+        for start in range(0, len(indices), batch):
+            images = [decode_image(data.image_bytes(int(i)), cfg.image.max_pixels) for i in indices[start:start + batch]]
+            out.append(model.logits(images))
+            if (start // batch) % 20 == 0:
+                log(f"scored {start + len(images)}/{len(indices)} images")
+        return np.concatenate(out)
+
+    log(f"data: {data.description}; calibrating {cfg.attributes.backend} model {location.path} on "
+        f"{len(calib_idx)} held-out images")
+    calib_logits = logits(calib_idx)
+    calibration = Calibration(*fit_calibration(calib_logits, data.labels[calib_idx]), "platt")
+    eval_logits, split = (logits(test_idx), TEST) if len(test_idx) else (calib_logits, VALID)
+    eval_labels = data.labels[test_idx] if len(test_idx) else data.labels[calib_idx]
+    metrics = attribute_metrics(calibration.apply(eval_logits), eval_labels)
+    metrics.update({"split": split, "data": data.description})
+    (location.path / CALIBRATION_FILE).write_text(json.dumps(calibration.to_json(
+        method="platt", fitted_on=f"{len(calib_idx)} held-out images of {data.description}"), indent=1))
+    (location.path / "calibration_metrics.json").write_text(json.dumps(metrics, indent=1))
+    log(f"held-out ({split}, {metrics['samples']} images): mean AP {_fmt(metrics['mean_ap'])}, mean accuracy "
+        f"{_fmt(metrics['mean_accuracy'])}; calibration written to {location.path / CALIBRATION_FILE}")
+    return {"model_dir": str(location.path), **{k: metrics[k] for k in ("mean_ap", "mean_accuracy", "split",
+                                                                          "samples")}}
