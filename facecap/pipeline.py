@@ -219,7 +219,7 @@ def plan_caption(cfg: Config) -> StagePlan:
     if cfg.text.caption_path == "flip80m":
         return StagePlan(False, why="text.caption_path is flip80m: the filtered, denoised alt-text is the caption")
     # Loading here fails the run before any work on a bad grammar, lexicon or prompt file.
-    captioner = Captioner(cfg.caption, cfg.llm)
+    captioner = Captioner(cfg.caption, cfg.llm, load_similarity=False)  # MiniLM loads in the workers
     info = {"grammar": cfg.caption.grammar or "built-in", "grammar_version": captioner.grammar.version,
             "lexicon_version": captioner.lexicon.version, "max_attempts": cfg.caption.max_attempts,
             "rewrite": "off: no llm.endpoint; captions are the grammar's text (caption_model none)"}

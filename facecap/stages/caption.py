@@ -71,7 +71,8 @@ class CaptionOutcome:
 class Captioner:
     """Everything the caption stage needs, loaded once per worker process."""
 
-    def __init__(self, settings: CaptionSettings, llm: LLMSettings, cache_dir: str | None = None):
+    def __init__(self, settings: CaptionSettings, llm: LLMSettings, cache_dir: str | None = None,
+                 load_similarity: bool = True):
         self.settings = settings
         self.grammar = load_grammar(settings.grammar)
         self.lexicon = load_lexicon(settings.lexicon)
@@ -83,7 +84,7 @@ class Captioner:
         if llm.endpoint:
             self.prompt = load_prompt(settings.prompt)
             self.client = LLMClient(llm, cache_dir)
-            if settings.min_similarity is not None:
+            if settings.min_similarity is not None and load_similarity:
                 self.similarity = shared_similarity()
 
     @property
