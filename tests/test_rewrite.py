@@ -16,7 +16,7 @@ from facecap.config import CaptionSettings, Config, ConfigError, LLMSettings
 from facecap.schema import ATTRIBUTE_FIELDS, CAPTION_FIELDS, FACE_SCHEMA, Reason, extend_schema
 from facecap.stages.base import Counters
 from facecap.stages.caption import NOT_REWRITTEN, PASSED, Captioner
-from facecap.text.faithfulness import SentenceSimilarity, check_caption, load_lexicon
+from facecap.text.faithfulness import SentenceSimilarity, check_caption, load_lexicon, shared_similarity
 from facecap.text.llm import LLMClient, LLMUnavailable
 from facecap.text.prompt import load_prompt
 from llm_server import FakeVLLM, always, faithful, scripted
@@ -142,7 +142,8 @@ def test_prompt_examples_are_faithful(lexicon):
 
 
 def test_minilm_similarity_from_the_bundled_model(lexicon):
-    model = SentenceSimilarity()
+    model = shared_similarity()
+    assert isinstance(model, SentenceSimilarity)
     raw = "A photo of a young man. He has a smile. He has black hair."
     close, far = model.scores([raw, raw], ["A smiling young man with black hair.", "A red bus parked on a street."])
     assert close > far
@@ -315,3 +316,16 @@ def test_caption_preview_rewrites_and_checks_with_an_endpoint(capsys, tmp_path):
     assert code == 0 and server.requests == 2
     assert out.count("raw: ") == 2 and out.count("check:   hallucination: Goatee, Wearing_Hat") == 2
     assert "0 of 2 rewrites passed" in out
+
+
+def test_min_similarity_gates_rewrites_in_the_stage(tmp_path):
+    # The stand-in's faithful rewrite merges sentences; MiniLM scores it about 0.98-0.99 against the raw text.
+    with FakeVLLM() as server:
+        strict = Captioner(CaptionSettings(min_similarity=0.999, max_attempts=2), llm(server), tmp_path)
+        counters = Counters()
+        (outcome,) = strict.caption_many(ITEMS[:1], counters)
+        assert outcome.check.startswith("low_similarity") and outcome.caption == outcome.raw
+        assert counters.extra["fallback_low_similarity"] == 1
+        lenient = Captioner(CaptionSettings(min_similarity=0.5, max_attempts=2), llm(server), tmp_path)
+        (outcome,) = lenient.caption_many(ITEMS[:1], Counters())
+        assert outcome.check == PASSED and outcome.caption == faithful(outcome.raw)
