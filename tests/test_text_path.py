@@ -8,6 +8,7 @@ synthetic corpus this file writes; its scores mean only that it separates that c
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import sys
@@ -17,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image, ImageOps
 
 from facecap.cli import main
 from facecap.config import Config, ConfigError, LLMSettings, TextSettings
@@ -241,35 +243,53 @@ def test_text_stage_filters_cleans_and_denoises_through_an_llm(tmp_path, matcher
 # --------------------------------------------------------------------------- the whole flow
 
 
-def test_curate_a_url_list_on_the_flip80m_path(tmp_path, prefect_api_url, trained_head):
+def test_curate_a_url_list_on_the_flip80m_path_and_retry_its_failures(tmp_path, prefect_api_url, trained_head,
+                                                                        capsys):
     astronaut = astronaut_jpeg()
+    mirrored = io.BytesIO()  # another face image (the release's quality suite counts duplicate images)
+    ImageOps.mirror(Image.open(io.BytesIO(astronaut))).save(mirrored, format="JPEG", quality=90)
     images = {"astronaut.jpg": astronaut, "astro-car.jpg": astronaut, "astro-nocap.jpg": astronaut,
-              "noise.png": generated_png(7, 256)}
+              "astro-busy.jpg": mirrored.getvalue(), "noise.png": generated_png(7, 256)}
     rows = [("/img/astronaut.jpg", "&lt;b&gt;Smiling astronaut&lt;/b&gt; portrait with bright eyes - Stock Photo"),
             ("/img/astro-car.jpg", "vintage car parked on a city street"),
             ("/img/noise.png", "a smiling girl with earrings"),
             ("/status/404", "a sad boy"),
-            ("/img/astro-nocap.jpg", None)]
+            ("/img/astro-nocap.jpg", None),
+            ("/flaky/1/astro-busy.jpg", "Surprised astronaut with wide eyes | Shutterstock")]  # 503 once
+    out = tmp_path / "out"
     with ServerThread(images) as server:
         pq.write_table(pa.table({"URL": [server.url(p) for p, _ in rows], "TEXT": [t for _, t in rows],
-                                 "SAMPLE_ID": [10, 11, 12, 13, 14], "NSFW": ["UNLIKELY"] * 5}),
+                                 "SAMPLE_ID": list(range(10, 10 + len(rows))), "NSFW": ["UNLIKELY"] * len(rows)}),
                        tmp_path / "laion.parquet")
-        cfg = Config.model_validate({
-            "profile": "offline", "execution": {"n_workers": 1},
-            "download": {"allow_addresses": ["127.0.0.1/32"], "timeout_s": 5, "retries": 0},
-            "text": {"caption_path": "flip80m", "classifier": str(trained_head)}})
-        result = run_curate([tmp_path / "laion.parquet"], tmp_path / "out", cfg)
-    data, rejects = read_release(tmp_path / "out")
-    assert data.num_rows == 1
-    face = data.to_pylist()[0]
-    assert face["caption"] == face["text_caption"] == "Smiling astronaut portrait with bright eyes"
-    assert face["keywords"] == ["eyes", "smiling", "portrait"]  # in the keyword file's order
-    assert json.loads(face["source_meta"])["SAMPLE_ID"] == 10 and face["source_offset"] == "0"
-    reasons = {(r["stage"], r["source_offset"]): r["reason"] for r in rejects.to_pylist()}
-    assert reasons == {("ingest", "3"): "http_404", ("detect", "2"): "no_face",
-                       ("text", "1"): "not_face_caption", ("text", "4"): "no_caption"}
-    funnel = {row["stage"]: row for row in result["funnel"]}
-    assert funnel["ingest"]["rows_in"] == 5 and funnel["ingest"]["rejects"] == {"http_404": 1}
-    assert funnel["text"]["rows_in"] == 3 and funnel["text"]["rows_out"] == 1
-    release = json.loads((tmp_path / "out" / "release" / "release.json").read_text())
-    assert release["stages"]["text"]["status"] == "on" and release["stages"]["caption"]["status"] == "off"
+        argv = ["curate", str(tmp_path / "laion.parquet"), "--out", str(out), "--profile", "offline",
+                "--workers", "1", "--allow-addresses", "127.0.0.1/32", "--set", "text.caption_path=flip80m",
+                "--set", f"text.classifier={trained_head}", "--set", "download.retries=0",
+                "--set", "download.timeout_s=5"]
+        assert main(argv) == 0
+        first = json.loads((out / "release" / "release.json").read_text())
+        data, rejects = read_release(out)
+        assert server.count("/flaky/1/astro-busy.jpg") == 1 and server.count("/status/404") == 1
+
+        assert data.num_rows == 1
+        face = data.to_pylist()[0]
+        assert face["caption"] == face["text_caption"] == "Smiling astronaut portrait with bright eyes"
+        assert face["keywords"] == ["eyes", "smiling", "portrait"]  # in the keyword file's order
+        assert json.loads(face["source_meta"])["SAMPLE_ID"] == 10 and face["source_offset"] == "0"
+        reasons = {(r["stage"], r["source_offset"]): r["reason"] for r in rejects.to_pylist()}
+        assert reasons == {("ingest", "3"): "http_404", ("ingest", "5"): "http_503", ("detect", "2"): "no_face",
+                           ("text", "1"): "not_face_caption", ("text", "4"): "no_caption"}
+        funnel = {row["stage"]: row for row in first["funnel"]}
+        assert funnel["ingest"]["rows_in"] == 6 and funnel["ingest"]["rejects"] == {"http_404": 1, "http_503": 1}
+        assert funnel["text"]["rows_in"] == 3 and funnel["text"]["rows_out"] == 1
+        assert first["stages"]["text"]["status"] == "on" and first["stages"]["caption"]["status"] == "off"
+
+        # Re-curation with --retry-failed: only the transient failure is fetched again and merged.
+        assert main(argv + ["--retry-failed"]) == 0
+        assert server.count("/flaky/1/astro-busy.jpg") == 2 and server.count("/status/404") == 1
+        assert server.count("/img/astronaut.jpg") == 1
+    data, rejects = read_release(out)
+    assert sorted(data.column("source_offset").to_pylist()) == ["0", "5"]  # nothing lost, nothing twice
+    captions = dict(zip(data.column("source_offset").to_pylist(), data.column("caption").to_pylist()))
+    assert captions["5"] == "Surprised astronaut with wide eyes"
+    assert ("ingest", "5") not in {(r["stage"], r["source_offset"]) for r in rejects.to_pylist()}
+    assert "Funnel" in capsys.readouterr().out
