@@ -77,6 +77,7 @@ def prefect_server(tmp_path_factory):
 
 # The recurate schedule is registered but never fires here (the server runs without its scheduler).
 SERVE_SETTINGS = ["ingest.shard_size=8", "execution.n_workers=1", "train.model_size=tiny", "train.steps=1",
+                  "train.batch_size=4", "train.num_workers=0",
                   "deploy.sources=[/nonexistent/sources]", "deploy.out=/nonexistent/out",
                   "deploy.recurate_cron=15 4 * * 2"]
 SERVE_SETTINGS_ARGS = [a for setting in SERVE_SETTINGS for a in ("--set", setting)]
@@ -112,17 +113,20 @@ def served(prefect_server, tmp_path_factory):
         client.close()
 
 
-def run_deployment(client: httpx.Client, deployment: dict, parameters: dict, timeout: float, log: Path) -> dict:
-    """Create a flow run from a deployment (the UI's Run button) and wait until it is final."""
+def start_run(client: httpx.Client, deployment: dict, parameters: dict) -> str:
+    """Create a flow run from a deployment (what the UI's Run button does); the serve process picks it up."""
     created = client.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters})
     assert created.status_code == 201, created.text
+    return created.json()["id"]
 
+
+def wait_final(client: httpx.Client, run_id: str, timeout: float, log: Path) -> dict:
     def final():
-        run = client.get(f"/flow_runs/{created.json()['id']}").json()
+        run = client.get(f"/flow_runs/{run_id}").json()
         return run if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
     try:
-        return wait_for(final, timeout, f"flow run {created.json()['name']}")
+        return wait_for(final, timeout, f"flow run {run_id}")
     except AssertionError:
         raise AssertionError(log.read_text()[-4000:])
 
@@ -136,15 +140,16 @@ def test_deployment_run_shows_state_artifacts_and_triggers_training(served, exam
     curate, train = deployments["curate"], deployments["train"]
     assert curate["tags"] == ["facecap", "curate"] and curate["parameters"]["profile"] == "offline"
 
-    # A curate run that fails (a relative output path is refused) triggers no training.
-    failed = run_deployment(client, curate, {"sources": [str(example_dir / "folder")], "out": "relative/out"},
-                            240, log)
+    # Two runs at once: one that fails (a relative output path is refused) and triggers no training, and one
+    # that completes.
+    failing = start_run(client, curate, {"sources": [str(example_dir / "folder")], "out": "relative/out"})
+    out = tmp_path / "out"
+    good = start_run(client, curate, {"sources": [str(example_dir / "folder"), str(example_dir / "parquet")],
+                                      "out": str(out)})
+    failed = wait_final(client, failing, 300, log)
     assert failed["state"]["type"] == "FAILED"
     assert "must be an absolute path" in failed["state"]["message"], failed["state"]
-
-    out = tmp_path / "out"
-    run = run_deployment(client, curate, {"sources": [str(example_dir / "folder"), str(example_dir / "parquet")],
-                                          "out": str(out)}, 420, log)
+    run = wait_final(client, good, 420, log)
     assert run["state"]["type"] == "COMPLETED", (run["state"], log.read_text()[-4000:])
     assert run["name"] == f"curate {out}" and "facecap" in run["tags"]
     release_json = out / "release" / "release.json"
@@ -176,6 +181,11 @@ def test_deployment_run_shows_state_artifacts_and_triggers_training(served, exam
     assert triggered[0]["parameters"]["release_dir"] == str(out / "release")
     assert triggered[0]["parameters"]["out"] == str(out / "train")
     assert triggered[0]["parameters"]["settings"] == SERVE_SETTINGS
+    # ...and the serve process ran it: a (tiny, random-init) FLIP model trained one step on that release.
+    trained = wait_for(lambda: (r := client.get(f"/flow_runs/{triggered[0]['id']}").json())["state"]["type"]
+                       in ("COMPLETED", "FAILED", "CRASHED") and r, 300, "the triggered train run")
+    assert trained["state"]["type"] == "COMPLETED", (trained["state"], log.read_text()[-3000:])
+    assert (out / "train" / "model").is_dir()
 
 
 def test_served_deployments_carry_schedule_parameters_and_tags(served):
