@@ -42,6 +42,35 @@ class Check:
     max_value: float | None = 0
 
 
+def caption_words_sql(column: str) -> str:
+    """Words = space-separated tokens: 1 + the number of spaces (captions are single-spaced, the blank
+    check catches empty ones). Counting bytes is several times cheaper in DuckDB than trimming or
+    splitting on a regex, which matters at 15M captions."""
+    return f"(strlen({column}) - strlen(replace({column}, ' ', '')) + 1)"
+
+
+def caption_blank_sql(column: str) -> str:
+    """Null, empty or only whitespace; trims only captions that start or end with a space (cheap)."""
+    return (f"(CASE WHEN {column} IS NULL OR strlen({column}) = 0 THEN true "
+            f"WHEN {column}[1] IN (' ', chr(10), chr(9)) OR {column}[-1] IN (' ', chr(10), chr(9)) "
+            f"THEN trim({column}, ' ' || chr(10) || chr(9) || chr(13)) = '' ELSE false END)")
+
+
+def derived_columns(columns: list[str]) -> dict[str, str]:
+    """Per-row values several checks share, computed once per row in a subquery (DuckDB does not
+    reuse a repeated expression by itself)."""
+    if "caption" not in columns:
+        return {}
+    return {"_caption_words": caption_words_sql("caption"), "_caption_blank": caption_blank_sql("caption")}
+
+
+def _regex_count(pattern: str, needles: str) -> str:
+    """Rows whose caption matches `pattern`, running the regex only on captions holding one of the
+    characters any match needs (a CASE short-circuits in DuckDB, AND does not): ~4x cheaper."""
+    guard = " OR ".join(f"contains(caption, '{c}')" for c in needles)
+    return f"count(*) FILTER (CASE WHEN {guard} THEN regexp_matches(caption, '{pattern}') ELSE false END)"
+
+
 def _attribute_names_sql() -> str:
     return "[" + ", ".join(f"'{name}'" for name in ATTRIBUTES) + "]"
 
@@ -63,7 +92,6 @@ def build_checks(cfg: Config) -> list[Check]:
     tol = q.bbox_tolerance_px
     keep = a.keep_threshold
     names = _attribute_names_sql()
-    words = r"len(string_split_regex(trim(caption), '\s+'))"
     return [
         # --- faces (detect) ----------------------------------------------
         Check("sample_id_not_null", "faces", "sample_id is never null", "count(*) - count(sample_id)",
@@ -106,21 +134,22 @@ def build_checks(cfg: Config) -> list[Check]:
               f"true))", ("attributes", "attribute_probs")),
         # --- captions (caption) --------------------------------------------
         Check("caption_not_empty", "captions", "caption is not null or blank",
-              "count(*) FILTER (caption IS NULL OR trim(caption) = '')", ("caption",)),
+              "count(*) FILTER (_caption_blank)", ("caption",)),
         Check("caption_words_in_bounds", "captions",
               f"caption length in words within quality.min/max_caption_words "
               f"({q.min_caption_words}..{q.max_caption_words})",
-              f"count(*) FILTER (trim(caption) != '' AND ({words} < {q.min_caption_words} "
-              f"OR {words} > {q.max_caption_words}))", ("caption",)),
+              f"count(*) FILTER (NOT _caption_blank AND "
+              f"_caption_words NOT BETWEEN {q.min_caption_words} AND {q.max_caption_words})", ("caption",)),
         Check("caption_no_template_leftovers", "captions",
               "caption has no grammar leftovers (braces, $vars, IDENTIFIER_LIKE tokens)",
-              f"count(*) FILTER (regexp_matches(caption, '{TEMPLATE_PATTERN}'))", ("caption",)),
+              _regex_count(TEMPLATE_PATTERN, "{}[]$_"), ("caption",)),
         Check("caption_no_html", "captions", "caption has no HTML tags or entities",
-              f"count(*) FILTER (regexp_matches(caption, '{HTML_PATTERN}'))", ("caption",)),
+              _regex_count(HTML_PATTERN, "<&"), ("caption",)),
         Check("duplicate_caption_rate", "captions",
               f"share of rows repeating another row's caption <= quality.max_duplicate_caption_rate "
               f"({q.max_duplicate_caption_rate})",
-              "coalesce(1 - count(DISTINCT caption) / nullif(count(*), 0), 0)", ("caption",),
+              # 64-bit hashes: a collision in 15M captions is ~1e-5 likely and would only add one "duplicate"
+              "coalesce(1 - count(DISTINCT hash(caption)) / nullif(count(*), 0), 0)", ("caption",),
               max_value=q.max_duplicate_caption_rate),
         # --- the release as a whole ----------------------------------------
         Check("rows_match_funnel", "release",

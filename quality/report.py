@@ -18,6 +18,7 @@ from typing import Any
 
 from facecap.attributes import ATTRIBUTES, CATEGORY_OF, PAPER_CATEGORY_SHARES
 from facecap.quality import svg
+from facecap.quality.checks import caption_blank_sql, caption_words_sql
 from facecap.quality.release_db import ReleaseDB
 from facecap.quality.suites import NOT_APPLICABLE, CheckResult
 
@@ -28,14 +29,26 @@ THUMB_PX = 112
 
 
 # --- figures ---------------------------------------------------------------
-def _hist(db: ReleaseDB, expr: str, lo: float, hi: float, bins: int) -> dict:
+def _one_pass(db: ReleaseDB, exprs: dict[str, str], words: str | None = None) -> dict[str, Any]:
+    """Evaluate several aggregates in one scan of the release (`_words`: caption words, computed once per row)."""
+    if not exprs:
+        return {}
+    source = f"(SELECT *, {words} AS _words FROM faces)" if words else "faces"
+    row = db.con.execute("SELECT " + ", ".join(f"{e} AS {k}" for k, e in exprs.items()) + f" FROM {source}").fetchone()
+    return dict(zip(exprs, row))
+
+
+def _bin_expr(expr: str, lo: float, hi: float, bins: int) -> str:
     width = (hi - lo) / bins or 1
-    rows = db.con.execute(
-        f"SELECT least(greatest(floor(({expr} - {lo}) / {width}), 0), {bins - 1})::INT AS b, count(*) "
-        f"FROM faces WHERE {expr} IS NOT NULL GROUP BY b").fetchall()
+    return f"least(greatest(floor(({expr} - {lo}) / {width}), 0), {bins - 1})::INT"
+
+
+def _hist(counts_by_bin: dict | None, lo: float, hi: float, bins: int) -> dict:
+    width = (hi - lo) / bins or 1
     counts = [0] * bins
-    for b, n in rows:
-        counts[int(b)] = int(n)
+    for b, n in (counts_by_bin or {}).items():
+        if b is not None:
+            counts[int(b)] = int(n)
     return {"edges": [round(lo + i * width, 6) for i in range(bins + 1)], "counts": counts}
 
 
@@ -69,25 +82,58 @@ def _four_gram_curve(db: ReleaseDB, column: str, sample: int) -> dict:
 
 
 def compute_figures(db: ReleaseDB) -> dict[str, Any]:
+    """Every figure of the report in a few scans: ranges, then histograms, then attribute counts."""
     cfg, cols = db.cfg, set(db.columns)
-    rows = int(db.scalar("SELECT count(*) FROM faces"))
-    fig: dict[str, Any] = {"rows": rows}
-    if rows and {"image_id"} <= cols:
-        fig["source_images"] = int(db.scalar("SELECT count(DISTINCT image_id) FROM faces"))
-    fig["splits"] = split_counts(db.path)
-    if rows and "det_score" in cols:
-        lo = min(cfg.detect.min_score, float(db.scalar("SELECT min(det_score) FROM faces")))
-        fig["det_score"] = {"mean": round(float(db.scalar("SELECT avg(det_score) FROM faces")), 5),
-                            "threshold": cfg.detect.min_score, **_hist(db, "det_score", lo, 1.0, 20)}
-    if rows and {"width", "height"} <= cols:
-        w, h, lo, hi = db.con.execute("SELECT avg(width), avg(height), min(least(width, height)), "
-                                      "max(greatest(width, height)) FROM faces").fetchone()
-        fig["crop"] = {"mean_width": round(float(w), 1), "mean_height": round(float(h), 1),
+    column, label = _caption_column(db)
+    words = caption_words_sql(column) if column else None
+    has = {"ids": "image_id" in cols, "det": "det_score" in cols, "crop": {"width", "height"} <= cols,
+           "attrs": "attributes" in cols, "words": words is not None, "checks": "caption_check" in cols}
+    # Pass 1: counts, means and ranges (the ranges set the histogram bins).
+    exprs = {"n_rows": "count(*)"}
+    if has["ids"]:
+        exprs["n_images"] = "count(DISTINCT hash(image_id))"  # 64-bit hash: exact enough for a headline
+    if has["det"]:
+        exprs.update(det_min="min(det_score)", det_mean="avg(det_score)")
+    if has["crop"]:
+        exprs.update(w_mean="avg(width)", h_mean="avg(height)", side_lo="min(sqrt(width * height))",
+                     side_hi="max(sqrt(width * height))")
+    if has["words"]:
+        exprs.update(words_mean=f"avg(_words) FILTER (NOT {caption_blank_sql(column)})", words_hi="max(_words)")
+    first = _one_pass(db, exprs, words)
+    rows = int(first["n_rows"])
+    fig: dict[str, Any] = {"rows": rows, "splits": split_counts(db.path)}
+    if has["ids"] and rows:
+        fig["source_images"] = int(first["n_images"])
+    if not rows:
+        has = {k: False for k in has}
+    # Pass 2: histograms as DuckDB histogram() maps, all in one scan.
+    det_lo = min(cfg.detect.min_score, float(first.get("det_min") or 1.0))
+    side_lo, side_hi = float(first.get("side_lo") or 0), float(first.get("side_hi") or 1)
+    side_hi = max(side_hi, side_lo + 1)
+    words_hi = float(max(first.get("words_hi") or 1, 40))
+    exprs = {}
+    if has["det"]:
+        exprs["det_hist"] = f"histogram({_bin_expr('det_score', det_lo, 1.0, 20)})"
+    if has["crop"]:
+        exprs["side_hist"] = f"histogram({_bin_expr('sqrt(width * height)', side_lo, side_hi, 20)})"
+    if has["attrs"]:
+        exprs["per_face"] = "histogram(len(attributes))"
+    if has["words"]:
+        exprs["words_hist"] = f"histogram({_bin_expr('_words', 0, words_hi, 20)}) FILTER (NOT {caption_blank_sql(column)})"
+    if has["checks"]:
+        exprs["checks"] = "histogram(caption_check)"
+        if "caption_model" in cols:
+            exprs["not_rewritten"] = "count(*) FILTER (caption_model = 'none' OR caption_check = 'not_rewritten')"
+    second = _one_pass(db, exprs, words if has["words"] else None)
+    if has["det"]:
+        fig["det_score"] = {"mean": round(float(first["det_mean"]), 5), "threshold": cfg.detect.min_score,
+                            **_hist(second["det_hist"], det_lo, 1.0, 20)}
+    if has["crop"]:
+        fig["crop"] = {"mean_width": round(float(first["w_mean"]), 1), "mean_height": round(float(first["h_mean"]), 1),
                        "paper_mean": PAPER_MEAN_CROP_PX, "min_face_px": cfg.detect.min_face_px,
-                       **_hist(db, "sqrt(width * height)", float(lo), float(max(hi, lo + 1)), 20)}
-    annotate_off = db.stage_off_reason("annotate")
-    if rows and "attributes" in cols:
-        per_face = dict(db.con.execute("SELECT len(attributes), count(*) FROM faces GROUP BY 1 ORDER BY 1").fetchall())
+                       **_hist(second["side_hist"], side_lo, side_hi, 20)}
+    if has["attrs"]:
+        per_face = {int(k): int(v) for k, v in (second["per_face"] or {}).items() if k is not None}
         freq = dict(db.con.execute("SELECT a, count(*) FROM (SELECT unnest(attributes) AS a FROM faces) GROUP BY a")
                     .fetchall())
         kept = sum(freq.values()) or 1
@@ -97,29 +143,22 @@ def compute_figures(db: ReleaseDB) -> dict[str, Any]:
                 shares[CATEGORY_OF[name]] += n
         fig["attributes"] = {
             "mean_per_face": round(sum(k * v for k, v in per_face.items()) / rows, 2),
-            "per_face": {str(k): int(v) for k, v in per_face.items()},
+            "per_face": {str(k): v for k, v in sorted(per_face.items())},
             "frequency": {name: int(freq.get(name, 0)) for name in ATTRIBUTES},
             "category_share_pct": {cat: round(100 * n / kept, 1) for cat, n in shares.items()},
             "paper_category_share_pct": PAPER_CATEGORY_SHARES,
         }
     else:
-        fig["attributes"] = {NOT_APPLICABLE: f"stage annotate off ({annotate_off})" if annotate_off
-                             else "no attributes column"}
-    column, label = _caption_column(db)
-    if rows and column:
-        words = rf"len(string_split_regex(trim({column}), '\s+'))"
-        mean, hi = db.con.execute(f"SELECT avg({words}), max({words}) FROM faces WHERE trim({column}) != ''").fetchone()
-        fig["caption_words"] = {"column": label, "mean": round(float(mean or 0), 1),
-                                "paper_mean": PAPER_MEAN_CAPTION_WORDS,
-                                **_hist(db, words, 0, float(max(hi or 1, 40)), 20)}
+        off = db.stage_off_reason("annotate")
+        fig["attributes"] = {NOT_APPLICABLE: f"stage annotate off ({off})" if off else "no attributes column"}
+    if has["words"]:
+        fig["caption_words"] = {"column": label, "mean": round(float(first["words_mean"] or 0), 1),
+                                "paper_mean": PAPER_MEAN_CAPTION_WORDS, **_hist(second["words_hist"], 0, words_hi, 20)}
         fig["four_grams"] = {"column": label, **_four_gram_curve(db, column, cfg.quality.ngram_sample)}
-    if rows and "caption_check" in cols:
-        checks = dict(db.con.execute("SELECT caption_check, count(*) FROM faces GROUP BY 1 ORDER BY 2 DESC").fetchall())
-        not_rewritten = int(db.scalar("SELECT count(*) FILTER (caption_model = 'none' OR "
-                                      "caption_check = 'not_rewritten') FROM faces")) if "caption_model" in cols \
-            else int(checks.get("not_rewritten", 0))
-        fig["rewrite"] = {"checks": {str(k): int(v) for k, v in checks.items()},
-                          "not_rewritten_share": round(not_rewritten / rows, 4)}
+    if has["checks"]:
+        checks = dict(sorted(((str(k), int(v)) for k, v in (second["checks"] or {}).items()), key=lambda kv: -kv[1]))
+        not_rewritten = int(second.get("not_rewritten", checks.get("not_rewritten", 0)))
+        fig["rewrite"] = {"checks": checks, "not_rewritten_share": round(not_rewritten / rows, 4)}
     else:
         off = db.stage_off_reason("caption")
         fig["rewrite"] = {NOT_APPLICABLE: f"stage caption off ({off})" if off else "no caption_check column"}

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from facecap.quality.checks import SUITE_STAGE, Check, build_checks
+from facecap.quality.checks import SUITE_STAGE, Check, build_checks, derived_columns
 from facecap.quality.release_db import ReleaseDB
 
 PASSED, FAILED, NOT_APPLICABLE = "passed", "failed", "not applicable"
@@ -81,17 +81,44 @@ def _manifest_funnel(db: ReleaseDB) -> list[dict] | None:
     return [{"stage": s, "rows_in": int(i), "rows_out": int(o)} for s, i, o in rows] or None
 
 
+SAMPLED_ROW_GROUPS = 20
+
+
+def sample_images(files: list[str], sample: int) -> list[bytes | None]:
+    """A deterministic sample of image bytes spread over the release: rows evenly spaced within up to
+    SAMPLED_ROW_GROUPS row groups evenly spaced over all files. Reads those row groups' image column
+    only (a reservoir sample in DuckDB would read every image in the release)."""
+    import pyarrow.parquet as pq
+
+    groups = []
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        groups += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+    groups = [g for g in groups if g[2]]
+    if not groups or sample <= 0:
+        return []
+    step = max(1, len(groups) // SAMPLED_ROW_GROUPS)
+    chosen = groups[step // 2::step][:SAMPLED_ROW_GROUPS]
+    per_group = max(1, -(-sample // len(chosen)))
+    out: list[bytes | None] = []
+    for path, g, n in chosen:
+        column = pq.ParquetFile(path).read_row_group(g, columns=["image"]).column("image")
+        stride = max(1, n // per_group)
+        out += [column[i].as_py() for i in range(stride // 2, n, stride)][:per_group]
+    return out[:sample]
+
+
 def decode_failures(db: ReleaseDB, sample: int) -> tuple[int, int]:
     """(undecodable, decoded) over a deterministic sample of image bytes."""
+    from facecap.quality.release_db import data_files
     from facecap.stages.images import decode_rgb
 
     if sample <= 0 or "image" not in db.columns:
         return 0, 0
-    rows = db.con.execute(
-        f"SELECT image FROM faces USING SAMPLE reservoir({int(sample)} ROWS) REPEATABLE (7)").fetchall()
+    blobs = sample_images(data_files(db.path), sample)
     # The same bounded decode the stages use: header limits first, then pixels.
-    bad = sum(decode_rgb(blob or b"", db.cfg.image)[0] is None for (blob,) in rows)
-    return bad, len(rows)
+    bad = sum(decode_rgb(blob or b"", db.cfg.image)[0] is None for blob in blobs)
+    return bad, len(blobs)
 
 
 def compute_metrics(db: ReleaseDB, checks: list[Check]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -113,7 +140,9 @@ def compute_metrics(db: ReleaseDB, checks: list[Check]) -> tuple[dict[str, Any],
             sql_checks.append(check)
     if sql_checks:
         select = ", ".join(f"{c.metric} AS {c.name}" for c in sql_checks)
-        row = db.con.execute(f"SELECT {select} FROM faces").fetchone()
+        derived = ", ".join(f"{expr} AS {name}" for name, expr in derived_columns(db.columns).items())
+        source = f"(SELECT *, {derived} FROM faces)" if derived else "faces"
+        row = db.con.execute(f"SELECT {select} FROM {source}").fetchone()
         metrics.update({c.name: _plain(v) for c, v in zip(sql_checks, row)})
     if "image_bytes_decode" not in skipped:
         bad, decoded = decode_failures(db, db.cfg.quality.decode_sample)
