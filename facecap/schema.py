@@ -83,6 +83,8 @@ TEXT_FIELDS: list[pa.Field] = [
     pa.field("text_cleaner", pa.string(), nullable=False),  # pre-cleaner version (+ LLM model and prompt version)
     pa.field("alt_text_chars", pa.int32(), nullable=False),  # characters of source_caption
     pa.field("text_chars_removed", pa.int32(), nullable=False),  # characters cleaning removed
+    pa.field("url", pa.string()),  # the image URL of a URL-list source (from source_meta), else null
+    pa.field("nsfw", pa.string()),  # the source's NSFW tag (LAION's NSFW column), if it has one
 ]
 TEXT_CAPTION_FIELD = pa.field("caption", pa.string(), nullable=False)
 

@@ -275,6 +275,7 @@ def test_curate_a_url_list_on_the_flip80m_path_and_retry_its_failures(tmp_path, 
         assert face["caption"] == face["text_caption"] == "Smiling astronaut portrait with bright eyes"
         assert face["keywords"] == ["eyes", "smiling", "portrait"]  # in the keyword file's order
         assert json.loads(face["source_meta"])["SAMPLE_ID"] == 10 and face["source_offset"] == "0"
+        assert face["url"] == server.url(rows[0][0]) and face["nsfw"] == "UNLIKELY"
         reasons = {(r["stage"], r["source_offset"]): r["reason"] for r in rejects.to_pylist()}
         assert reasons == {("ingest", "3"): "http_404", ("ingest", "5"): "http_503", ("detect", "2"): "no_face",
                            ("text", "1"): "not_face_caption", ("text", "4"): "no_caption"}

@@ -14,6 +14,7 @@ the share of characters removed. Plain generator: no Prefect, no Dask.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -74,6 +75,7 @@ def filter_captions(batches: Iterator[pa.RecordBatch], tools: TextTools, setting
                         "text_filter": tools.classifier.identity,
                         "text_threshold": settings.threshold, "text_denoise": method, "text_cleaner": tools.cleaner,
                         "alt_text_chars": alt_chars, "text_chars_removed": max(0, alt_chars - len(text))})
+            row["url"], row["nsfw"] = _url_and_nsfw(row.get("source_meta"))
             if settings.caption_path == "flip80m":
                 row["caption"] = text
             counters.extra["alt_text_chars"] += alt_chars
@@ -84,6 +86,19 @@ def filter_captions(batches: Iterator[pa.RecordBatch], tools: TextTools, setting
         chunk = Chunk(kept=pa.Table.from_pylist(kept, schema=schema) if kept else None, rejected=rejected(rejects))
         counters.add_rejects(chunk.rejected)
         yield chunk
+
+
+def _url_and_nsfw(meta: str | None) -> tuple[str | None, str | None]:
+    """FLIP-80M releases carry url and NSFW tag; URL lists keep them in source_meta."""
+    try:
+        data = json.loads(meta) if meta else {}
+    except ValueError:
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    nsfw = next((data[k] for k in ("NSFW", "nsfw", "punsafe") if data.get(k) is not None), None)
+    url = data.get("url") or data.get("URL")
+    return (str(url) if url else None), (str(nsfw) if nsfw is not None else None)
 
 
 def _reject(row: dict, reason: str, detail: str) -> dict:

@@ -211,6 +211,10 @@ def _columns(spec) -> list[str]:
     if fmt is None:
         with fs.open(path, "rb") as fh:
             return pq.ParquetFile(fh).schema_arrow.names
+    if fmt in ("csv", "tsv"):  # the header is enough
+        with fs.open(path, "rb") as fh:
+            options = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+            return pacsv.open_csv(fh, parse_options=options).schema.names
     return read_table(fs, path, fmt).column_names
 
 

@@ -3,8 +3,8 @@
 FLIP-80M recalled face-related captions with keywords (12 seeds expanded to
 about 155); the list lives in facecap/data/face_keywords.txt (or
 `text.keywords_file`). `KeywordMatcher.find` returns the keywords a caption
-contains, in list order, each once: "smiling" matches "Smiling girl" but not
-"smilingly"-style substrings of other words, and "eye shadow" also matches
+contains, in list order, each once: "smiling" matches "Smiling girl", "eye"
+matches neither "eyesore" nor "eye-catching", and "eye shadow" also matches
 "eye-shadow".
 """
 
