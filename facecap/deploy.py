@@ -16,8 +16,9 @@ Deployments (flow/deployment):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -193,6 +194,69 @@ def serve(specs: list[DeploymentSpec], limit: int | None = None) -> None:
     from prefect import serve as prefect_serve
 
     prefect_serve(*runner_deployments(specs), limit=limit, print_starting_message=True)
+
+
+@contextmanager
+def prefect_server(port: int = 4200, log=print, startup_timeout: float = 180) -> Iterator[str]:
+    """A `prefect server start` subprocess (API, UI, scheduler, event triggers) for `facecap serve`.
+
+    Prefect's embedded server runs no scheduler and no UI, so cron schedules would never fire;
+    this is a full server on 127.0.0.1 with its database in PREFECT_HOME (run history persists).
+    The port is `port` if free, else any free one.
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": url}
+    env.pop("PREFECT_API_URL", None)
+    log(f"starting a Prefect server (UI and API) on http://127.0.0.1:{port} (set PREFECT_API_URL to use your own)")
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port), "--analytics-off"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + startup_timeout
+        while True:
+            if server.poll() is not None:
+                raise ConfigError(f"prefect server start exited ({server.returncode}): "
+                                  f"{server.stderr.read().decode(errors='replace')[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise ConfigError(f"the Prefect server did not answer on {url} within {startup_timeout:.0f} s")
+            time.sleep(0.5)
+        previous = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url  # flow-run subprocesses and Dask workers inherit it
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: url}):
+                yield url
+        finally:
+            if previous is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = previous
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def prefect_yaml(specs: list[DeploymentSpec], work_pool: str, project_dir: str = "/app") -> str:
