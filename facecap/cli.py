@@ -153,6 +153,10 @@ def _curate(args: argparse.Namespace) -> int:
         rejects = ", ".join(f"{k} {v}" for k, v in row["rejects"].items()) or "none"
         print(f"  {row['stage']:<8} {row['rows_in']:>8,} in -> {row['rows_out']:>8,} out  "
               f"({row['shards']} shards, {row['cached']} already done; rejects: {rejects})")
+        chars = row.get("extra", {}).get("alt_text_chars")
+        if chars:  # the FLIP-80M text path: how much of the alt-text cleaning removed (paper: 9.5 %)
+            print(f"  {'':<8} cleaning removed {row['extra'].get('text_chars_removed', 0) / chars:.1%} of "
+                  f"{chars:,} alt-text characters")
     print(f"\nRelease: {result['records']:,} face records, {result['rejects']:,} rejects in {result['release']}")
     checks = result.get("validation")
     if checks:

@@ -117,11 +117,23 @@ def funnel(path: str, run_id: str) -> list[dict[str, Any]]:
             """,
             [run_id],
         ).fetchall()
+        # Stage-specific counts (e.g. the text stage's alt-text characters in and removed).
+        extras = con.execute(
+            """
+            SELECT stage, e.key AS name, sum(e.value) AS n
+            FROM (SELECT stage, unnest(map_entries(extra)) AS e FROM stage_runs WHERE run_id = ?)
+            GROUP BY ALL ORDER BY stage, name
+            """,
+            [run_id],
+        ).fetchall()
     by_stage: dict[str, dict[str, int]] = {}
     for stage, reason, n in reasons:
         by_stage.setdefault(stage, {})[reason] = int(n)
+    extra_by_stage: dict[str, dict[str, int]] = {}
+    for stage, name, n in extras:
+        extra_by_stage.setdefault(stage, {})[name] = int(n)
     return [
         {"stage": s, "shards": n, "cached": c, "failed": f, "rows_in": int(i), "rows_out": int(o),
-         "rejects": by_stage.get(s, {})}
+         "rejects": by_stage.get(s, {}), "extra": extra_by_stage.get(s, {})}
         for s, n, c, f, i, o, _ in stages
     ]

@@ -282,6 +282,10 @@ def test_curate_a_url_list_on_the_flip80m_path_and_retry_its_failures(tmp_path, 
         funnel = {row["stage"]: row for row in first["funnel"]}
         assert funnel["ingest"]["rows_in"] == 6 and funnel["ingest"]["rejects"] == {"http_404": 1, "http_503": 1}
         assert funnel["text"]["rows_in"] == 3 and funnel["text"]["rows_out"] == 1
+        alt = len(rows[0][1])
+        assert funnel["text"]["extra"]["alt_text_chars"] == alt
+        assert funnel["text"]["extra"]["text_chars_removed"] == alt - len(face["caption"])
+        assert f"cleaning removed {(alt - len(face['caption'])) / alt:.1%}" in capsys.readouterr().out
         assert first["stages"]["text"]["status"] == "on" and first["stages"]["caption"]["status"] == "off"
 
         # Re-curation with --retry-failed: only the transient failure is fetched again and merged.
@@ -293,4 +297,3 @@ def test_curate_a_url_list_on_the_flip80m_path_and_retry_its_failures(tmp_path, 
     captions = dict(zip(data.column("source_offset").to_pylist(), data.column("caption").to_pylist()))
     assert captions["5"] == "Surprised astronaut with wide eyes"
     assert ("ingest", "5") not in {(r["stage"], r["source_offset"]) for r in rejects.to_pylist()}
-    assert "Funnel" in capsys.readouterr().out
