@@ -284,3 +284,14 @@ def test_csv_and_jsonl_url_lists_and_img2dataset_output(tmp_path, server):
     assert kept.column("source_caption").to_pylist() == ["eyes"]
     assert rejects.column("reason").to_pylist() == ["invalid_url"] * 4 + ["blocked_address"]
     assert "non-public" in rejects.column("detail")[4].as_py()
+
+
+def test_results_keep_input_order_under_a_tight_memory_budget(server, monkeypatch):
+    from facecap.stages import download
+
+    monkeypatch.setattr(download, "BUFFER_BYTES", 1)  # at most one finished body waits behind a slow URL
+    paths = ["/slow/0.3/gen0.png?t=order"] + [f"/img/gen{i % 4}.png?t=order{i}" for i in range(12)]
+    results = list(Downloader(DownloadSettings(**{**FAST, "timeout_s": 5}, allow_addresses=LOOPBACK),
+                              ImageLimits(**LIMITS)).iter_fetch([server.url(p) for p in paths]))
+    assert [r.url for r in results] == [server.url(p) for p in paths] and all(r.ok for r in results)
+    assert [r.data for r in results[1:5]] == [default_images()[f"gen{i}.png"] for i in range(4)]

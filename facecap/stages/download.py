@@ -3,8 +3,9 @@
 `Downloader.iter_fetch(urls)` runs an asyncio event loop of its own (httpx
 AsyncClient, `download.connections` requests in flight) and yields one
 `Fetched` per URL in input order, so a shard written from it is the same
-whatever order the responses came in. A bounded window of URLs is in flight
-at a time: memory stays bounded by the window, not by the URL list.
+whatever order the responses came in. A bounded window of URLs (4 x
+connections, and at most BUFFER_BYTES of finished bodies) is in flight at a
+time: memory stays bounded by the window, not by the URL list.
 
 What happens to each URL (first match wins; the status is a Reason string):
 - not http(s) / no host: invalid_url; host resolves to a non-public address
@@ -50,9 +51,18 @@ OK = "ok"
 # seconds) but, like these, are retried by a later `--retry-failed` run.
 RETRY_NOW = {Reason.TIMEOUT, Reason.CONNECT_ERROR, "http_429"}
 INLINE_DECODE_PIXELS = 512 * 512  # decoded on the event loop; larger images in a thread
-PROBE_AT = 64 * 1024  # bytes after which the image header is probed (pixel bombs stop here)
+PROBE_AT = 64 * 1024
+# Finished downloads held while an earlier URL is still in flight; past this, no new URL starts.
+# Memory per worker stays below this plus connections x image.max_bytes (bodies being read).
+BUFFER_BYTES = 256 * 2**20  # bytes after which the image header is probed (pixel bombs stop here)
 _REDIRECTS = {301, 302, 303, 307, 308}
 _BINARY_TYPES = {"application/octet-stream", "binary/octet-stream", "application/binary", ""}
+
+
+def _buffered(pending: "deque[asyncio.Task]") -> int:
+    """Bytes of finished downloads waiting behind a slower one (they are yielded in input order)."""
+    return sum(len(t.result().data or b"") for t in pending if t.done() and not t.cancelled()
+               and t.exception() is None)
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -133,7 +143,7 @@ class Downloader:
             source = iter(urls)
             exhausted = False
             while True:
-                while not exhausted and len(pending) < window:
+                while not exhausted and len(pending) < window and _buffered(pending) < BUFFER_BYTES:
                     url = next(source, None)
                     if url is None:
                         exhausted = True
