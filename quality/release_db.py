@@ -26,6 +26,7 @@ class ReleaseDB:
     cfg: Config
     columns: list[str] = field(default_factory=list)
     has_rejects: bool = False
+    has_data: bool = True  # False when the release has no data files (every record was rejected)
 
     def stage(self, name: str) -> dict:
         """release.json's entry for a stage ({} when the release predates stage records)."""
@@ -88,4 +89,4 @@ def open_release(release_dir: str, overrides: list[str] | None = None, threads: 
         con.execute(f"CREATE VIEW rejects AS SELECT * FROM read_parquet({_sql_list(reject_files)}, "
                     "union_by_name = true)")
     columns = [row[0] for row in con.execute("DESCRIBE faces").fetchall()]
-    return ReleaseDB(release_dir, con, info, cfg, columns, bool(reject_files))
+    return ReleaseDB(release_dir, con, info, cfg, columns, bool(reject_files), bool(files))

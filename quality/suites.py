@@ -132,6 +132,8 @@ def compute_metrics(db: ReleaseDB, checks: list[Check]) -> tuple[dict[str, Any],
         missing = [c for c in check.columns if c not in db.columns]
         if off:
             skipped[check.name] = f"{NOT_APPLICABLE}: stage {stage} off ({off})"
+        elif check.columns and not db.has_data:
+            skipped[check.name] = f"{NOT_APPLICABLE}: the release has no face records"
         elif missing and stage and not db.stage(stage):
             skipped[check.name] = f"{NOT_APPLICABLE}: no {', '.join(missing)} column and no record of stage {stage}"
         elif missing:

@@ -119,10 +119,11 @@ def write_synthetic_release(out: Path, n_images: int = 30, defect: str | None = 
               {"stage": "detect", "rows_in": n_images, "rows_out": n, "rejects": {}},
               {"stage": "annotate", "rows_in": n, "rows_out": n, "rejects": {}},
               {"stage": "caption", "rows_in": n, "rows_out": n + (defect == "funnel_mismatch"), "rejects": {}}]
-    stages = {"ingest": {"status": "on"}, "detect": {"status": "on", "model": rows[0]["detector"]},
+    detector = "retinaface-mobilenet0.25@sha256:synthetic"
+    stages = {"ingest": {"status": "on"}, "detect": {"status": "on", "model": detector},
               "annotate": {"status": "on", "model": "synthetic:not-a-model"},
               "caption": {"status": "on", "model": "synthetic"}}
     staged, _ = release.assemble(str(out), f"synthetic-{defect or 'clean'}", [
         {"output": str(shard), "rows_written": n}], [], cfg,
-        {"detector": rows[0]["detector"], "stages": stages, "funnel": funnel, "sources": ["/synthetic/folder"]})
+        {"detector": detector, "stages": stages, "funnel": funnel, "sources": ["/synthetic/folder"]})
     return Path(staged)

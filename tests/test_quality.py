@@ -128,3 +128,14 @@ def test_validate_flow_fails_on_a_defective_release(prefect_api_url, tmp_path):
     good = write_synthetic_release(tmp_path / "good")
     assert validate(str(good))["passed"] is True
     shutil.rmtree(tmp_path)
+
+
+def test_an_empty_release_is_not_failed_for_missing_columns(tmp_path):
+    # Every record rejected: nothing to check per row, but the funnel must still agree and the report render.
+    staged = write_synthetic_release(tmp_path, n_images=0)
+    verdict = validate_release(str(staged), log=_quiet)
+    checks = _by_name(verdict)
+    assert verdict["passed"] and checks["rows_match_funnel"]["status"] == "passed"
+    assert checks["sample_id_unique"]["status"] == "not applicable"
+    assert "no face records" in checks["sample_id_unique"]["why"]
+    assert json.loads((staged / "report" / "report.json").read_text())["figures"]["rows"] == 0
