@@ -295,3 +295,21 @@ def test_results_keep_input_order_under_a_tight_memory_budget(server, monkeypatc
                               ImageLimits(**LIMITS)).iter_fetch([server.url(p) for p in paths]))
     assert [r.url for r in results] == [server.url(p) for p in paths] and all(r.ok for r in results)
     assert [r.data for r in results[1:5]] == [default_images()[f"gen{i}.png"] for i in range(4)]
+
+
+def test_a_corrupt_row_group_of_a_url_list_rejects_its_rows_and_keeps_the_others(tmp_path, server):
+    path = tmp_path / "rg.parquet"
+    pq.write_table(pa.table({"URL": [server.url(f"/img/gen{i}.png?t=rg") for i in range(4)], "TEXT": list("abcd")}),
+                   path, row_group_size=2, compression="zstd")
+    data = bytearray(path.read_bytes())
+    start = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    for i in range(start, start + 64):  # garble the second row group's page header
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    cfg = cfg_for()
+    specs, _ = plan_shards([str(path)], cfg.ingest)
+    stats = pipeline.run_ingest(specs[0], str(tmp_path / "out"), cfg)
+    kept, rejects = shard_tables(stats)
+    assert kept.column("source_offset").to_pylist() == ["0", "1"]
+    assert dict(zip(rejects.column("source_offset").to_pylist(), rejects.column("reason").to_pylist())) == {
+        "2": "unreadable_member", "3": "unreadable_member"}

@@ -27,6 +27,7 @@ sidecar is skipped with a note; the tar is the source.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -87,10 +88,18 @@ def _caption_column(names: list[str], settings: IngestSettings) -> str | None:
 # --------------------------------------------------------------------------- reading rows
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """Stands in for the URL of a row that could not be read."""
+
+    detail: str
+
+
 def iter_rows(spec, settings: IngestSettings, only: set[str] | None = None) -> Iterator[tuple[str, Any, dict]]:
     """(offset, url, other columns) for the spec's rows (or only the given offsets), in order.
 
-    Raises on an unreadable file; the caller turns that into rejects.
+    Raises on an unreadable file (the caller rejects its rows); a corrupt Parquet row group
+    gives its rows with an `Unreadable` in place of the URL.
     """
     fs, path = storage.filesystem(spec.source)
     fmt = list_format(path)
@@ -104,8 +113,15 @@ def iter_rows(spec, settings: IngestSettings, only: set[str] | None = None) -> I
                 n = pf.metadata.row_group(rg).num_rows
                 lo, hi = max(spec.start, offset), min(spec.stop, offset + n)
                 if lo < hi and (only is None or any(lo <= int(o) < hi for o in only)):
-                    table = pf.read_row_group(rg).slice(lo - offset, hi - lo)
-                    yield from _rows(table, lo, col, only)
+                    try:
+                        table = pf.read_row_group(rg).slice(lo - offset, hi - lo)
+                    except Exception as exc:  # a corrupt page loses its row group's rows (as rejects), not the shard
+                        bad = Unreadable(f"row group {rg}: {type(exc).__name__}: {exc}"[:300])
+                        for row in range(lo, hi):
+                            if only is None or str(row) in only:
+                                yield str(row), bad, {}
+                    else:
+                        yield from _rows(table, lo, col, only)
                 offset += n
                 if offset >= spec.stop:
                     break
@@ -178,7 +194,9 @@ class _UrlShard:
         for index, fetched in enumerate(downloader.iter_fetch(requests())):
             offset, url = urls[index]
             caption, meta = rows.pop(offset)
-            if not isinstance(url, str) or not url.strip():
+            if isinstance(url, Unreadable):
+                self.batch.reject(offset, Reason.UNREADABLE_MEMBER, url.detail)
+            elif not isinstance(url, str) or not url.strip():
                 self.batch.reject(offset, Reason.INVALID_URL, f"column {col} is empty or not text")
             elif fetched.ok:
                 if fetched.resized_from or fetched.final_url != url or fetched.attempts > 1:
