@@ -59,6 +59,9 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 _BINARY_TYPES = {"application/octet-stream", "binary/octet-stream", "application/binary", ""}
 
 
+_END = object()
+
+
 def _buffered(pending: "deque[asyncio.Task]") -> int:
     """Bytes of finished downloads waiting behind a slower one (they are yielded in input order)."""
     return sum(len(t.result().data or b"") for t in pending if t.done() and not t.cancelled()
@@ -144,8 +147,8 @@ class Downloader:
             exhausted = False
             while True:
                 while not exhausted and len(pending) < window and _buffered(pending) < BUFFER_BYTES:
-                    url = next(source, None)
-                    if url is None:
+                    url = next(source, _END)
+                    if url is _END:
                         exhausted = True
                         break
                     pending.append(loop.create_task(self.fetch(slots, url)))
