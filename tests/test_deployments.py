@@ -11,6 +11,7 @@ run triggers nothing.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,38 +45,7 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A real Prefect server (API, UI, event triggers) on a free 127.0.0.1 port with a temporary home."""
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": "", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                             "--analytics-off", "--no-scheduler", "--no-late-runs"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-
-    def healthy() -> bool:
-        assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(healthy, 180, "prefect server start")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-# The recurate schedule is registered but never fires here (the server runs without its scheduler).
+# The recurate schedule is registered; its next run is days away, so nothing fires during the test.
 SERVE_SETTINGS = ["ingest.shard_size=8", "execution.n_workers=1", "train.model_size=tiny", "train.steps=1",
                   "train.batch_size=4", "train.num_workers=0",
                   "deploy.sources=[/nonexistent/sources]", "deploy.out=/nonexistent/out",
@@ -84,32 +54,40 @@ SERVE_SETTINGS_ARGS = [a for setting in SERVE_SETTINGS for a in ("--set", settin
 
 
 @pytest.fixture(scope="module")
-def served(prefect_server, tmp_path_factory):
-    """`facecap serve` against the server: registers the deployments and executes their runs."""
+def served(tmp_path_factory):
+    """`facecap serve` with no PREFECT_API_URL: it starts `prefect server start` (API, UI, scheduler,
+    event triggers) on a free 127.0.0.1 port with a temporary PREFECT_HOME, registers the deployments
+    and executes their runs."""
     home = tmp_path_factory.mktemp("serve-home")
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": prefect_server,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
     log_path = home / "serve.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "facecap", "serve", "--profile", "offline", *SERVE_SETTINGS_ARGS],
+        [sys.executable, "-m", "facecap", "serve", "--profile", "offline", "--port", str(port), *SERVE_SETTINGS_ARGS],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(home))
-    client = httpx.Client(base_url=prefect_server, timeout=30)
+    client = httpx.Client(base_url=url, timeout=30)
 
     def deployments() -> dict | None:
         assert proc.poll() is None, log_path.read_text()[-3000:]
-        found = client.post("/deployments/filter", json={}).json()
+        try:
+            found = client.post("/deployments/filter", json={}).json()
+        except httpx.HTTPError:
+            return None  # the server is still starting
         names = {f"{d['name']}": d for d in found}
         return names if {"curate", "recurate", "train", "validate", "eval"} <= set(names) else None
 
     try:
-        yield client, wait_for(deployments, 120, "facecap serve to register its deployments"), log_path
+        yield client, wait_for(deployments, 240, "facecap serve to start a server and register deployments"), \
+            log_path, url
     finally:
-        proc.terminate()
+        proc.send_signal(signal.SIGTERM)  # serve stops the server it started
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            os.killpg(proc.pid, signal.SIGKILL)
         client.close()
 
 
@@ -136,7 +114,9 @@ def train_runs(client: httpx.Client, deployment: dict) -> list[dict]:
 
 
 def test_deployment_run_shows_state_artifacts_and_triggers_training(served, example_dir, tmp_path):
-    client, deployments, log = served
+    client, deployments, log, url = served
+    ui = httpx.get(url.removesuffix("/api") + "/", timeout=30)  # the UI people open
+    assert ui.status_code == 200 and "<html" in ui.text.lower()
     curate, train = deployments["curate"], deployments["train"]
     assert curate["tags"] == ["facecap", "curate"] and curate["parameters"]["profile"] == "offline"
 
@@ -189,7 +169,7 @@ def test_deployment_run_shows_state_artifacts_and_triggers_training(served, exam
 
 
 def test_served_deployments_carry_schedule_parameters_and_tags(served):
-    _, deployments, _ = served
+    _, deployments, _, _ = served
     recurate = deployments["recurate"]
     assert [s["schedule"]["cron"] for s in recurate["schedules"]] == ["15 4 * * 2"]
     assert recurate["parameters"]["sources"] == ["/nonexistent/sources"]
@@ -246,8 +226,9 @@ def test_deploy_without_a_server_is_a_clear_error(tmp_path):
     assert run.returncode == 2 and "PREFECT_API_URL" in run.stderr and "Traceback" not in run.stderr
 
 
-def test_facecap_deploy_and_prefect_deploy_register_for_a_work_pool(prefect_server, tmp_path):
+def test_facecap_deploy_and_prefect_deploy_register_for_a_work_pool(served, tmp_path):
     """The cluster path: deployments in work pool `facecap` for `prefect worker start --pool facecap`."""
+    prefect_server = served[3]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path), "PREFECT_API_URL": prefect_server}
     registered = subprocess.run(
         [sys.executable, "-m", "facecap", "deploy", "--config", str(ROOT / "docker" / "facecap.yaml"),

@@ -30,6 +30,7 @@ def register(subparsers, add_config_args) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import os
+    import signal
     from contextlib import nullcontext
 
     from facecap import deploy
@@ -41,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     specs = deploy.deployment_specs(cfg, config_file, args.overrides, args.profile)
     for note in deploy.skipped_notes(cfg):
         print(f"note: {note}", flush=True)
+    def stop(signum, frame):  # SIGTERM (docker stop, kill) ends like Ctrl-C: the server started here stops too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     url = configured_api_url()
     with nullcontext(url) if url else deploy.prefect_server(args.port) as url:
         print(f"serving {', '.join(s.name for s in specs)} against {url} (Ctrl-C stops)", flush=True)
