@@ -184,7 +184,7 @@ def run_annotate(previous: dict, out: str, cfg: Config, plan: RunPlan | str) -> 
     model = None
     if not storage.exists(paths.stats):
         # Loaded once per worker process, before the shard's clock starts.
-        model = load_attribute_model(cfg, _attribute_threads(cfg))
+        model = load_attribute_model(cfg, _attribute_threads(cfg), expect=model_id)
         if model.identity != model_id:
             raise RuntimeError(f"worker loaded attribute model {model.identity}, the run planned {model_id}: "
                                "the model files differ between the driver and this worker")

@@ -371,14 +371,26 @@ def _set_threads(threads: int | None) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_model(cfg_json: str, threads: int | None) -> AttributeModel:
-    cfg = Config.model_validate_json(cfg_json)
+def _cached_model(profile: str, backend: str, model: str | None, device: str, models_json: str,
+                  threads: int | None) -> AttributeModel:
+    cfg = Config.model_validate({"profile": profile, "attributes": {"backend": backend, "model": model,
+                                                                    "device": device},
+                                 "models": json.loads(models_json)})
     _set_threads(threads)
-    location = locate_model(cfg)
-    return BACKENDS[cfg.attributes.backend](location, cfg.attributes.device)
+    return BACKENDS[backend](locate_model(cfg), device)
 
 
-def load_attribute_model(cfg: Config, threads: int | None = None) -> AttributeModel:
-    """The process-wide attribute model for this config (loaded once per worker process)."""
-    relevant = Config(profile=cfg.profile, attributes=cfg.attributes, models=cfg.models)
-    return _cached_model(relevant.model_dump_json(), threads)
+def load_attribute_model(cfg: Config, threads: int | None = None, expect: str | None = None) -> AttributeModel:
+    """The process-wide attribute model for this config (loaded once per worker process).
+
+    Keyed by what selects the model only, so a threshold change reuses the loaded model.
+    With `expect` (the identity the run planned), a cached model whose files have
+    changed since it was loaded (e.g. a new calibration) is loaded again.
+    """
+    a = cfg.attributes
+    key = (cfg.profile, a.backend, a.model, a.device, cfg.models.model_dump_json(), threads)
+    model = _cached_model(*key)
+    if expect is not None and model.identity != expect:
+        _cached_model.cache_clear()
+        model = _cached_model(*key)
+    return model
