@@ -23,7 +23,7 @@ from facecap import manifest, release, storage
 from facecap.config import Config
 from facecap.pipeline import INGEST, plan_run
 from facecap.stages.ingest import plan_shards
-from facecap.tasks.stages import STAGE_TASKS, ingest_task, placement
+from facecap.tasks.stages import STAGE_TASKS, check_stage_resources, ingest_task, placement
 from facecap.tasks.validate import validate_task
 from facecap.flows.run_artifacts import publish_curate_artifacts
 from facecap.quality.validate import ReleaseBlocked, blocked_message
@@ -139,6 +139,7 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
         # Share the machine's cores between local workers instead of oversubscribing them.
         cfg.detect.threads = max(1, (os.cpu_count() or 1) // local_workers(cfg))
 
+    check_stage_resources(cfg)
     plan = plan_run(cfg)  # fails here, before any work, if a model a stage needs is missing
     chain = [INGEST] + plan.chain
     specs, notes = plan_shards(sources, cfg.ingest)

@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from facecap import pipeline
-from facecap.config import Config
+from facecap.config import Config, ConfigError
 from facecap.pipeline import RunPlan, StageInfo
 from facecap.stages.ingest import ShardSpec
 
@@ -76,6 +76,14 @@ def placement(stage: StageInfo, cfg: Config) -> Iterator[None]:
         annotations["resources"] = resources
     with dask.annotate(**annotations):
         yield
+
+
+def check_stage_resources(cfg: Config) -> None:
+    """execution.stage_resources may only name stages that exist (a typo would silently pin nothing)."""
+    known = [pipeline.INGEST.name] + [s.name for s in pipeline.FACE_STAGES]
+    unknown = sorted(set(cfg.execution.stage_resources) - set(known))
+    if unknown:
+        raise ConfigError(f"execution.stage_resources names unknown stage(s) {unknown}; stages are {known}")
 
 
 def stage_resources(stage: StageInfo, cfg: Config) -> dict[str, float]:

@@ -198,3 +198,20 @@ def test_killing_a_worker_mid_run_loses_and_duplicates_nothing(prefect_api_url, 
     # Every input image is accounted for once: kept faces' images + rejected images = inputs.
     accounted = set(data.column("image_id").to_pylist()) | set(rejects.column("image_id").to_pylist())
     assert len(accounted) == BUSY_IMAGES
+
+
+def test_stage_resources_pin_any_stage_and_unknown_stages_are_errors():
+    import dask
+
+    from facecap.config import ConfigError
+    from facecap.pipeline import DETECT, INGEST
+    from facecap.tasks.stages import check_stage_resources, placement, stage_resources
+
+    cfg = offline_config(execution={"stage_resources": {"ingest": {"io": 1}}}, detect={"device": "cuda"})
+    assert stage_resources(INGEST, cfg) == {"io": 1}
+    assert stage_resources(DETECT, cfg) == {"GPU": 1}  # cuda asks for the GPU without any stage_resources
+    with placement(INGEST, cfg):
+        assert dask.get_annotations() == {"priority": INGEST.priority, "resources": {"io": 1}}
+    check_stage_resources(cfg)
+    with pytest.raises(ConfigError, match=r"unknown stage\(s\) \['detec'\]"):
+        check_stage_resources(offline_config(execution={"stage_resources": {"detec": {"GPU": 1}}}))
