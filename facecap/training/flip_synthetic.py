@@ -54,14 +54,14 @@ def draw_sample(colour: str, shape: str, rng: random.Random, size: int = 48) -> 
     return buf.getvalue()
 
 
-def _rows(pairs: list[tuple[str, str]], rng: random.Random, prefix: str) -> list[dict]:
+def _rows(pairs: list[tuple[str, str]], rng: random.Random, prefix: str, size: int = 48) -> list[dict]:
     rows = []
     for i, (colour, shape) in enumerate(pairs):
         if True:
             image_id = hashlib.sha256(f"{prefix}:{colour}:{shape}:{i}".encode()).hexdigest()[:16]
             rows.append({
                 "sample_id": f"{image_id}-00", "image_id": image_id,
-                "image": draw_sample(colour, shape, rng),
+                "image": draw_sample(colour, shape, rng, size),
                 "caption": f"a {colour} {shape} on a grey background",
                 "source_caption": f"{colour} {shape}",
                 "attributes": [_COLOUR_ATTRIBUTES[colour], _SHAPE_ATTRIBUTES[shape]],
@@ -70,15 +70,15 @@ def _rows(pairs: list[tuple[str, str]], rng: random.Random, prefix: str) -> list
 
 
 def write_synthetic_release(release_dir: str, train_per_class: int = 8, layout: str = "split-files", seed: int = 0,
-                            row_group_size: int = 64, no_text_rows: int = 0) -> dict:
+                            row_group_size: int = 64, no_text_rows: int = 0, image_size: int = 48) -> dict:
     """Write RELEASE/data + release.json: train_per_class faces of every colour x shape, one test face per colour.
 
     layout: split-files (data/train-*, data/test-*), split-column (a `split` column) or unsplit (no split info).
     no_text_rows: extra train rows with an empty caption (the loader must skip and count them).
     """
     rng = random.Random(seed)
-    train = _rows(classes() * train_per_class, rng, "train")
-    test = _rows([(c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLOURS)], rng, "test")
+    train = _rows(classes() * train_per_class, rng, "train", image_size)
+    test = _rows([(c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLOURS)], rng, "test", image_size)
     counts = {"train": len(train), "test": len(test), "no_text": no_text_rows}
     for row in _rows(classes()[:no_text_rows], rng, "notext"):
         train.append({**row, "caption": "", "source_caption": None})
