@@ -240,7 +240,6 @@ class TrainSettings(_Section):
     max_text_tokens: int = Field(65, ge=8, description="Caption length in WordPiece tokens incl. [CLS]/[SEP].")
     embed_dim: int = Field(256, ge=8, description="Width of the shared image-text embedding space.")
     dropout: float | None = Field(None, ge=0, lt=1, description="BERT dropout. Unset: 0.1 (base), 0 (tiny).")
-    dropout: float | None = Field(None, ge=0, lt=1, description="BERT dropout. Unset: 0.1 (base), 0 (tiny).")
     queue_size: int = Field(61_440, ge=0, description="Momentum feature queue length (paper: 61,440); 0: no queue.")
     momentum: float = Field(0.995, ge=0, lt=1, description="EMA factor of the momentum encoders.")
     distill_alpha: float = Field(
@@ -259,9 +258,6 @@ class TrainSettings(_Section):
     seed: int = Field(0, description="Seeds model init, data order, augmentation and sampling.")
     augment: bool = Field(True, description="Random resized crop (scale 0.5-1) and horizontal flip on train images.")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding and tokenising.")
-    threads: int | None = Field(
-        None, ge=1, description="torch CPU threads of the training process (unset: torch's default). On a shared "
-                                "or small CPU, 1 avoids oversubscription with the loader workers.")
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads of the training process (unset: torch's default). On a shared "
                                 "or small CPU, 1 avoids oversubscription with the loader workers.")
