@@ -41,6 +41,14 @@ class Check:
     min_value: float | None = 0  # counts and rates: 0 .. max_value
     max_value: float | None = 0
 
+    @property
+    def row_condition(self) -> str | None:
+        """For a count of offending rows, the SQL condition that picks them (to show examples)."""
+        prefix = "count(*) FILTER ("
+        if self.metric and self.metric.startswith(prefix) and self.metric.endswith(")"):
+            return self.metric[len(prefix):-1]
+        return None
+
 
 def caption_words_sql(column: str) -> str:
     """Words = space-separated tokens: 1 + the number of spaces (captions are single-spaced, the blank

@@ -10,6 +10,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,7 @@ class ReleaseDB:
     columns: list[str] = field(default_factory=list)
     has_rejects: bool = False
     has_data: bool = True  # False when the release has no data files (every record was rejected)
+    spill_dir: str | None = None
 
     def stage(self, name: str) -> dict:
         """release.json's entry for a stage ({} when the release predates stage records)."""
@@ -46,6 +49,8 @@ class ReleaseDB:
 
     def close(self) -> None:
         self.con.close()
+        if self.spill_dir:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
 
 
 def _sql_list(paths: list[str]) -> str:
@@ -58,7 +63,7 @@ def data_files(release_dir: str) -> list[str]:
 
 
 def open_release(release_dir: str, overrides: list[str] | None = None, threads: int | None = None,
-                 memory_limit: str = "3GB") -> ReleaseDB:
+                 memory_limit: str = "2GB") -> ReleaseDB:
     """Open RELEASE_DIR for checks; a missing or malformed release is a ConfigError saying what is wrong."""
     release_dir = os.path.abspath(release_dir)
     info_path = os.path.join(release_dir, "release.json")
@@ -75,7 +80,11 @@ def open_release(release_dir: str, overrides: list[str] | None = None, threads: 
     cfg = load_config(config_path if os.path.isfile(config_path) else None, overrides)
 
     con = duckdb.connect()
+    # Under 4 GB for the whole process at 15M rows: DuckDB spills its hash tables (distinct ids) to a
+    # temporary folder of its own, removed on close, instead of the current directory.
+    spill = tempfile.mkdtemp(prefix="facecap-validate-")
     con.execute(f"SET memory_limit = '{memory_limit}'")
+    con.execute(f"SET temp_directory = '{spill}'")
     con.execute("SET preserve_insertion_order = false")  # aggregates only: lets DuckDB stream
     if threads:
         con.execute(f"SET threads = {int(threads)}")
@@ -89,4 +98,4 @@ def open_release(release_dir: str, overrides: list[str] | None = None, threads: 
         con.execute(f"CREATE VIEW rejects AS SELECT * FROM read_parquet({_sql_list(reject_files)}, "
                     "union_by_name = true)")
     columns = [row[0] for row in con.execute("DESCRIBE faces").fetchall()]
-    return ReleaseDB(release_dir, con, info, cfg, columns, bool(reject_files), bool(files))
+    return ReleaseDB(release_dir, con, info, cfg, columns, bool(reject_files), bool(files), spill)

@@ -19,8 +19,8 @@ from typing import Any
 from facecap.attributes import ATTRIBUTES, CATEGORY_OF, PAPER_CATEGORY_SHARES
 from facecap.quality import svg
 from facecap.quality.checks import caption_blank_sql, caption_words_sql
-from facecap.quality.release_db import ReleaseDB
-from facecap.quality.suites import NOT_APPLICABLE, CheckResult
+from facecap.quality.release_db import ReleaseDB, data_files
+from facecap.quality.suites import NOT_APPLICABLE, CheckResult, sample_rows
 
 PAPER_MEAN_CROP_PX = 285  # FaceCaption-15M: mean face region 285 x 285
 PAPER_MEAN_CAPTION_WORDS = 30
@@ -29,15 +29,6 @@ THUMB_PX = 112
 
 
 # --- figures ---------------------------------------------------------------
-def _one_pass(db: ReleaseDB, exprs: dict[str, str], words: str | None = None) -> dict[str, Any]:
-    """Evaluate several aggregates in one scan of the release (`_words`: caption words, computed once per row)."""
-    if not exprs:
-        return {}
-    source = f"(SELECT *, {words} AS _words FROM faces)" if words else "faces"
-    row = db.con.execute("SELECT " + ", ".join(f"{e} AS {k}" for k, e in exprs.items()) + f" FROM {source}").fetchone()
-    return dict(zip(exprs, row))
-
-
 def _bin_expr(expr: str, lo: float, hi: float, bins: int) -> str:
     width = (hi - lo) / bins or 1
     return f"least(greatest(floor(({expr} - {lo}) / {width}), 0), {bins - 1})::INT"
@@ -62,10 +53,9 @@ def _caption_column(db: ReleaseDB) -> tuple[str | None, str]:
 
 
 def _four_gram_curve(db: ReleaseDB, column: str, sample: int) -> dict:
-    """Unique 4-grams as the share of data grows: the paper's naturalness measure, on a deterministic sample."""
-    texts = [t for (t,) in db.con.execute(
-        f"SELECT {column} FROM faces WHERE {column} IS NOT NULL ORDER BY hash(sample_id) LIMIT {int(sample)}"
-    ).fetchall()]
+    """Unique 4-grams as the share of data grows: the paper's naturalness measure, on a deterministic
+    sample spread over the release (see suites.sample_rows)."""
+    texts = [r[column] for r in sample_rows(data_files(db.path), sample, [column]) if r[column]]
     seen: set[tuple[str, ...]] = set()
     total = 0
     points = []
@@ -81,59 +71,67 @@ def _four_gram_curve(db: ReleaseDB, column: str, sample: int) -> dict:
     return {"sample": len(texts), "points": points}
 
 
-def compute_figures(db: ReleaseDB) -> dict[str, Any]:
-    """Every figure of the report in a few scans: ranges, then histograms, then attribute counts."""
-    cfg, cols = db.cfg, set(db.columns)
-    column, label = _caption_column(db)
-    words = caption_words_sql(column) if column else None
-    has = {"ids": "image_id" in cols, "det": "det_score" in cols, "crop": {"width", "height"} <= cols,
-           "attrs": "attributes" in cols, "words": words is not None, "checks": "caption_check" in cols}
-    # Pass 1: counts, means and ranges (the ranges set the histogram bins).
+def _text_sql(db: ReleaseDB, column: str) -> tuple[str, str, dict[str, str]]:
+    """(words, blank) SQL for the report's text column, and per-row columns to add for them."""
+    if column == "caption":  # the checks already compute these once per row
+        return "_caption_words", "_caption_blank", {}
+    return "_text_words", "_text_blank", {"_text_words": caption_words_sql(column),
+                                          "_text_blank": caption_blank_sql(column)}
+
+
+def figure_bins(db: ReleaseDB) -> dict[str, tuple[float, float, int]]:
+    """Fixed histogram ranges (from the config, not the data), so the figures need no extra scan."""
+    cfg = db.cfg
+    side_hi = max(1024.0, 8.0 * cfg.detect.min_face_px)
+    return {"det": (min(cfg.detect.min_score, 0.999), 1.0, 20), "side": (float(cfg.detect.min_face_px), side_hi, 24),
+            "words": (0.0, float(max(cfg.quality.max_caption_words, 40)), 24)}
+
+
+def figure_aggregates(db: ReleaseDB) -> tuple[dict[str, str], dict[str, str]]:
+    """The report's aggregates and the per-row values they need: they run in the checks' scan."""
+    cols, bins = set(db.columns), figure_bins(db)
+    if not db.has_data:
+        return {}, {}
     exprs = {"n_rows": "count(*)"}
-    if has["ids"]:
+    derived: dict[str, str] = {}
+    if "image_id" in cols:
         exprs["n_images"] = "count(DISTINCT hash(image_id))"  # 64-bit hash: exact enough for a headline
-    if has["det"]:
-        exprs.update(det_min="min(det_score)", det_mean="avg(det_score)")
-    if has["crop"]:
-        exprs.update(w_mean="avg(width)", h_mean="avg(height)", side_lo="min(sqrt(width * height))",
-                     side_hi="max(sqrt(width * height))")
-    if has["words"]:
-        exprs.update(words_mean=f"avg(_words) FILTER (NOT {caption_blank_sql(column)})", words_hi="max(_words)")
-    first = _one_pass(db, exprs, words)
-    rows = int(first["n_rows"])
-    fig: dict[str, Any] = {"rows": rows, "splits": split_counts(db.path)}
-    if has["ids"] and rows:
-        fig["source_images"] = int(first["n_images"])
-    if not rows:
-        has = {k: False for k in has}
-    # Pass 2: histograms as DuckDB histogram() maps, all in one scan.
-    det_lo = min(cfg.detect.min_score, float(first.get("det_min") or 1.0))
-    side_lo, side_hi = float(first.get("side_lo") or 0), float(first.get("side_hi") or 1)
-    side_hi = max(side_hi, side_lo + 1)
-    words_hi = float(max(first.get("words_hi") or 1, 40))
-    exprs = {}
-    if has["det"]:
-        exprs["det_hist"] = f"histogram({_bin_expr('det_score', det_lo, 1.0, 20)})"
-    if has["crop"]:
-        exprs["side_hist"] = f"histogram({_bin_expr('sqrt(width * height)', side_lo, side_hi, 20)})"
-    if has["attrs"]:
+    if "det_score" in cols:
+        exprs.update(det_mean="avg(det_score)", det_hist=f"histogram({_bin_expr('det_score', *bins['det'])})")
+    if {"width", "height"} <= cols:
+        exprs.update(w_mean="avg(width)", h_mean="avg(height)",
+                     side_hist=f"histogram({_bin_expr('sqrt(width * height)', *bins['side'])})")
+    if "attributes" in cols:
         exprs["per_face"] = "histogram(len(attributes))"
-    if has["words"]:
-        exprs["words_hist"] = f"histogram({_bin_expr('_words', 0, words_hi, 20)}) FILTER (NOT {caption_blank_sql(column)})"
-    if has["checks"]:
+    column, _ = _caption_column(db)
+    if column:
+        words, blank, derived = _text_sql(db, column)
+        exprs.update(words_mean=f"avg({words}) FILTER (NOT {blank})",
+                     words_hist=f"histogram({_bin_expr(words, *bins['words'])}) FILTER (NOT {blank})")
+    if "caption_check" in cols:
         exprs["checks"] = "histogram(caption_check)"
         if "caption_model" in cols:
             exprs["not_rewritten"] = "count(*) FILTER (caption_model = 'none' OR caption_check = 'not_rewritten')"
-    second = _one_pass(db, exprs, words if has["words"] else None)
-    if has["det"]:
-        fig["det_score"] = {"mean": round(float(first["det_mean"]), 5), "threshold": cfg.detect.min_score,
-                            **_hist(second["det_hist"], det_lo, 1.0, 20)}
-    if has["crop"]:
-        fig["crop"] = {"mean_width": round(float(first["w_mean"]), 1), "mean_height": round(float(first["h_mean"]), 1),
+    return exprs, derived
+
+
+def compute_figures(db: ReleaseDB, agg: dict[str, Any]) -> dict[str, Any]:
+    """Every figure of the report from the scan's aggregates (`agg`), one attribute count and two samples."""
+    cfg, cols, bins = db.cfg, set(db.columns), figure_bins(db)
+    rows = int(agg.get("n_rows") or 0)
+    fig: dict[str, Any] = {"rows": rows, "splits": split_counts(db.path)}
+    if rows and "n_images" in agg:
+        fig["source_images"] = int(agg["n_images"])
+    if rows and "det_hist" in agg:
+        fig["det_score"] = {"mean": round(float(agg["det_mean"]), 5), "threshold": cfg.detect.min_score,
+                            **_hist(agg["det_hist"], *bins["det"])}
+    if rows and "side_hist" in agg:
+        fig["crop"] = {"mean_width": round(float(agg["w_mean"]), 1), "mean_height": round(float(agg["h_mean"]), 1),
                        "paper_mean": PAPER_MEAN_CROP_PX, "min_face_px": cfg.detect.min_face_px,
-                       **_hist(second["side_hist"], side_lo, side_hi, 20)}
-    if has["attrs"]:
-        per_face = {int(k): int(v) for k, v in (second["per_face"] or {}).items() if k is not None}
+                       "note": f"crop side sqrt(width x height); the last bin holds everything >= {bins['side'][1]:g}",
+                       **_hist(agg["side_hist"], *bins["side"])}
+    if rows and "per_face" in agg:
+        per_face = {int(k): int(v) for k, v in (agg["per_face"] or {}).items() if k is not None}
         freq = dict(db.con.execute("SELECT a, count(*) FROM (SELECT unnest(attributes) AS a FROM faces) GROUP BY a")
                     .fetchall())
         kept = sum(freq.values()) or 1
@@ -151,13 +149,14 @@ def compute_figures(db: ReleaseDB) -> dict[str, Any]:
     else:
         off = db.stage_off_reason("annotate")
         fig["attributes"] = {NOT_APPLICABLE: f"stage annotate off ({off})" if off else "no attributes column"}
-    if has["words"]:
-        fig["caption_words"] = {"column": label, "mean": round(float(first["words_mean"] or 0), 1),
-                                "paper_mean": PAPER_MEAN_CAPTION_WORDS, **_hist(second["words_hist"], 0, words_hi, 20)}
+    column, label = _caption_column(db)
+    if rows and "words_hist" in agg:
+        fig["caption_words"] = {"column": label, "mean": round(float(agg["words_mean"] or 0), 1),
+                                "paper_mean": PAPER_MEAN_CAPTION_WORDS, **_hist(agg["words_hist"], *bins["words"])}
         fig["four_grams"] = {"column": label, **_four_gram_curve(db, column, cfg.quality.ngram_sample)}
-    if has["checks"]:
-        checks = dict(sorted(((str(k), int(v)) for k, v in (second["checks"] or {}).items()), key=lambda kv: -kv[1]))
-        not_rewritten = int(second.get("not_rewritten", checks.get("not_rewritten", 0)))
+    if rows and "checks" in agg:
+        checks = dict(sorted(((str(k), int(v)) for k, v in (agg["checks"] or {}).items()), key=lambda kv: -kv[1]))
+        not_rewritten = int(agg.get("not_rewritten", checks.get("not_rewritten", 0)))
         fig["rewrite"] = {"checks": checks, "not_rewritten_share": round(not_rewritten / rows, 4)}
     else:
         off = db.stage_off_reason("caption")
@@ -220,17 +219,16 @@ def _thumbnail(data: bytes, limits, box: list[float] | None = None) -> str | Non
 
 
 def gallery(db: ReleaseDB) -> list[dict]:
+    """Sample faces spread over the release (row-group sample: no scan of the image column)."""
     n = db.cfg.quality.gallery_size
     if n <= 0 or "image" not in db.columns:
         return []
     column, _ = _caption_column(db)
-    extra = ", attributes" if "attributes" in db.columns else ""
-    cur = db.con.execute(f"SELECT sample_id, image, {column or 'NULL'} AS caption, det_score, width, height{extra} "
-                         f"FROM faces ORDER BY hash(sample_id) LIMIT {int(n)}")
-    names = [d[0] for d in cur.description]
+    wanted = ["sample_id", "image", "det_score", "width", "height"] + ([column] if column else []) + \
+        (["attributes"] if "attributes" in db.columns else [])
     out = []
-    for row in cur.fetchall():
-        rec = dict(zip(names, row))
+    for rec in sample_rows(data_files(db.path), n, wanted):
+        rec["caption"] = rec.pop(column, None) if column else None
         rec["thumbnail"] = _thumbnail(rec.pop("image") or b"", db.cfg.image)
         out.append(rec)
     return out
@@ -270,6 +268,14 @@ def _table(headers: list[str], rows: list[list[Any]], raw: set[int] | None = Non
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _in_pipeline_order(stages: dict) -> dict:
+    # release.json's keys are sorted; show stages the way records flow through them.
+    from facecap.pipeline import FACE_STAGES, INGEST
+
+    order = [INGEST.name] + [s.name for s in FACE_STAGES] + ["validate"]
+    return dict(sorted(stages.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
 def _status(result: dict) -> str:
     cls = {"passed": "passed", "failed": "failed"}.get(result["status"], "na")
     return f'<span class="{cls}">{escape(result["status"])}</span>'
@@ -297,7 +303,7 @@ def render_html(report: dict[str, Any]) -> str:
         [[r["stage"], f"{r.get('rows_in', 0):,}", f"{r.get('rows_out', 0):,}",
           ", ".join(f"{k} {n:,}" for k, n in (r.get("rejects") or {}).items()) or "none"]
          for r in info.get("funnel") or []]))
-    stages = info.get("stages") or {}
+    stages = _in_pipeline_order(info.get("stages") or {})
     parts.append(_table(["stage", "status", "model / why"],
                         [[name, s.get("status"), s.get("model") or s.get("why") or ""] for name, s in stages.items()]))
 
@@ -305,7 +311,9 @@ def render_html(report: dict[str, Any]) -> str:
         ["suite", "check", "status", "observed", "allowed", "what must hold / why not applicable"],
         [[c["suite"], c["name"], _status(c), "" if c["observed"] is None else c["observed"],
           f"{c['min_value']} .. {c['max_value']}" if c["status"] != NOT_APPLICABLE else "",
-          c["why"] if c["why"] else c["description"]] for c in v["checks"]], raw={2}))
+          (c["why"] if c["why"] else c["description"])
+          + (f"; e.g. sample_id {', '.join(c['examples'])}" if c.get("examples") else "")]
+         for c in v["checks"]], raw={2}))
     parts.append("<p>Great Expectations' own Data Docs: <a href=\"gx/index.html\">gx/index.html</a> "
                  "(they load their CSS/JS from a CDN, so offline they render unstyled).</p>")
 
@@ -397,9 +405,12 @@ def headline(fig: dict, info: dict, validation: dict) -> dict[str, Any]:
     return h
 
 
-def write_report(db: ReleaseDB, results: list[CheckResult], validation: dict, generated_at: str) -> dict:
-    """Write RELEASE/report/index.html and report.json; return the report dict (figures, no thumbnails)."""
-    fig = compute_figures(db)
+def write_report(db: ReleaseDB, results: list[CheckResult], validation: dict, generated_at: str,
+                 aggregates: dict[str, Any]) -> dict:
+    """Write RELEASE/report/index.html and report.json; return the report dict (figures, no thumbnails).
+
+    `aggregates` are figure_aggregates() values computed in the checks' scan."""
+    fig = compute_figures(db, aggregates)
     rejects = rejects_summary(db)
     for examples in rejects["examples"].values():
         for e in examples:

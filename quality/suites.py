@@ -32,6 +32,7 @@ class CheckResult:
     min_value: float | None
     max_value: float | None
     why: str | None = None  # for not applicable / failures that are not a number (missing column)
+    examples: list[str] | None = None  # sample_ids of a few offending rows, for failed row checks
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,10 +85,10 @@ def _manifest_funnel(db: ReleaseDB) -> list[dict] | None:
 SAMPLED_ROW_GROUPS = 20
 
 
-def sample_images(files: list[str], sample: int) -> list[bytes | None]:
-    """A deterministic sample of image bytes spread over the release: rows evenly spaced within up to
-    SAMPLED_ROW_GROUPS row groups evenly spaced over all files. Reads those row groups' image column
-    only (a reservoir sample in DuckDB would read every image in the release)."""
+def sample_rows(files: list[str], sample: int, columns: list[str]) -> list[dict]:
+    """A deterministic sample of rows spread over the release: rows evenly spaced within up to
+    SAMPLED_ROW_GROUPS row groups evenly spaced over all files. Reads only those row groups' `columns`
+    (a reservoir sample or ORDER BY in DuckDB would read the whole column, images included)."""
     import pyarrow.parquet as pq
 
     groups = []
@@ -100,11 +101,11 @@ def sample_images(files: list[str], sample: int) -> list[bytes | None]:
     step = max(1, len(groups) // SAMPLED_ROW_GROUPS)
     chosen = groups[step // 2::step][:SAMPLED_ROW_GROUPS]
     per_group = max(1, -(-sample // len(chosen)))
-    out: list[bytes | None] = []
+    out: list[dict] = []
     for path, g, n in chosen:
-        column = pq.ParquetFile(path).read_row_group(g, columns=["image"]).column("image")
+        table = pq.ParquetFile(path).read_row_group(g, columns=columns)
         stride = max(1, n // per_group)
-        out += [column[i].as_py() for i in range(stride // 2, n, stride)][:per_group]
+        out += table.take(list(range(stride // 2, n, stride))[:per_group]).to_pylist()
     return out[:sample]
 
 
@@ -115,14 +116,19 @@ def decode_failures(db: ReleaseDB, sample: int) -> tuple[int, int]:
 
     if sample <= 0 or "image" not in db.columns:
         return 0, 0
-    blobs = sample_images(data_files(db.path), sample)
+    rows = sample_rows(data_files(db.path), sample, ["image"])
     # The same bounded decode the stages use: header limits first, then pixels.
-    bad = sum(decode_rgb(blob or b"", db.cfg.image)[0] is None for blob in blobs)
-    return bad, len(blobs)
+    bad = sum(decode_rgb(r["image"] or b"", db.cfg.image)[0] is None for r in rows)
+    return bad, len(rows)
 
 
-def compute_metrics(db: ReleaseDB, checks: list[Check]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Every applicable check's observed value (one DuckDB pass), and why the others are skipped or failed."""
+def compute_metrics(db: ReleaseDB, checks: list[Check], extra: dict[str, str] | None = None,
+                    extra_derived: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every applicable check's observed value (one DuckDB pass), and why the others are skipped or failed.
+
+    `extra` aggregates (the report's figures) ride along in the same scan; their values are returned
+    under metrics["_figures"]. `extra_derived` adds per-row values they share.
+    """
     metrics: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     sql_checks = []
@@ -140,12 +146,15 @@ def compute_metrics(db: ReleaseDB, checks: list[Check]) -> tuple[dict[str, Any],
             skipped[check.name] = f"{FAILED}: stage {stage} was on but the release has no {', '.join(missing)} column"
         elif check.metric is not None:
             sql_checks.append(check)
-    if sql_checks:
-        select = ", ".join(f"{c.metric} AS {c.name}" for c in sql_checks)
-        derived = ", ".join(f"{expr} AS {name}" for name, expr in derived_columns(db.columns).items())
+    extra = extra or {}
+    if sql_checks or extra:
+        select = ", ".join([f"{c.metric} AS {c.name}" for c in sql_checks] + [f"{e} AS {k}" for k, e in extra.items()])
+        per_row = {**derived_columns(db.columns), **(extra_derived or {})}
+        derived = ", ".join(f"{expr} AS {name}" for name, expr in per_row.items())
         source = f"(SELECT *, {derived} FROM faces)" if derived else "faces"
         row = db.con.execute(f"SELECT {select} FROM {source}").fetchone()
         metrics.update({c.name: _plain(v) for c, v in zip(sql_checks, row)})
+        metrics["_figures"] = dict(zip(extra, row[len(sql_checks):]))
     if "image_bytes_decode" not in skipped:
         bad, decoded = decode_failures(db, db.cfg.quality.decode_sample)
         metrics["image_bytes_decode"] = bad
@@ -217,10 +226,22 @@ def run_gx(metrics: dict[str, Any], checks: list[Check], docs_dir: str | None) -
     return passed
 
 
-def run_suites(db: ReleaseDB, docs_dir: str | None = None) -> tuple[list[CheckResult], dict[str, Any]]:
-    """Every check's result (in suite order) and the raw metrics."""
+def offending_rows(db: ReleaseDB, check: Check, limit: int = 5) -> list[str] | None:
+    """A few sample_ids that fail a row check: the report names them so the failure can be looked at."""
+    condition = check.row_condition
+    if not condition or "sample_id" not in db.columns:
+        return None
+    derived = ", ".join(f"{expr} AS {name}" for name, expr in derived_columns(db.columns).items())
+    source = f"(SELECT *, {derived} FROM faces)" if derived else "faces"
+    rows = db.con.execute(f"SELECT sample_id FROM {source} WHERE {condition} LIMIT {limit}").fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def run_suites(db: ReleaseDB, docs_dir: str | None = None, extra: dict[str, str] | None = None,
+               extra_derived: dict[str, str] | None = None) -> tuple[list[CheckResult], dict[str, Any]]:
+    """Every check's result (in suite order) and the raw metrics (plus `extra` aggregates, see compute_metrics)."""
     checks = build_checks(db.cfg)
-    metrics, skipped = compute_metrics(db, checks)
+    metrics, skipped = compute_metrics(db, checks, extra, extra_derived)
     gx_passed = run_gx(metrics, checks, docs_dir)
     results = []
     for c in checks:
@@ -234,7 +255,7 @@ def run_suites(db: ReleaseDB, docs_dir: str | None = None) -> tuple[list[CheckRe
                                        c.max_value, "no result from Great Expectations"))
             continue
         results.append(CheckResult(c.name, c.suite, c.description, PASSED if ok else FAILED, metrics[c.name],
-                                   c.min_value, c.max_value))
+                                   c.min_value, c.max_value, examples=None if ok else offending_rows(db, c)))
     return results, metrics
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from facecap import storage
 from facecap.quality.card import write_card
 from facecap.quality.release_db import open_release
-from facecap.quality.report import write_report
+from facecap.quality.report import figure_aggregates, write_report
 from facecap.quality.suites import FAILED, NOT_APPLICABLE, PASSED, run_suites
 
 
@@ -33,7 +33,8 @@ def validate_release(release_dir: str, overrides: list[str] | None = None, allow
     try:
         log(f"validate: {db.path}: running quality suites on {len(db.columns)} columns")
         docs_dir = os.path.join(db.path, "report", "gx")
-        results, metrics = run_suites(db, docs_dir)
+        extra, extra_derived = figure_aggregates(db)  # the report's figures ride in the checks' scan
+        results, metrics = run_suites(db, docs_dir, extra, extra_derived)
         failed = [r.name for r in results if r.status == FAILED]
         counts = {s: sum(r.status == s for r in results) for s in (PASSED, FAILED, NOT_APPLICABLE)}
         now = datetime.now(timezone.utc).isoformat()
@@ -50,8 +51,9 @@ def validate_release(release_dir: str, overrides: list[str] | None = None, allow
         }
         for r in results:
             mark = {PASSED: "ok  ", FAILED: "FAIL", NOT_APPLICABLE: "n/a "}[r.status]
-            log(f"  {mark} {r.suite}/{r.name}: " + (f"{r.observed}" if r.why is None else r.why))
-        report = write_report(db, results, verdict, now)
+            log(f"  {mark} {r.suite}/{r.name}: " + (f"{r.observed}" if r.why is None else r.why)
+                + (f" (e.g. sample_id {', '.join(r.examples)})" if r.examples else ""))
+        report = write_report(db, results, verdict, now, metrics.get("_figures") or {})
         info = dict(db.info)
         summary = {k: verdict[k] for k in ("passed", "allow_failures", "failed", "counts", "validated_at")}
         if verdict["allow_failures"]:
