@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from datetime import datetime
-from io import BytesIO
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
