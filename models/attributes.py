@@ -358,9 +358,34 @@ class ZeroShotAttributeModel:
 BACKENDS = {"classifier": ClassifierAttributeModel, "zero-shot": ZeroShotAttributeModel}
 
 
+def check_model_config(location: ModelLocation) -> None:
+    """Fail before any work when the directory's config.json does not fit the backend (no weights are loaded)."""
+    file = location.path / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{file} is missing or not JSON: the model directory needs the config.json that "
+                           "save_pretrained writes") from exc
+    kind = config.get("model_type", "?")
+    if location.backend == "zero-shot" and not ("text_config" in config and "vision_config" in config):
+        raise ConfigError(f"attributes.model={location.ref} is a {kind} model, not a CLIP-style image-text model; "
+                          "for an image classifier (e.g. from train-attributes) set attributes.backend=classifier")
+    if location.backend == "classifier":
+        names = set((config.get("id2label") or {}).values())
+        missing = [a for a in ATTRIBUTES if a not in names]
+        if missing:
+            hint = ("; it looks like a CLIP-style model: set attributes.backend=zero-shot"
+                    if "text_config" in config else "; train one with `facecap train-attributes`")
+            raise ConfigError(f"attributes.model={location.ref} ({kind}): its id2label does not name the 40 CelebA "
+                              f"attributes (missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''})"
+                              + hint)
+
+
 def attribute_identity(cfg: Config) -> str:
     """The identity of the configured model (fetching a hub id in the full profile); errors say what to do."""
-    return model_identity(locate_model(cfg))
+    location = locate_model(cfg)
+    check_model_config(location)
+    return model_identity(location)
 
 
 def _set_threads(threads: int | None) -> None:

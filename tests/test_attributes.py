@@ -249,6 +249,13 @@ def test_local_model_turns_annotate_on_with_its_identity(classifier_dir):
     assert plan.info["min_attributes"] == 6 and plan.info["keep_threshold"] == 0.85
 
 
+def test_a_model_that_does_not_fit_the_backend_stops_the_plan(classifier_dir, clip_dir):
+    with pytest.raises(ConfigError, match="backend=classifier"):
+        plan_annotate(Config(profile="offline", attributes={"backend": "zero-shot", "model": str(classifier_dir)}))
+    with pytest.raises(ConfigError, match="backend=zero-shot"):
+        plan_annotate(Config(profile="offline", attributes={"backend": "classifier", "model": str(clip_dir)}))
+
+
 def test_full_profile_without_hub_access_says_what_to_place_where(tmp_path):
     # Hub boundary: no model hub is reachable from here, so this exercises the real fetch failing.
     cfg = Config(profile="full", models={"cache_dir": str(tmp_path)})
