@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import cloudpickle
 import pytest
 from distributed import Client
 from helpers import offline_config, read_release, run_curate
@@ -57,11 +58,14 @@ class DaskProcesses:
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")[-3000:]
 
+    def run_on_workers(self, client: Client, function) -> dict[str, object]:
+        """Worker name -> `function()` run inside that worker process."""
+        names = {addr: info["name"] for addr, info in client.scheduler_info()["workers"].items()}
+        return {names[addr]: value for addr, value in client.run(function).items()}
+
     def worker_pids(self, client: Client) -> dict[str, int]:
         """Worker name -> pid of its worker process (what shard stats record as `worker`)."""
-        by_address = client.run(os.getpid)
-        names = {addr: info["name"] for addr, info in client.scheduler_info()["workers"].items()}
-        return {names[addr]: pid for addr, pid in by_address.items()}
+        return self.run_on_workers(client, os.getpid)
 
     def kill(self, name: str) -> None:
         """SIGKILL the worker's nanny and worker process: no goodbye to the scheduler, like a lost machine."""
@@ -77,6 +81,18 @@ class DaskProcesses:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _detector_cache_info() -> dict:
+    """Runs inside a worker process: how often it loaded (misses) and reused (hits) the detector."""
+    from facecap.models.registry import _cached_detector
+
+    info = _cached_detector.cache_info()
+    return {"misses": info.misses, "hits": info.hits}
+
+
+# Workers cannot import this test module: send its functions by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def worker_env(prefect_api_url: str) -> dict:
@@ -125,6 +141,7 @@ def test_gpu_stage_runs_only_on_the_gpu_worker_and_release_equals_a_local_run(cl
 
     with Client(cluster.address, timeout=30) as client:
         pids = cluster.worker_pids(client)
+        loads = cluster.run_on_workers(client, _detector_cache_info)
     ran_on: dict[str, set[int]] = {}
     for stats_file in (out / "shards").glob("*/*.json"):
         stats = json.loads(stats_file.read_text())
@@ -132,6 +149,9 @@ def test_gpu_stage_runs_only_on_the_gpu_worker_and_release_equals_a_local_run(cl
     detect_shards = len(list((out / "shards" / "detect").glob("*.json")))
     assert detect_shards > 2 and result["records"] > 0
     assert ran_on["detect"] == {pids["gpu"]}, (ran_on, pids)
+    # The detector loaded once in the GPU worker process and was reused by every detect shard after that.
+    assert loads["gpu"]["misses"] == 1 and loads["gpu"]["hits"] >= detect_shards - 1, loads
+    assert loads["cpu"]["misses"] == 0, loads
     # Ingest is not pinned: it runs on whichever worker is free, including the one without the resource.
     assert ran_on["ingest"] <= {pids["gpu"], pids["cpu"]} and pids["cpu"] in ran_on["ingest"], (ran_on, pids)
 
