@@ -19,10 +19,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from facecap.config import Config, ConfigError
+from facecap.deploy import CURATE_FLOW_NAME as CURATE_FLOW  # the train trigger listens for this flow's runs
 from facecap.deploy import resolve_config
 
-# Flow names the deployments and the train trigger refer to (facecap/deploy.py, prefect.yaml).
-CURATE_FLOW = "facecap-curate"
 TRAIN_FLOW = "facecap-train"
 EVAL_FLOW = "facecap-eval"
 
@@ -43,7 +42,7 @@ def _config(config_file: str | None, config: dict | None, settings: list[str] | 
 
 
 def _project_flow(entrypoint: str):
-    """Import a project flow lazily: a deployment of a flow that is not installed fails its run, saying so."""
+    """Import a project flow when a run needs it (curate runs never import torch); missing: a clear error."""
     module, _, name = entrypoint.partition(":")
     try:
         return getattr(importlib.import_module(module), name)
