@@ -137,3 +137,34 @@ def test_a_too_small_train_split_is_a_clear_error(tmp_path):
     write_synthetic_release(str(tmp_path / "r"), train_per_class=1)
     with pytest.raises(ConfigError, match="one batch needs 64"):
         train(str(tmp_path / "r"), str(tmp_path / "out"), config(batch_size=64), log=lambda _: None)
+
+
+def test_ddp_with_two_processes_gathers_features_across_ranks(release, tmp_path):
+    """torchrun, 2 CPU processes on gloo: the same loop as single-process training, under DDP."""
+    import math
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    settings = {"profile": "offline", "train.model_size": "tiny", "train.steps": 2, "train.batch_size": 4,
+                "train.num_workers": 0, "train.threads": 1, "train.max_text_tokens": 16, "train.queue_size": 0,
+                "train.distill_alpha": 0}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "facecap.training.flip_train", str(release), str(out)]
+    for key, value in settings.items():
+        cmd += ["--set", f"{key}={value}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "train_result.json").read_text())
+    assert result["world_size"] == 2 and result["samples_seen"] == 2 * 2 * 4
+    first = losses(out)[0]
+    # At init all similarities are about equal, so ITC is about ln(number of keys): 8 keys means the
+    # momentum features of both ranks' batches were gathered (4 would mean each rank saw only its own).
+    assert abs(first["loss_itc"] - math.log(8)) < 0.1, first
+    state = torch.load(out / "checkpoints" / "step-0000002" / "trainer_state.pt", weights_only=True)
+    assert len(state["rng"]) == 2  # each rank's random state, for an exact resume

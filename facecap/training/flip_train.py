@@ -171,9 +171,9 @@ def train(release_dir: str, out: str, cfg: Config, log: Callable[[str], None] = 
     model.to(dist.device)
     model.train()
     if dist.world_size > 1:
-        # The queue is filled with all ranks' features, so it is identical everywhere: no buffer broadcast.
+        # The queue is filled with all ranks' features, so it stays identical everywhere: no per-step buffer sync.
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, broadcast_buffers=False)
+            model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, forward_sync_buffers=False)
 
     dataset = FlipBatches(split, settings.batch_size, flip_config.image_size, flip_config.max_text_tokens,
                           flip_config.tokenizer, cfg.image, seed=settings.seed, augment=settings.augment,
