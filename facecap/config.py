@@ -268,6 +268,9 @@ class TrainSettings(_Section):
     log_every: int = Field(10, ge=1, description="Progress line every this many steps.")
     evaluate: bool = Field(True, description="The train flow evaluates the final model (and the baseline) after training.")
     eval_batch_size: int = Field(128, ge=1, description="Batch size when encoding the test split.")
+    retrieval_samples: int = Field(
+        5000, ge=2, description="Retrieval and the probe's test side use the first this many test-split faces "
+                                "(the similarity matrix is N x N; the paper's protocol uses a fixed test set).")
     probe_train_samples: int = Field(
         20_000, ge=10, description="At most this many train-split faces fit the attribute linear probe.")
     probe_epochs: int = Field(100, ge=1, description="Full-batch epochs of the probe's linear head.")

@@ -9,7 +9,7 @@
 - ITM: image-text matching through cross-attention. Every BERT layer gets a
   cross-attention block over the image tokens; the text-only pass skips them
   (the same weights serve both, as in BLIP's text encoder). Hard negatives are
-  sampled from the contrastive similarities.
+  sampled from the contrastive similarities, within each rank's batch.
 
 Transformers' ``BertLayer`` builds cross-attention only for decoders, which
 makes its self-attention causal. ITM needs bidirectional self-attention, so the

@@ -1,8 +1,9 @@
 """Evaluate a FLIP checkpoint on a release: retrieval and the attribute linear probe, with a baseline.
 
 - Retrieval (FaceCaption-15M Table 2): text->image and image->text R@1/5/10 on
-  the release's test split, ranking by the cosine similarity of the projected
-  [CLS] features (ITC). Each caption's ground truth is its own face.
+  the release's test split (its first ``train.retrieval_samples`` faces, 5,000
+  by default), ranking by the cosine similarity of the projected [CLS]
+  features (ITC). Each caption's ground truth is its own face.
 - Attribute linear probe (Table 3's protocol): the encoders stay frozen; a
   linear 40-way head on the image encoder's [CLS] state is fitted on up to
   ``train.probe_train_samples`` train-split faces and scored by average
@@ -70,6 +71,8 @@ def _encode(model: FlipModel, split: ReleaseSplit, cfg: Config, device, limit: i
         if with_attributes:
             labels.append(batch["labels"])
         seen += pixels.shape[0]
+        if len(image_feat) % 50 == 0:
+            log(f"encoded {seen:,} {split.split} faces")
         if limit and seen >= limit:
             break
     def cat(parts, width):
@@ -124,12 +127,12 @@ def evaluate_model(model: FlipModel, release_dir: str, cfg: Config, device,
     if test.stats.rows == 0:
         raise ConfigError(f"the test split of {release_dir} is empty ({test.stats.split_source}): nothing to evaluate")
     probe = test.has_attributes
-    enc = _encode(model, test, cfg, device, with_attributes=probe, log=log)
+    enc = _encode(model, test, cfg, device, limit=cfg.train.retrieval_samples, with_attributes=probe, log=log)
     sim = enc["text_feat"] @ enc["image_feat"].t()
     n = sim.shape[0]
     result: dict[str, Any] = {
         "retrieval": {"text_to_image": recall_at_k(sim), "image_to_text": recall_at_k(sim.t()),
-                      "samples": n, "chance_R@1": round(100 / max(n, 1), 2), "bad_images": enc["bad_images"]},
+                      "samples": n, "test_split_faces": test.stats.rows, "chance_R@1": round(100 / max(n, 1), 2), "bad_images": enc["bad_images"]},
     }
     if not probe:
         result["attribute_probe"] = "not applicable: the release has no attributes/attribute_probs column"
