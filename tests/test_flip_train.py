@@ -133,10 +133,13 @@ def test_resume_refuses_another_release(release, tmp_path):
         train(str(other), str(out), config(steps=2, batch_size=8), log=lambda _: None)
 
 
-def test_a_too_small_train_split_is_a_clear_error(tmp_path):
+def test_a_too_small_train_split_or_a_hub_id_offline_is_a_clear_error(tmp_path):
     write_synthetic_release(str(tmp_path / "r"), train_per_class=1)
     with pytest.raises(ConfigError, match="one batch needs 64"):
         train(str(tmp_path / "r"), str(tmp_path / "out"), config(batch_size=64), log=lambda _: None)
+    with pytest.raises(ConfigError, match="offline profile downloads nothing"):
+        train(str(tmp_path / "r"), str(tmp_path / "out"), config(batch_size=8, text_init="bert-base-uncased"),
+              log=lambda _: None)
 
 
 def test_ddp_with_two_processes_gathers_features_across_ranks(release, tmp_path):

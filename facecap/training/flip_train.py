@@ -68,6 +68,18 @@ def setup_distributed(device_setting: str) -> Distributed:
     return Distributed(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
+def check_init_refs(cfg: Config) -> None:
+    """The offline profile never reaches a hub: init weights and tokenizer must be local directories there."""
+    if cfg.profile != "offline":
+        return
+    for key in ("vision_init", "text_init", "tokenizer"):
+        ref = getattr(cfg.train, key)
+        if ref and not os.path.isdir(ref):
+            raise ConfigError(f"train.{key}={ref!r} is not a local directory, and the offline profile downloads "
+                              "nothing: give a directory written by save_pretrained, or use --profile full to fetch "
+                              "hub ids")
+
+
 def lr_factor(step: int, total: int, settings) -> float:
     """Multiplier of the peak lr: linear warm-up from warmup_lr, then cosine down to min_lr."""
     peak = settings.lr
@@ -150,6 +162,7 @@ def train(release_dir: str, out: str, cfg: Config, log: Callable[[str], None] = 
         raise ConfigError(f"the train split of {release_dir} has {stats.rows} captioned faces ({stats.no_text} "
                           f"without text skipped; split from {stats.split_source}); one batch needs {needed}. "
                           "Lower train.batch_size or curate more data.")
+    check_init_refs(cfg)
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
 
