@@ -36,7 +36,6 @@ def register(subparsers, add_config_args) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from facecap.config import load_config
-    from facecap.models.flip import FlipModel  # noqa: F401  (fail fast on a broken install)
     from facecap.training.flip_data import ReleaseSplit
     from facecap.training.flip_eval import evaluate
 
