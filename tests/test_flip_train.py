@@ -171,3 +171,16 @@ def test_ddp_with_two_processes_gathers_features_across_ranks(release, tmp_path)
     assert abs(first["loss_itc"] - math.log(8)) < 0.1, first
     state = torch.load(out / "checkpoints" / "step-0000002" / "trainer_state.pt", weights_only=True)
     assert len(state["rng"]) == 2  # each rank's random state, for an exact resume
+
+
+def test_probe_is_not_applicable_without_attribute_columns(tmp_path):
+    from facecap.models.flip import FlipConfig, load_tokenizer
+
+    write_synthetic_release(str(tmp_path / "r"), train_per_class=1, attributes=False)
+    cfg = config(num_workers=0)
+    FlipModel.from_config(FlipConfig.from_settings(cfg.train, load_tokenizer(None).vocab_size)).save_pretrained(
+        tmp_path / "m")
+    results = evaluate(str(tmp_path / "m"), str(tmp_path / "r"), cfg, log=lambda _: None, baseline=False)
+    assert results["model"]["attribute_probe"].startswith("not applicable")
+    assert results["trained_on"] is None and results["same_release_as_training"] is False
+    assert results["model"]["retrieval"]["samples"] == 8

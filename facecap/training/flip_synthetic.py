@@ -70,7 +70,8 @@ def _rows(pairs: list[tuple[str, str]], rng: random.Random, prefix: str, size: i
 
 
 def write_synthetic_release(release_dir: str, train_per_class: int = 8, layout: str = "split-files", seed: int = 0,
-                            row_group_size: int = 64, no_text_rows: int = 0, image_size: int = 48) -> dict:
+                            row_group_size: int = 64, no_text_rows: int = 0, image_size: int = 48,
+                            attributes: bool = True) -> dict:
     """Write RELEASE/data + release.json: train_per_class faces of every colour x shape, one test face per colour.
 
     layout: split-files (data/train-*, data/test-*), split-column (a `split` column) or unsplit (no split info).
@@ -79,6 +80,9 @@ def write_synthetic_release(release_dir: str, train_per_class: int = 8, layout: 
     rng = random.Random(seed)
     train = _rows(classes() * train_per_class, rng, "train", image_size)
     test = _rows([(c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLOURS)], rng, "test", image_size)
+    if not attributes:  # a release curated with the attribute stage off
+        for row in train + test:
+            del row["attributes"]
     counts = {"train": len(train), "test": len(test), "no_text": no_text_rows}
     for row in _rows(classes()[:no_text_rows], rng, "notext"):
         train.append({**row, "caption": "", "source_caption": None})
