@@ -107,3 +107,27 @@ def copy_file(src: str, dst: str) -> None:
     fs, path = filesystem(src)
     with fs.open(path, "rb") as fh:
         write_bytes_atomic(dst, fh.read())
+
+
+def remove_stale_temporaries(root: str, older_than_s: float = 3600.0) -> int:
+    """Delete `.tmp-*` files a killed run left under a local `root`; returns how many.
+
+    Only files untouched for `older_than_s` go, so a shard another process is
+    writing right now is never pulled from under it.
+    """
+    import time
+
+    if not is_local(root) or not os.path.isdir(root):
+        return 0
+    removed, cutoff = 0, time.time() - older_than_s
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if name.startswith(".tmp-") or ".tmp-" in name:
+                path = os.path.join(dirpath, name)
+                try:
+                    if os.path.getmtime(path) < cutoff:
+                        os.remove(path)
+                        removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed

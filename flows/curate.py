@@ -156,6 +156,9 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
             logger.warning(f"stage {name} is off: {p.why}")
 
     storage.makedirs(out)
+    stale = storage.remove_stale_temporaries(storage.join(out, "shards"))
+    if stale:
+        logger.info(f"removed {stale} partial file(s) an interrupted run left behind")
     manifest_path = storage.join(out, "manifest.duckdb")
     storage.write_bytes_atomic(storage.join(out, "runs", run_id, "config.yaml"), cfg.to_yaml().encode())
     manifest.start_run(manifest_path, run_id, cfg.profile, sources, cfg.to_yaml(), release.versions())
