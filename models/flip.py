@@ -239,7 +239,7 @@ class FlipModel(nn.Module):
         path = Path(directory)
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
             raise WeightsError(f"{path} is not a FLIP checkpoint: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
-                               "(written by facecap train under OUT/model or OUT/checkpoints/step-*)")
+                               "(written by facecap train under OUT/model or OUT/checkpoints/<release hash>/step-*)")
         config = FlipConfig(**json.loads((path / CONFIG_NAME).read_text()))
         # Architecture only: the saved weights replace any init weights.
         model = cls(config, load_init_weights=False)

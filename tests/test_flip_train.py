@@ -16,7 +16,8 @@ from facecap.config import Config, ConfigError
 from facecap.models.flip import FlipModel
 from facecap.training.flip_eval import evaluate, recall_at_k
 from facecap.training.flip_synthetic import write_synthetic_release
-from facecap.training.flip_train import latest_checkpoint, lr_factor, train
+from facecap.training.flip_data import release_fingerprint
+from facecap.training.flip_train import checkpoint_root, latest_checkpoint, lr_factor, train
 
 torch.set_num_threads(1)
 
@@ -107,7 +108,7 @@ def test_resume_after_a_crash_continues_the_same_trajectory(release, tmp_path):
 
     with pytest.raises(Crash):
         train(str(release), str(crashed), cfg, log=lambda _: None, on_step=crash_at_step_5)
-    assert latest_checkpoint(str(crashed)).name == "step-0000003"
+    assert latest_checkpoint(str(crashed), release_fingerprint(str(release))).name == "step-0000003"
     result = train(str(release), str(crashed), cfg, log=lambda _: None)
     assert result["resumed_from_step"] == 3
 
@@ -121,16 +122,22 @@ def test_resume_after_a_crash_continues_the_same_trajectory(release, tmp_path):
         assert torch.allclose(p1, p2, atol=1e-5), name
     assert int(m2.queue_filled) == 40
     # keep_checkpoints=2: older ones are pruned.
-    assert sorted(p.name for p in (crashed / "checkpoints").glob("step-*")) == ["step-0000006", "step-0000009"]
+    series = checkpoint_root(str(crashed), release_fingerprint(str(release)))
+    assert sorted(p.name for p in series.glob("step-*")) == ["step-0000006", "step-0000009"]
 
 
-def test_resume_refuses_another_release(release, tmp_path):
+def test_a_new_release_in_the_same_out_starts_its_own_run(release, tmp_path):
     other = tmp_path / "other"
     write_synthetic_release(str(other), train_per_class=2, seed=1)
     out = tmp_path / "run"
-    train(str(release), str(out), config(steps=1, batch_size=8), log=lambda _: None)
-    with pytest.raises(ConfigError, match="another release"):
-        train(str(other), str(out), config(steps=2, batch_size=8), log=lambda _: None)
+    train(str(release), str(out), config(steps=2, batch_size=8), log=lambda _: None)
+    result = train(str(other), str(out), config(steps=1, batch_size=8), log=lambda _: None)
+    assert result["resumed_from_step"] is None and result["steps"] == 1  # not a resume of the other release's run
+    assert result["release_hash"] == release_fingerprint(str(other))
+    assert json.loads((out / "model" / "trained_on.json").read_text())["release_hash"] == result["release_hash"]
+    # Both releases keep their own checkpoints.
+    assert latest_checkpoint(str(out), release_fingerprint(str(release))).name == "step-0000002"
+    assert latest_checkpoint(str(out), result["release_hash"]).name == "step-0000001"
 
 
 def test_a_too_small_train_split_or_a_hub_id_offline_is_a_clear_error(tmp_path):
@@ -169,7 +176,8 @@ def test_ddp_with_two_processes_gathers_features_across_ranks(release, tmp_path)
     # At init all similarities are about equal, so ITC is about ln(number of keys): 8 keys means the
     # momentum features of both ranks' batches were gathered (4 would mean each rank saw only its own).
     assert abs(first["loss_itc"] - math.log(8)) < 0.1, first
-    state = torch.load(out / "checkpoints" / "step-0000002" / "trainer_state.pt", weights_only=True)
+    state = torch.load(checkpoint_root(str(out), result["release_hash"]) / "step-0000002" / "trainer_state.pt",
+                       weights_only=True)
     assert len(state["rng"]) == 2  # each rank's random state, for an exact resume
 
 

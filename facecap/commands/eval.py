@@ -7,7 +7,7 @@ import textwrap
 
 DESCRIPTION = textwrap.dedent("""\
     Evaluate CHECKPOINT (a FLIP model directory: OUT/model or
-    OUT/checkpoints/step-N of `facecap train`) on RELEASE_DIR:
+    OUT/checkpoints/<release hash>/step-N of `facecap train`) on RELEASE_DIR:
 
       - text->image and image->text retrieval R@1/5/10 on the test split
         (FaceCaption-15M Table 2's metric);

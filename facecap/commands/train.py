@@ -17,10 +17,11 @@ DESCRIPTION = textwrap.dedent("""\
     and counted. Data is streamed; DataLoader workers decode and tokenise.
 
     Writes OUT/model (safetensors + flip_config.json + trained_on.json with the
-    release's content hash), OUT/checkpoints/step-N every
+    release's content hash), OUT/checkpoints/<release hash>/step-N every
     train.checkpoint_every steps, OUT/train_log.jsonl (loss per step),
     OUT/train_result.json and OUT/eval.json. Rerunning the same command
-    resumes from the latest checkpoint and continues the same trajectory.
+    resumes from the latest checkpoint and continues the same trajectory; on
+    a changed release it starts a new run.
 
     Defaults are the paper's: ViT-B/16 + BERT-base, batch 64, AdamW wd 0.05,
     lr 1e-6 -> 3e-5 over 2,000 warm-up steps then cosine to 1e-6, 15 epochs,

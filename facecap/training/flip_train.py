@@ -6,7 +6,9 @@ precision on GPU; gradient accumulation. Every ``checkpoint_every`` steps a
 checkpoint holds everything a resumed run needs to continue the same
 trajectory: weights (with momentum encoders and the feature queue), optimiser,
 scheduler, random generator states and the data position. Rerunning with the
-same ``out`` resumes from the latest checkpoint.
+same ``out`` on the same release resumes from the latest checkpoint; a changed
+release (same ``out``, e.g. the train trigger after a re-curation) starts a new
+run with checkpoints of its own, and OUT/model becomes that run's model.
 
 Multi-GPU / multi-node: start the same entry point with torchrun. With
 WORLD_SIZE > 1 it joins the process group, wraps the model in DDP, splits the
@@ -104,11 +106,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def latest_checkpoint(out: str) -> Path | None:
-    pointer = Path(out) / CHECKPOINTS / LATEST
+def checkpoint_root(out: str, release_hash: str) -> Path:
+    """OUT/checkpoints/<release hash>: a run on a new release (a nightly re-curation) starts its own series."""
+    return Path(out) / CHECKPOINTS / release_hash[:16]
+
+
+def latest_checkpoint(out: str, release_hash: str) -> Path | None:
+    root = checkpoint_root(out, release_hash)
+    pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = Path(out) / CHECKPOINTS / json.loads(pointer.read_text())["checkpoint"]
+    path = root / json.loads(pointer.read_text())["checkpoint"]
     return path if (path / STATE_NAME).is_file() else None
 
 
@@ -119,7 +127,7 @@ def _unwrap(model) -> FlipModel:
 def _save_checkpoint(out: str, model, optimizer, scheduler, scaler, trainer: dict[str, Any], rng_states: list,
                      keep: int) -> Path:
     """Write checkpoints/step-N atomically (a temp dir renamed into place), then move the `latest` pointer."""
-    root = Path(out) / CHECKPOINTS
+    root = checkpoint_root(out, trainer["release_hash"])
     name = f"step-{trainer['step']:07d}"
     tmp = root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -166,15 +174,11 @@ def train(release_dir: str, out: str, cfg: Config, log: Callable[[str], None] = 
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
 
-    resume_from = latest_checkpoint(out)
+    # Resume only a run on this very release; another release (same OUT) starts a new series of checkpoints.
+    resume_from = latest_checkpoint(out, release_hash)
     saved: dict[str, Any] | None = None
     if resume_from is not None:
         saved = torch.load(resume_from / STATE_NAME, map_location="cpu", weights_only=True)
-        if saved["trainer"]["release_hash"] != release_hash:
-            raise ConfigError(
-                f"{out} holds a training run on another release (content hash {saved['trainer']['release_hash'][:12]}"
-                f", this release {release_hash[:12]}); use a new --out, or delete {out_path / CHECKPOINTS} "
-                "to start over")
         model = FlipModel.from_pretrained(resume_from)
         log(f"resuming from {resume_from} (step {saved['trainer']['step']})")
     else:
