@@ -136,7 +136,8 @@ def main() -> int:
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.time() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_kib, cpu_seconds = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
     print(proc.stdout[-3000:])
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
@@ -144,8 +145,10 @@ def main() -> int:
     load = os.getloadavg()[0]
     print(f"rows {args.rows:,} | facecap validate: {seconds:.1f} s end to end (target < 60 s, ratio "
           f"{seconds / 60:.2f}) | peak RSS {peak_kib / 2**20:.2f} GiB (target < 4 GiB, ratio "
-          f"{peak_kib / 2**20 / 4:.2f}) | exit {proc.returncode} | checks {verdict['counts']} | "
-          f"cores {os.cpu_count()}, load avg {load:.1f}")
+          f"{peak_kib / 2**20 / 4:.2f}) | CPU {cpu_seconds:.1f} s (/ {os.cpu_count()} cores = "
+          f"{cpu_seconds / (os.cpu_count() or 1):.1f} s: the best case on an idle machine) | "
+          f"exit {proc.returncode} | checks {verdict['counts']} | load avg {load:.1f} (other processes slow the "
+          "wall time)")
     if not args.keep:
         shutil.rmtree(args.out, ignore_errors=True)
     return 0 if proc.returncode == 0 else 1

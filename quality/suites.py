@@ -147,14 +147,23 @@ def compute_metrics(db: ReleaseDB, checks: list[Check], extra: dict[str, str] | 
         elif check.metric is not None:
             sql_checks.append(check)
     extra = extra or {}
-    if sql_checks or extra:
-        select = ", ".join([f"{c.metric} AS {c.name}" for c in sql_checks] + [f"{e} AS {k}" for k, e in extra.items()])
+    # Distinct counts each build a hash table of every row's value: run them one at a time (one
+    # column read each) so only one table is in memory; everything else shares one scan.
+    distinct = {c.name: c.metric for c in sql_checks if "DISTINCT" in c.metric}
+    distinct.update({k: e for k, e in extra.items() if "DISTINCT" in e})
+    shared = {c.name: c.metric for c in sql_checks if c.name not in distinct}
+    shared.update({k: e for k, e in extra.items() if k not in distinct})
+    values: dict[str, Any] = {}
+    if shared:
         per_row = {**derived_columns(db.columns), **(extra_derived or {})}
         derived = ", ".join(f"{expr} AS {name}" for name, expr in per_row.items())
         source = f"(SELECT *, {derived} FROM faces)" if derived else "faces"
-        row = db.con.execute(f"SELECT {select} FROM {source}").fetchone()
-        metrics.update({c.name: _plain(v) for c, v in zip(sql_checks, row)})
-        metrics["_figures"] = dict(zip(extra, row[len(sql_checks):]))
+        row = db.con.execute(f"SELECT {', '.join(f'{e} AS {k}' for k, e in shared.items())} FROM {source}").fetchone()
+        values.update(zip(shared, row))
+    for name, expr in distinct.items():
+        values[name] = db.scalar(f"SELECT {expr} FROM faces")
+    metrics.update({c.name: _plain(values[c.name]) for c in sql_checks})
+    metrics["_figures"] = {k: values[k] for k in extra}
     if "image_bytes_decode" not in skipped:
         bad, decoded = decode_failures(db, db.cfg.quality.decode_sample)
         metrics["image_bytes_decode"] = bad
@@ -259,4 +268,4 @@ def run_suites(db: ReleaseDB, docs_dir: str | None = None, extra: dict[str, str]
     return results, metrics
 
 
-__all__ = ["CheckResult", "run_suites", "funnel_last_rows", "PASSED", "FAILED", "NOT_APPLICABLE"]
+__all__ = ["CheckResult", "run_suites", "funnel_last_rows", "sample_rows", "PASSED", "FAILED", "NOT_APPLICABLE"]
