@@ -120,25 +120,37 @@ def test_deployment_run_shows_state_artifacts_and_triggers_training(served, exam
     curate, train = deployments["curate"], deployments["train"]
     assert curate["tags"] == ["facecap", "curate"] and curate["parameters"]["profile"] == "offline"
 
-    # Two runs at once: one that fails (a relative output path is refused) and triggers no training, and one
-    # that completes.
-    failing = start_run(client, curate, {"sources": [str(example_dir / "folder")], "out": "relative/out"})
+    # Three runs at once: one whose release fails its quality gate (the same photo twice: duplicate images),
+    # one refused before any work (a relative output path), neither of which may trigger training, and one that
+    # completes.
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (twins / name).write_bytes((example_dir / "folder" / "astronaut_tilted.jpg").read_bytes())
+    gated_out = tmp_path / "gated"
+    gated = start_run(client, curate, {"sources": [str(twins)], "out": str(gated_out)})
+    refused = start_run(client, curate, {"sources": [str(example_dir / "folder")], "out": "relative/out"})
     out = tmp_path / "out"
     good = start_run(client, curate, {"sources": [str(example_dir / "folder"), str(example_dir / "parquet")],
                                       "out": str(out)})
-    failed = wait_final(client, failing, 300, log)
-    assert failed["state"]["type"] == "FAILED"
-    assert "must be an absolute path" in failed["state"]["message"], failed["state"]
+    refused_run = wait_final(client, refused, 300, log)
+    assert refused_run["state"]["type"] == "FAILED"
+    assert "must be an absolute path" in refused_run["state"]["message"], refused_run["state"]
+    gated_run = wait_final(client, gated, 420, log)
+    assert gated_run["state"]["type"] == "FAILED" and "duplicate_image_rate" in gated_run["state"]["message"], \
+        gated_run["state"]
+    assert not (gated_out / "release").exists()
     run = wait_final(client, good, 420, log)
     assert run["state"]["type"] == "COMPLETED", (run["state"], log.read_text()[-4000:])
     assert run["name"] == f"curate {out}" and "facecap" in run["tags"]
     release_json = out / "release" / "release.json"
     assert release_json.exists()
 
-    # The inner curate flow run (a subflow) holds the artifacts, as the UI lists them under the run.
+    # The inner curate flow runs (subflows) hold the artifacts, as the UI lists them under each run.
     artifacts = client.post("/artifacts/filter", json={"artifacts": {"key": {"any_": ["curate-funnel",
                                                                                       "curate-quality"]}}}).json()
-    by_key = {a["key"]: a for a in artifacts}
+    mine = [a for a in artifacts if str(out / "release") in (a["description"] or "") + str(a["data"])]
+    by_key = {a["key"]: a for a in mine}
     assert set(by_key) == {"curate-funnel", "curate-quality"}, artifacts
     funnel = {row["stage"]: row for row in _table(by_key["curate-funnel"]["data"])}
     from helpers import read_release
@@ -146,7 +158,10 @@ def test_deployment_run_shows_state_artifacts_and_triggers_training(served, exam
     data, _ = read_release(out)
     assert funnel["detect"]["records out"] == data.num_rows > 0
     assert funnel["ingest"]["already done (skipped)"] == 0
-    assert str(out / "release") in by_key["curate-quality"]["data"]
+    assert "quality suites passed" in by_key["curate-quality"]["data"]
+    assert str(out / "release" / "report" / "index.html") in by_key["curate-quality"]["data"]
+    blocked = [a for a in artifacts if a["key"] == "curate-quality" and str(gated_out) in a["data"]]
+    assert len(blocked) == 1 and "NOT published" in blocked[0]["data"] and "duplicate_image_rate" in blocked[0]["data"]
 
     # Task runs are named by stage and shard, and carry no tags (each tag costs a concurrency-slot lookup).
     # (the inner curate flow run has the deployment run's name, so this finds its task runs)
@@ -157,7 +172,7 @@ def test_deployment_run_shows_state_artifacts_and_triggers_training(served, exam
 
     # Its completion triggered the train deployment on the new release.
     triggered = wait_for(lambda: train_runs(client, train), 120, "the train run triggered by the curate run")
-    assert len(triggered) == 1, "only the completed curate run may trigger training"
+    assert len(triggered) == 1, "only the completed curate run may trigger training, not the failed ones"
     assert triggered[0]["parameters"]["release_dir"] == str(out / "release")
     assert triggered[0]["parameters"]["out"] == str(out / "train")
     assert triggered[0]["parameters"]["settings"] == SERVE_SETTINGS
