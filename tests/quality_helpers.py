@@ -15,7 +15,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from helpers import offline_config
-from PIL import Image
 
 from facecap import release
 from facecap.attributes import ATTRIBUTES

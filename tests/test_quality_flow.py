@@ -13,7 +13,6 @@ from facecap.quality.validate import ReleaseBlocked, validate_release
 
 def test_a_failing_release_stays_in_staging_and_allow_failures_publishes_it(prefect_api_url, example_dir, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
     # The tar repeats two of the folder's photos byte for byte: with the default
     # max_duplicate_image_rate (0.05) their identical crops are a real defect.
