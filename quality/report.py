@@ -109,7 +109,8 @@ def figure_aggregates(db: ReleaseDB) -> tuple[dict[str, str], dict[str, str]]:
         exprs.update(words_mean=f"avg({words}) FILTER (NOT {blank})",
                      words_hist=f"histogram({_bin_expr(words, *bins['words'])}) FILTER (NOT {blank})")
     if "caption_check" in cols:
-        exprs["checks"] = "histogram(caption_check)"
+        # Fallback reasons carry details ("omission: Smiling (3 attempts)"): group on the kind before ":".
+        exprs["checks"] = "histogram(split_part(caption_check, ':', 1))"
         if "caption_model" in cols:
             exprs["not_rewritten"] = "count(*) FILTER (caption_model = 'none' OR caption_check = 'not_rewritten')"
     return exprs, derived
@@ -158,6 +159,11 @@ def compute_figures(db: ReleaseDB, agg: dict[str, Any]) -> dict[str, Any]:
         checks = dict(sorted(((str(k), int(v)) for k, v in (agg["checks"] or {}).items()), key=lambda kv: -kv[1]))
         not_rewritten = int(agg.get("not_rewritten", checks.get("not_rewritten", 0)))
         fig["rewrite"] = {"checks": checks, "not_rewritten_share": round(not_rewritten / rows, 4)}
+        # The caption stage's run-level counts (hallucinated / omitted attributes, fallbacks, LLM
+        # requests and cache hits), summed over shards by the manifest into the funnel.
+        for row in db.info.get("funnel") or []:
+            if row.get("stage") == "caption" and row.get("extra"):
+                fig["rewrite"]["run_counts"] = {k: int(v) for k, v in sorted(row["extra"].items())}
     else:
         off = db.stage_off_reason("caption")
         fig["rewrite"] = {NOT_APPLICABLE: f"stage caption off ({off})" if off else "no caption_check column"}
@@ -352,6 +358,9 @@ def render_html(report: dict[str, Any]) -> str:
     else:
         parts.append(svg.bars(list(r["checks"]), list(r["checks"].values()), "rewrite faithfulness (caption_check)"))
         parts.append(f"<p>Share of captions not rewritten by the LLM: <b>{100 * r['not_rewritten_share']:.1f} %</b></p>")
+        if r.get("run_counts"):
+            rows_html = "".join(f"<tr><td>{escape(k)}</td><td>{v:,}</td></tr>" for k, v in r["run_counts"].items())
+            parts.append(f"<table><tr><th>caption stage count (this run)</th><th>n</th></tr>{rows_html}</table>")
 
     parts.append("<h2>Sample faces</h2><div class=\"grid\">")
     for g in report["gallery"]:

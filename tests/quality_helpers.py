@@ -65,7 +65,9 @@ def _face_rows(n_images: int, seed: int) -> list[dict]:
                 "attr_absent_threshold": 0.15,
                 "caption": caption, "raw_caption": caption, "grammar_version": "synthetic", "caption_seed": i,
                 "caption_model": "none" if i % 4 == 0 else "qwen-test", "prompt_version": "v1",
-                "caption_check": "not_rewritten" if i % 4 == 0 else "passed",
+                "caption_check": ("not_rewritten" if i % 4 == 0
+                                  else f"omission: {kept[0] if kept else 'Smiling'} (3 attempts)" if i % 8 == 1
+                                  else "passed"),
             })
     return rows
 
@@ -117,7 +119,8 @@ def write_synthetic_release(out: Path, n_images: int = 30, defect: str | None = 
     funnel = [{"stage": "ingest", "rows_in": n_images, "rows_out": n_images, "rejects": {}},
               {"stage": "detect", "rows_in": n_images, "rows_out": n, "rejects": {}},
               {"stage": "annotate", "rows_in": n, "rows_out": n, "rejects": {}},
-              {"stage": "caption", "rows_in": n, "rows_out": n + (defect == "funnel_mismatch"), "rejects": {}}]
+              {"stage": "caption", "rows_in": n, "rows_out": n + (defect == "funnel_mismatch"), "rejects": {},
+               "extra": {"omitted_attributes": 7, "hallucinated_attributes": 2, "llm_cache_hits": 5}}]
     detector = "retinaface-mobilenet0.25@sha256:synthetic"
     stages = {"ingest": {"status": "on"}, "detect": {"status": "on", "model": detector},
               "annotate": {"status": "on", "model": "synthetic:not-a-model"},

@@ -98,6 +98,10 @@ def test_report_is_self_contained_and_holds_the_figures(clean):
     curve = fig["four_grams"]["points"]
     assert len(curve) == 10 and all(a["unique_4grams"] <= b["unique_4grams"] for a, b in zip(curve, curve[1:]))
     assert fig["rewrite"]["checks"]["passed"] > 0 and 0 < fig["rewrite"]["not_rewritten_share"] < 1
+    # Fallback reasons are grouped by kind, without their per-record details.
+    assert fig["rewrite"]["checks"]["omission"] > 0 and not any(":" in k for k in fig["rewrite"]["checks"])
+    assert fig["rewrite"]["run_counts"] == {"hallucinated_attributes": 2, "llm_cache_hits": 5, "omitted_attributes": 7}
+    assert "hallucinated_attributes" in html
     for check in verdict["checks"]:  # every expectation with its observed value
         assert check["name"] in html
     assert "33.9" in json.dumps(fig["attributes"]["paper_category_share_pct"])
