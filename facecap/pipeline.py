@@ -78,6 +78,22 @@ class RunPlan:
         return out
 
 
+def face_shard(stage: StageInfo, previous: dict, out: str, settings: str, plan: RunPlan | str):
+    """Paths, stats metadata and planned model identity of `stage` on the shard `previous` produced."""
+    model_id = plan if isinstance(plan, str) else plan.model(stage.name)
+    key = stage_key(stage.name, stage.version, settings, model_id, previous["key"])
+    meta = {"input": previous["input"], "input_key": previous["key"], "source": previous["source"],
+            "stage_version": stage.version, "settings_hash": settings, "model": model_id}
+    return ShardPaths(out, stage.name, key), meta, model_id
+
+
+def check_loaded(what: str, loaded: str, planned: str) -> None:
+    """A worker must run the model the driver planned (and keyed the outputs by)."""
+    if loaded != planned:
+        raise RuntimeError(f"worker loaded {what} {loaded}, the run planned {planned}: the files differ "
+                           "between the driver and this worker")
+
+
 def ingest_settings_hash(cfg: Config) -> str:
     return settings_hash({"ingest": cfg.ingest.model_dump(mode="json"), "image": cfg.image.model_dump(mode="json")})
 
@@ -112,21 +128,13 @@ def plan_detect(cfg: Config) -> StagePlan:
 def run_detect(ingested: dict, out: str, cfg: Config, plan: RunPlan | str) -> dict:
     from facecap.models.registry import load_detector
 
-    detector_id = plan if isinstance(plan, str) else plan.model(DETECT.name)
-
-    settings = detect_settings_hash(cfg)
-    key = stage_key(DETECT.name, DETECT.version, settings, detector_id, ingested["key"])
-    meta = {"input": ingested["input"], "input_key": ingested["key"], "source": ingested["source"],
-            "stage_version": DETECT.version, "settings_hash": settings, "model": detector_id}
-
-    paths = ShardPaths(out, DETECT.name, key)
+    paths, meta, detector_id = face_shard(DETECT, ingested, out, detect_settings_hash(cfg), plan)
     detector = None
     if not storage.exists(paths.stats):
         # Loaded (once per worker process) before the shard's clock starts, so
         # shard seconds measure detection, not start-up.
         detector = load_detector(cfg)
-        if detector.identity != detector_id:
-            raise RuntimeError(f"worker loaded {detector.identity}, the run planned {detector_id}: weights differ")
+        check_loaded("detector", detector.identity, detector_id)
 
     def produce(counters):
         return detect_faces(iter_shard(ingested["output"]), detector, cfg.detect, cfg.image, counters)
@@ -175,19 +183,12 @@ def run_annotate(previous: dict, out: str, cfg: Config, plan: RunPlan | str) -> 
     from facecap.models.attributes import load_attribute_model
     from facecap.stages.annotate import ANNOTATED_SCHEMA, annotate_faces
 
-    model_id = plan if isinstance(plan, str) else plan.model(ANNOTATE.name)
-    settings = annotate_settings_hash(cfg)
-    key = stage_key(ANNOTATE.name, ANNOTATE.version, settings, model_id, previous["key"])
-    meta = {"input": previous["input"], "input_key": previous["key"], "source": previous["source"],
-            "stage_version": ANNOTATE.version, "settings_hash": settings, "model": model_id}
-    paths = ShardPaths(out, ANNOTATE.name, key)
+    paths, meta, model_id = face_shard(ANNOTATE, previous, out, annotate_settings_hash(cfg), plan)
     model = None
     if not storage.exists(paths.stats):
         # Loaded once per worker process, before the shard's clock starts.
         model = load_attribute_model(cfg, _attribute_threads(cfg), expect=model_id)
-        if model.identity != model_id:
-            raise RuntimeError(f"worker loaded attribute model {model.identity}, the run planned {model_id}: "
-                               "the model files differ between the driver and this worker")
+        check_loaded("attribute model", model.identity, model_id)
 
     def produce(counters):
         return annotate_faces(iter_shard(previous["output"]), model, cfg.attributes, cfg.image, counters)
@@ -236,18 +237,11 @@ def plan_caption(cfg: Config) -> StagePlan:
 def run_caption(previous: dict, out: str, cfg: Config, plan: RunPlan | str) -> dict:
     from facecap.stages.caption import Captioner, caption_faces
 
-    model_id = plan if isinstance(plan, str) else plan.model(CAPTION.name)
-    settings = caption_settings_hash(cfg)
-    key = stage_key(CAPTION.name, CAPTION.version, settings, model_id, previous["key"])
-    meta = {"input": previous["input"], "input_key": previous["key"], "source": previous["source"],
-            "stage_version": CAPTION.version, "settings_hash": settings, "model": model_id}
-    paths = ShardPaths(out, CAPTION.name, key)
+    paths, meta, model_id = face_shard(CAPTION, previous, out, caption_settings_hash(cfg), plan)
     captioner, schema = None, None
     if not storage.exists(paths.stats):
         captioner = Captioner(cfg.caption, cfg.llm, llm_cache_dir(cfg, out))
-        if captioner.identity != model_id:
-            raise RuntimeError(f"worker loaded caption files {captioner.identity}, the run planned {model_id}: "
-                               "the grammar, lexicon or prompt differ between the driver and this worker")
+        check_loaded("caption grammar, lexicon and prompt", captioner.identity, model_id)
         # The input's own columns (whatever annotate wrote), then the caption columns.
         schema = extend_schema(read_shard_schema(previous["output"]), CAPTION_FIELDS)
 
@@ -312,9 +306,7 @@ def _text_tools(cfg: Config, out: str, model_id: str):
         matcher = KeywordMatcher.from_file(cfg.text.keywords_file)
         classifier = load_text_filter(cfg.text, matcher)
         cleaner = model_id.rsplit("|", 1)[1]
-        if f"{classifier.identity}|{matcher.identity}|{cleaner}" != model_id:
-            raise RuntimeError(f"worker loaded text filter {classifier.identity}|{matcher.identity}, the run "
-                               f"planned {model_id}: the classifier or keyword files differ on this worker")
+        check_loaded("text filter and keywords", f"{classifier.identity}|{matcher.identity}|{cleaner}", model_id)
         denoise = None
         if cfg.text.denoise:
             from facecap.text.denoise import denoise_many, denoise_settings, load_prompt
@@ -333,12 +325,7 @@ def _text_tools(cfg: Config, out: str, model_id: str):
 def run_text(previous: dict, out: str, cfg: Config, plan: RunPlan | str) -> dict:
     from facecap.stages.text import filter_captions, text_schema
 
-    model_id = plan if isinstance(plan, str) else plan.model(TEXT.name)
-    settings = text_settings_hash(cfg)
-    key = stage_key(TEXT.name, TEXT.version, settings, model_id, previous["key"])
-    meta = {"input": previous["input"], "input_key": previous["key"], "source": previous["source"],
-            "stage_version": TEXT.version, "settings_hash": settings, "model": model_id}
-    paths = ShardPaths(out, TEXT.name, key)
+    paths, meta, model_id = face_shard(TEXT, previous, out, text_settings_hash(cfg), plan)
     tools, schema = None, None
     if not storage.exists(paths.stats):
         tools = _text_tools(cfg, out, model_id)  # loaded once per worker, before the shard's clock starts

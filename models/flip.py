@@ -135,7 +135,7 @@ def _load_pretrained(model_cls, ref: str, what: str, **kwargs):
     from facecap.models.weights import WeightsError
 
     try:
-        return model_cls.from_pretrained(ref, **kwargs)
+        return model_cls.from_pretrained(ref, use_safetensors=True, **kwargs)  # never a pickled .bin
     except Exception as exc:
         raise WeightsError(
             f"could not load the {what} from {ref!r} ({type(exc).__name__}: {exc}). Give a local directory "

@@ -101,8 +101,7 @@ class SentenceEncoder:
             raise ConfigError(f"text.encoder {path!r} is not a local directory and the hub is offline")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path, use_safetensors=True if local and
-                                                   (Path(path) / "model.safetensors").is_file() else None).eval()
+            self.model = AutoModel.from_pretrained(path, use_safetensors=True).eval()  # never a pickled .bin
         except OSError as exc:
             raise ConfigError(f"text.encoder: cannot load {path!r} ({exc}); give a local directory with a "
                               "transformers model, or a hub id when online") from exc
@@ -186,7 +185,8 @@ class SequenceClassifier:
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.ref)
-            self.model = AutoModelForSequenceClassification.from_pretrained(self.ref).eval()
+            # safetensors only: a pickled .bin checkpoint is never unpickled.
+            self.model = AutoModelForSequenceClassification.from_pretrained(self.ref, use_safetensors=True).eval()
         except OSError as exc:
             raise ConfigError(f"text.classifier: cannot load {self.ref!r} ({exc}); give a directory written by "
                               "`facecap train-text-filter`, a local transformers sequence classifier, or a hub "
