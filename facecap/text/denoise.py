@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from importlib import resources
+from facecap.data import data_file
 from pathlib import Path
 
 import yaml
@@ -25,7 +25,7 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def default_prompt_path() -> Path:
-    return Path(str(resources.files("facecap.data").joinpath("denoise_prompt.yaml")))
+    return data_file("denoise_prompt.yaml")
 
 
 @dataclass(frozen=True)

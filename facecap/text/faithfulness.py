@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
+from facecap.data import data_file, file_state
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -34,7 +34,7 @@ LOW_SIMILARITY = "low_similarity"
 
 
 def default_lexicon_path() -> Path:
-    return Path(str(resources.files("facecap.data").joinpath("attribute_lexicon.json")))
+    return data_file("attribute_lexicon.json")
 
 
 @dataclass(frozen=True)
@@ -129,12 +129,7 @@ def check_caption(text: str, attributes: Iterable[str], absent: Iterable[str], l
 def load_lexicon(path: str | os.PathLike[str] | None = None) -> Lexicon:
     """The lexicon at `path` (default: the built-in one); cached per process while unchanged."""
     p = Path(path) if path else default_lexicon_path()
-    try:
-        stat = p.stat()
-    except OSError as exc:
-        raise ConfigError(f"attribute lexicon {p} cannot be read: {exc.strerror or exc}. Set caption.lexicon "
-                          "to an existing file, or unset it for the built-in lexicon.") from exc
-    return _load_cached(str(p.resolve()), stat.st_mtime_ns, stat.st_size)
+    return _load_cached(*file_state(p, "attribute lexicon", "caption.lexicon"))
 
 
 @lru_cache(maxsize=8)

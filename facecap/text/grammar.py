@@ -23,7 +23,7 @@ import random
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
+from facecap.data import data_file, file_state
 from pathlib import Path
 from typing import Iterable
 
@@ -49,7 +49,7 @@ _VERSION_LINE = re.compile(r"^#\s*grammar_version:\s*(\S+)", re.MULTILINE)
 
 
 def default_grammar_path() -> Path:
-    return Path(str(resources.files("facecap.data").joinpath("caption_grammar.pcfg")))
+    return data_file("caption_grammar.pcfg")
 
 
 def grammar_version_of(text: str) -> str:
@@ -329,12 +329,7 @@ def caption_seed(sample_id: str, grammar_version: str, run_seed: int = 0) -> int
 def load_grammar(path: str | os.PathLike[str] | None = None) -> CaptionGrammar:
     """The grammar at `path` (default: the built-in one); cached per process while the file is unchanged."""
     p = Path(path) if path else default_grammar_path()
-    try:
-        stat = p.stat()
-    except OSError as exc:
-        raise ConfigError(f"caption grammar {p} cannot be read: {exc.strerror or exc}. Set caption.grammar "
-                          "to an existing file, or unset it for the built-in grammar.") from exc
-    return _load_cached(str(p.resolve()), stat.st_mtime_ns, stat.st_size)
+    return _load_cached(*file_state(p, "caption grammar", "caption.grammar"))
 
 
 @lru_cache(maxsize=8)

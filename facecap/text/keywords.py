@@ -13,14 +13,14 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from importlib import resources
+from facecap.data import data_file
 from pathlib import Path
 
 from facecap.config import ConfigError
 
 
 def default_keywords_path() -> Path:
-    return Path(str(resources.files("facecap.data") / "face_keywords.txt"))
+    return data_file("face_keywords.txt")
 
 
 def load_keywords(path: str | Path | None = None) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from importlib import resources
+from facecap.data import data_file
 from pathlib import Path
 
 import yaml
@@ -19,7 +19,7 @@ from facecap.config import ConfigError
 
 
 def default_prompt_path() -> Path:
-    return Path(str(resources.files("facecap.data").joinpath("rewrite_prompt.yaml")))
+    return data_file("rewrite_prompt.yaml")
 
 
 @dataclass(frozen=True)
