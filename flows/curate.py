@@ -1,4 +1,4 @@
-"""The curate flow: sources -> ingest -> face stages (detect, annotate, caption) -> release, on Dask.
+"""The curate flow: sources -> ingest -> face stages (detect, annotate, text, caption) -> validate -> release.
 
 Shards flow through the stages as soon as they are ready (a shard's detect
 starts when its ingest finishes, its annotate when its detect finishes...).
