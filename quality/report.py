@@ -167,7 +167,33 @@ def compute_figures(db: ReleaseDB, agg: dict[str, Any]) -> dict[str, Any]:
     else:
         off = db.stage_off_reason("caption")
         fig["rewrite"] = {NOT_APPLICABLE: f"stage caption off ({off})" if off else "no caption_check column"}
+    fig.update(_web_figures(db.info.get("funnel") or []))
     return fig
+
+
+PAPER_REACHABLE_SHARE = 0.75  # FaceCaption-15M: ~75 % of LAION-Face's URLs were still reachable
+PAPER_CHARS_REMOVED_SHARE = 0.095  # FLIP-80M: denoising removed 9.5 % of the alt-text's characters
+
+
+def _web_figures(funnel: list[dict]) -> dict[str, Any]:
+    """The FLIP-80M path's figures, from the funnel's summed stage counts: the share of listed URLs
+    that were reached (when the run downloaded), and the share of alt-text characters cleaning removed."""
+    out: dict[str, Any] = {}
+    for row in funnel:
+        extra, rows_in = row.get("extra") or {}, int(row.get("rows_in") or 0)
+        if row.get("stage") == "ingest" and extra.get("downloaded_bytes") and rows_in:
+            out["download"] = {"records_in": rows_in, "images_out": int(row.get("rows_out") or 0),
+                               "reachable_share": round(int(row.get("rows_out") or 0) / rows_in, 4),
+                               "paper_reachable_share": PAPER_REACHABLE_SHARE,
+                               "note": "ingest of every source in the run; URL lists are the ones that can miss"}
+        if row.get("stage") == "text" and extra.get("alt_text_chars"):
+            chars = int(extra["alt_text_chars"])
+            out["alt_text"] = {"chars": chars, "chars_removed": int(extra.get("text_chars_removed", 0)),
+                               "removed_share": round(int(extra.get("text_chars_removed", 0)) / chars, 4),
+                               "paper_removed_share": PAPER_CHARS_REMOVED_SHARE,
+                               "with_keywords": int(extra.get("with_keywords", 0)),
+                               "llm_denoised": int(extra.get("llm_denoised", 0))}
+    return out
 
 
 def split_counts(release_dir: str) -> dict[str, int]:
@@ -361,6 +387,17 @@ def render_html(report: dict[str, Any]) -> str:
         if r.get("run_counts"):
             rows_html = "".join(f"<tr><td>{escape(k)}</td><td>{v:,}</td></tr>" for k, v in r["run_counts"].items())
             parts.append(f"<table><tr><th>caption stage count (this run)</th><th>n</th></tr>{rows_html}</table>")
+
+    if "download" in fig:
+        d = fig["download"]
+        parts.append(f"<p>Downloads: {d['images_out']:,} of {d['records_in']:,} listed records reached "
+                     f"(<b>{100 * d['reachable_share']:.1f} %</b>; FaceCaption-15M reached ≈ "
+                     f"{100 * d['paper_reachable_share']:.0f} % of LAION-Face). Failures by status are in the funnel.</p>")
+    if "alt_text" in fig:
+        a = fig["alt_text"]
+        parts.append(f"<p>Alt-text cleaning removed <b>{100 * a['removed_share']:.1f} %</b> of {a['chars']:,} "
+                     f"characters (FLIP-80M: {100 * a['paper_removed_share']:.1f} %); {a['with_keywords']:,} "
+                     f"captions matched face keywords, {a['llm_denoised']:,} were denoised by the LLM.</p>")
 
     parts.append("<h2>Sample faces</h2><div class=\"grid\">")
     for g in report["gallery"]:

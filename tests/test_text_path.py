@@ -287,6 +287,14 @@ def test_curate_a_url_list_on_the_flip80m_path_and_retry_its_failures(tmp_path, 
         assert funnel["text"]["extra"]["text_chars_removed"] == alt - len(face["caption"])
         assert f"cleaning removed {(alt - len(face['caption'])) / alt:.1%}" in capsys.readouterr().out
         assert first["stages"]["text"]["status"] == "on" and first["stages"]["caption"]["status"] == "off"
+        # The quality report shows the reachable share and the characters cleaning removed.
+        figures = json.loads((out / "release" / "report" / "report.json").read_text())["figures"]
+        assert figures["download"]["records_in"] == 6 and figures["download"]["images_out"] == 4
+        assert figures["download"]["reachable_share"] == round(4 / 6, 4)
+        assert figures["alt_text"]["chars"] == alt and figures["alt_text"]["removed_share"] == round(
+            (alt - len(face["caption"])) / alt, 4) and figures["alt_text"]["paper_removed_share"] == 0.095
+        html = (out / "release" / "report" / "index.html").read_text()
+        assert "listed records reached" in html and "Alt-text cleaning removed" in html
 
         # Re-curation with --retry-failed: only the transient failure is fetched again and merged.
         assert main(argv + ["--retry-failed"]) == 0
