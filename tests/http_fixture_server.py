@@ -21,23 +21,21 @@ from __future__ import annotations
 
 import http.server
 import io
-import struct
 import threading
 import time
 import urllib.parse
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
+from facecap.example_data import astronaut, bomb_png
+
 
 def astronaut_jpeg() -> bytes:
-    from skimage import data
-
     buf = io.BytesIO()
-    Image.fromarray(data.astronaut()).save(buf, format="JPEG", quality=90)
+    astronaut().save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -46,15 +44,6 @@ def generated_png(seed: int, size: int = 96) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A tiny PNG whose header claims a huge canvas (a decompression bomb's signature)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 
 @dataclass
@@ -156,7 +145,7 @@ def _handler(srv: FixtureServer):
                 data = srv.images["astronaut.jpg"]
                 self._send(200, data[: len(data) // 2])
             elif head == "bomb":
-                self._send(200, png_bomb(), "image/png")
+                self._send(200, bomb_png(100_000, 100_000), "image/png")
             else:
                 self._send(404, b"not found", "text/plain")
 

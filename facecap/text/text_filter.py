@@ -80,6 +80,17 @@ def encoder_identity(ref: str | None) -> str:
     return f"{name}:{_file_digest(weights)}" if weights else name
 
 
+def _map_batches(torch, tokenizer, texts: list[str], batch_size: int, step) -> list[np.ndarray]:
+    """`step` applied to the tokenised texts, `batch_size` at a time, without autograd."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=MAX_TOKENS,
+                              return_tensors="pt")
+            out.append(step(batch))
+    return out
+
+
 @dataclass
 class SentenceEncoder:
     """Mean-pooled, L2-normalised transformer embeddings (the all-MiniLM-L6-v2 recipe) without sentence-transformers."""
@@ -110,15 +121,14 @@ class SentenceEncoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
-                                       max_length=MAX_TOKENS, return_tensors="pt")
-                hidden = self.model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+
+        def embed(batch):
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+
+        out = _map_batches(torch, self.tokenizer, texts, self.batch_size, embed)
         return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)
 
 
@@ -199,13 +209,11 @@ class SequenceClassifier:
 
     def score(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
-                                       max_length=MAX_TOKENS, return_tensors="pt")
-                probs = torch.softmax(self.model(**batch).logits.float(), dim=-1)[:, self.positive]
-                out.append(probs.numpy())
+
+        def positive_prob(batch):
+            return torch.softmax(self.model(**batch).logits.float(), dim=-1)[:, self.positive].numpy()
+
+        out = _map_batches(torch, self.tokenizer, texts, self.batch_size, positive_prob)
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
