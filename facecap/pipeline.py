@@ -5,7 +5,7 @@ dict. They know nothing of Prefect or Dask (tasks/ wraps them), so a test or
 a benchmark can call them directly.
 
 After ingest, every shard goes through the face stages in FACE_STAGES order.
-Before any work, the driver asks each stage for its plan (`plan_run`): on or
+Before any work, the driver asks each stage in turn for its plan (`plan_run`): on or
 off (and why), and the identity of its model. Stages that are off are left
 out of the chain, and the release says they were off and why. A face stage's
 job has one signature: ``run_x(previous_stats, out, cfg, plan) -> stats``.
@@ -116,7 +116,7 @@ def run_ingest(spec: ShardSpec, out: str, cfg: Config) -> dict:
                      lambda counters: ingest_shard(spec, cfg.ingest, cfg.image, counters), meta)
 
 
-def plan_detect(cfg: Config) -> StagePlan:
+def plan_detect(cfg: Config, planned: dict[str, StagePlan] | None = None) -> StagePlan:
     from facecap.models.registry import detector_identity
 
     # Resolving the weights here fails the run before any work if they are missing.
@@ -154,7 +154,7 @@ def annotate_settings_hash(cfg: Config) -> str:
         "image": cfg.image.model_dump(mode="json")})
 
 
-def plan_annotate(cfg: Config) -> StagePlan:
+def plan_annotate(cfg: Config, planned: dict[str, StagePlan] | None = None) -> StagePlan:
     from facecap.models.attributes import attribute_identity, configured_model, is_local_model
 
     ref = configured_model(cfg)
@@ -213,12 +213,15 @@ def llm_cache_dir(cfg: Config, out: str) -> str:
     return cfg.llm.cache_dir or storage.join(out, "cache", "llm")
 
 
-def plan_caption(cfg: Config) -> StagePlan:
+def plan_caption(cfg: Config, planned: dict[str, StagePlan] | None = None) -> StagePlan:
     from facecap.stages.caption import Captioner
     from facecap.text.llm import LLMClient
 
     if cfg.text.caption_path == "flip80m":
         return StagePlan(False, why="text.caption_path is flip80m: the filtered, denoised alt-text is the caption")
+    if planned is not None and not planned[ANNOTATE.name].on:
+        return StagePlan(False, why=f"needs the {ANNOTATE.name} stage, which is off (no attributes to caption); "
+                                    "records keep source_caption")
     # Loading here fails the run before any work on a bad grammar, lexicon or prompt file.
     captioner = Captioner(cfg.caption, cfg.llm, load_similarity=False)  # MiniLM loads in the workers
     info = {"grammar": cfg.caption.grammar or "built-in", "grammar_version": captioner.grammar.version,
@@ -272,7 +275,7 @@ def text_settings_hash(cfg: Config) -> str:
     return settings_hash({"text": text, "llm": llm})
 
 
-def plan_text(cfg: Config) -> StagePlan:
+def plan_text(cfg: Config, planned: dict[str, StagePlan] | None = None) -> StagePlan:
     from facecap.text.clean import CLEANER_VERSION
     from facecap.text.denoise import load_prompt
     from facecap.text.keywords import KeywordMatcher
@@ -339,7 +342,9 @@ def run_text(previous: dict, out: str, cfg: Config, plan: RunPlan | str) -> dict
 
 # --- the chain ---------------------------------------------------------------
 FACE_STAGES: tuple[StageInfo, ...] = (DETECT, ANNOTATE, TEXT, CAPTION)
-PLANNERS: dict[str, Callable[[Config], StagePlan]] = {
+# A planner gets the stages planned before it: a stage that works on another's output is off
+# when that one is off (caption needs annotate's attributes).
+PLANNERS: dict[str, Callable[[Config, dict[str, StagePlan]], StagePlan]] = {
     DETECT.name: plan_detect, ANNOTATE.name: plan_annotate, TEXT.name: plan_text, CAPTION.name: plan_caption,
 }
 JOBS: dict[str, Callable[[dict, str, Config, RunPlan], dict]] = {
@@ -347,20 +352,9 @@ JOBS: dict[str, Callable[[dict, str, Config, RunPlan], dict]] = {
 }
 
 
-# A stage that works on another stage's output is off when that stage is off.
-NEEDS: dict[str, str] = {CAPTION.name: ANNOTATE.name}
-
-
 def plan_run(cfg: Config) -> RunPlan:
     """Plan every face stage (fails here, before any work, if a model a stage needs is missing)."""
     plans: dict[str, StagePlan] = {}
     for stage in FACE_STAGES:
-        needed = NEEDS.get(stage.name)
-        if stage is CAPTION and cfg.text.caption_path == "flip80m":
-            plans[stage.name] = PLANNERS[stage.name](cfg)  # off by choice; say so rather than "needs annotate"
-        elif needed and not plans[needed].on:
-            plans[stage.name] = StagePlan(False, why=f"needs the {needed} stage, which is off (no attributes to "
-                                                     "caption); records keep source_caption")
-        else:
-            plans[stage.name] = PLANNERS[stage.name](cfg)
+        plans[stage.name] = PLANNERS[stage.name](cfg, plans)
     return RunPlan(plans)
