@@ -18,6 +18,14 @@ import pytest  # noqa: E402
 from facecap.config import Config  # noqa: E402
 from facecap.example_data import write_example_data  # noqa: E402
 
+# Prefect sets up its logging handlers once per process, on the first flow run, bound to the
+# sys.stderr of that moment. If that first run were inside a `capsys` test, every later run would
+# log to capsys's closed stream (and, with log_prints, recurse through print). Set them up now, on
+# the session's streams, so the suite does not depend on test order.
+from prefect.logging.configuration import setup_logging  # noqa: E402
+
+setup_logging()
+
 
 @pytest.fixture(scope="session")
 def prefect_api_url() -> str:
