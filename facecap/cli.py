@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -147,12 +148,24 @@ def _curate(args: argparse.Namespace) -> int:
     from facecap.prefect_api import prefect_api
 
     print(f"facecap {__version__}: profile {cfg.profile}, detector {detector_identity(cfg)}", flush=True)
-    with prefect_api():
-        from facecap.flows.curate import curate, task_runner_for
+    cluster = contextlib.ExitStack()  # closed before the Prefect server stops: workers may still report
+    runner = []
 
-        result = curate.with_options(task_runner=task_runner_for(cfg))(
-            sources=list(args.sources), out=args.out, config=cfg.model_dump(mode="json"),
-            allow_failures=args.allow_failures)
+    def start_up() -> None:  # while the embedded Prefect server boots
+        from facecap.flows.curate import curate  # noqa: F401 (the flow's imports, done meanwhile)
+        from facecap.flows.executor import started_task_runner
+
+        runner.append(cluster.enter_context(started_task_runner(cfg)))
+
+    try:
+        with prefect_api(meanwhile=start_up), cluster:
+            from facecap.flows.curate import curate
+
+            result = curate.with_options(task_runner=runner[0]())(
+                sources=list(args.sources), out=args.out, config=cfg.model_dump(mode="json"),
+                allow_failures=args.allow_failures)
+    finally:
+        cluster.close()
     print("\nFunnel (records per stage):")
     for row in result["funnel"]:
         rejects = ", ".join(f"{k} {v}" for k, v in row["rejects"].items()) or "none"

@@ -84,7 +84,11 @@ class DetectSettings(_Section):
 class ExecutionSettings(_Section):
     dask_address: str | None = Field(None, description="Existing Dask scheduler (tcp://host:8786); unset: local.")
     n_workers: int | None = Field(None, ge=1, description="Local cluster worker processes (unset: one per core).")
-    threads_per_worker: int = Field(1, ge=1)
+    threads_per_worker: int = Field(1, ge=1, description="CPU slots per local worker: CPU-bound stage tasks at once.")
+    io_threads: int = Field(
+        2, ge=1, description="I/O slots per local worker, each a thread of its own, for I/O-bound stages (ingest: "
+                             "downloads, reading sources): they never hold a CPU slot, so downloads overlap with "
+                             "detection.")
     stage_resources: dict[str, dict[str, float]] = Field(
         default_factory=dict,
         description="Dask resources a stage's tasks need, by stage name, e.g. {detect: {GPU: 1}}: they then run "

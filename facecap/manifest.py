@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import duckdb
+
+if TYPE_CHECKING:
+    from facecap.runner import ShardStats
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -80,16 +83,17 @@ def finish_run(path: str, run_id: str, status: str, message: str = "") -> None:
                     [_now(), status, message, run_id])
 
 
-def record_stages(path: str, run_id: str, results: list[dict[str, Any]]) -> None:
-    """Record stats dicts returned by stage tasks (or failure dicts with an 'error')."""
+def record_stages(path: str, run_id: str, results: list["ShardStats"]) -> None:
+    """Record the stats stage tasks returned (failures carry an error)."""
     rows = []
     for r in results:
-        status = "failed" if r.get("error") else ("cached" if r.get("cached") else "done")
+        status = "failed" if r.error else ("cached" if r.cached else "done")
+        failed = bool(r.error)
         rows.append([
-            run_id, r["stage"], r.get("key"), r.get("input_key"), r.get("input"), r.get("source"), status,
-            r.get("rows_in"), r.get("rows_out"), r.get("rejects") or {}, r.get("extra") or {}, r.get("seconds"),
-            r.get("stage_version"), r.get("settings_hash"), r.get("model"), r.get("output"),
-            r.get("rejects_output"), r.get("error"), _now(),
+            run_id, r.stage, r.key or None, r.input_key or None, r.input, r.source, status,
+            None if failed else r.rows_in, None if failed else r.rows_out, r.rejects, r.extra,
+            None if failed else r.seconds, r.stage_version or None, r.settings_hash or None, r.model,
+            r.output or None, r.rejects_output or None, r.error, _now(),
         ])
     if rows:
         with connect(path) as con:

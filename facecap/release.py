@@ -1,4 +1,8 @@
-"""Publish a release: the final stage's shards split into train/test, the rejects, the config and what produced them.
+"""Publish a release: the shards' face records split into train/test, the rejects, the config and what produced them.
+
+A face record is the join of its shard's stage outputs (facecap.records):
+the release is the one place where all of a record's columns are written
+together, as the product people download.
 
 The release is assembled in a staging folder, ``OUT/staging/<run id>``, and
 validated there (quality/). Only a release whose suites pass (or that is
@@ -16,12 +20,13 @@ Face records are split by source image: a deterministic hash of
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,6 +34,7 @@ import pyarrow.parquet as pq
 
 from facecap import __version__, storage
 from facecap.config import Config, ConfigError
+from facecap.records import ShardInput, read_view, record_columns
 
 SPLITS = ("train", "test")
 
@@ -69,14 +75,12 @@ class _SplitWriter:
         self.counts = {split: 0 for split in SPLITS}  # files written per split
         self.files: list[str] = []
 
-    def write_shard(self, src: str, test_fraction: float) -> dict[str, int]:
-        source = pq.ParquetFile(src)
+    def write_shard(self, tables: Iterable[pa.Table], test_fraction: float) -> dict[str, int]:
         writers: dict[str, tuple[pq.ParquetWriter, str, str]] = {}
         rows = {split: 0 for split in SPLITS}
         try:
-            for batch in source.iter_batches(batch_size=4096):
-                mask = pa.array(is_test(batch.column("image_id").to_pylist(), test_fraction))
-                table = pa.Table.from_batches([batch], schema=source.schema_arrow)
+            for table in tables:
+                mask = pa.array(is_test(table.column("image_id").to_pylist(), test_fraction))
                 for split, part in (("test", table.filter(mask)), ("train", table.filter(pc.invert(mask)))):
                     if not part.num_rows:
                         continue
@@ -85,7 +89,7 @@ class _SplitWriter:
                         final = os.path.join(self.root, name)
                         os.makedirs(os.path.dirname(final), exist_ok=True)
                         tmp = f"{final}.tmp"
-                        writers[split] = (pq.ParquetWriter(tmp, source.schema_arrow, compression="zstd"), tmp, name)
+                        writers[split] = (pq.ParquetWriter(tmp, table.schema, compression="zstd"), tmp, name)
                         self.counts[split] += 1
                     writers[split][0].write_table(part, row_group_size=256)
                     rows[split] += part.num_rows
@@ -101,19 +105,20 @@ class _SplitWriter:
         return rows
 
 
-def assemble(out: str, run_id: str, shards: list[dict], reject_files: list[tuple[str, int]], cfg: Config,
+def assemble(out: str, run_id: str, shards: list[ShardInput], reject_files: list[tuple[str, int]], cfg: Config,
              info: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Build the release in OUT/staging/<run id> from the final stage's shard stats (plan order) and reject files."""
+    """Build the release in OUT/staging/<run id> from each shard's chain of outputs (plan order) and reject files."""
     check_output(out)
     staging = staging_dir(out, run_id)
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     splitter, rows, split_rows = _SplitWriter(staging), 0, {split: 0 for split in SPLITS}
-    for stats in shards:
-        if stats["rows_written"]:
-            for split, n in splitter.write_shard(stats["output"], cfg.quality.test_fraction).items():
+    for shard in shards:
+        if shard.outputs[-1].rows:
+            records = read_view(shard, record_columns(shard), batch_rows=256)
+            for split, n in splitter.write_shard(records, cfg.quality.test_fraction).items():
                 split_rows[split] += n
-            rows += stats["rows_written"]
+                rows += n
     reject_names, rejects = [], 0
     for path, count in reject_files:
         if count:
@@ -141,6 +146,35 @@ def assemble(out: str, run_id: str, shards: list[dict], reject_files: list[tuple
     return staging, manifest
 
 
+def content_key(shards: list[ShardInput], reject_files: list[tuple[str, int]], cfg: Config,
+                allow_failures: bool) -> str:
+    """What a release is made of: every shard's chain of outputs, the rejects, the settings and versions.
+
+    Stage output keys already cover inputs, settings and models, so two runs with the same
+    content key would publish the same release (and get the same verdict).
+    """
+    settings = cfg.model_dump(mode="json", exclude={"execution", "deploy", "train"})
+    blob = json.dumps([[[o.stage, o.key] for o in s.outputs] for s in shards], separators=(",", ":")) + \
+        json.dumps([[os.path.basename(path), rows] for path, rows in reject_files], separators=(",", ":")) + \
+        json.dumps([settings, versions(), allow_failures], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def unchanged_release(out: str, key: str) -> dict[str, Any] | None:
+    """The published release's release.json if it was made of exactly `key` and its files are all there."""
+    path = os.path.join(out, "release", "release.json")
+    try:
+        info = storage.read_json(path)
+    except (OSError, ValueError):
+        return None
+    if not info.get("published") or info.get("content_key") != key:
+        return None
+    names = info.get("data_files", []) + info.get("reject_files", []) + ["report/index.html"]
+    if not all(os.path.isfile(os.path.join(out, "release", name)) for name in names):
+        return None
+    return info
+
+
 def promote(staging: str, out: str) -> dict[str, Any]:
     """Publish a staged release as OUT/release (marked published in its release.json)."""
     info = storage.read_json(os.path.join(staging, "release.json"))
@@ -155,7 +189,7 @@ def promote(staging: str, out: str) -> dict[str, Any]:
     return info
 
 
-def publish(out: str, run_id: str, shards: list[dict], reject_files: list[tuple[str, int]], cfg: Config,
+def publish(out: str, run_id: str, shards: list[ShardInput], reject_files: list[tuple[str, int]], cfg: Config,
             info: dict[str, Any]) -> dict[str, Any]:
     """Assemble and publish without validation (callers that validate use assemble + promote)."""
     staging, _ = assemble(out, run_id, shards, reject_files, cfg, info)

@@ -1,8 +1,8 @@
 """Record layouts: what each stage adds to a shard, and how rejects look.
 
-A shard is a Parquet file of records. Every stage keeps the columns it was
-given and appends its own, so later stages (attributes, captions) extend the
-face record by adding a schema block here and nothing else changes.
+A stage's output is a Parquet file of the columns it adds, keyed by
+``sample_id`` (ingest: ``image_id``); a face record is the join of its
+chain's outputs (facecap.records). A new stage adds its schema block here.
 """
 
 from __future__ import annotations
@@ -18,17 +18,21 @@ IMAGE_FIELDS: list[pa.Field] = [
     pa.field("source_offset", pa.string(), nullable=False),  # relative path, tar key or row number
     pa.field("source_caption", pa.string()),
     pa.field("source_meta", pa.string()),  # JSON from a sidecar or WebDataset .json, verbatim
-    pa.field("source_image", pa.binary(), nullable=False),  # encoded bytes as found
     pa.field("source_width", pa.int32(), nullable=False),  # after EXIF orientation
     pa.field("source_height", pa.int32(), nullable=False),
     pa.field("source_format", pa.string(), nullable=False),
+    pa.field("source_size", pa.int64(), nullable=False),  # encoded bytes
+    pa.field("source_fingerprint", pa.string(), nullable=False),  # blake2b-128 of the encoded bytes
+    # The encoded bytes, for downloaded images only (the only copy). Local sources are referenced
+    # (source, source_offset, source_size, source_fingerprint) and read again where needed.
+    pa.field("source_image", pa.binary()),
 ]
 IMAGE_SCHEMA = pa.schema(IMAGE_FIELDS)
 
-# Columns the detect stage adds; one row per kept face. The source image bytes
-# are dropped there: the face crop is what travels on.
+# Columns the detect stage adds; one row per kept face, joined to its image by image_id.
 FACE_FIELDS: list[pa.Field] = [
     pa.field("sample_id", pa.string(), nullable=False),  # image_id + face index: unique per face
+    pa.field("image_id", pa.string(), nullable=False),
     pa.field("face_index", pa.int16(), nullable=False),
     pa.field("image", pa.binary(), nullable=False),  # aligned crop, JPEG
     pa.field("width", pa.int32(), nullable=False),  # of `image`
@@ -44,9 +48,7 @@ FACE_FIELDS: list[pa.Field] = [
     pa.field("min_face_px", pa.int32(), nullable=False),
     pa.field("crop_margin", pa.float32(), nullable=False),
 ]
-_SOURCE_FIELDS = [f for f in IMAGE_FIELDS if f.name != "source_image"]
-# Face records lead with what people load first; provenance follows.
-FACE_SCHEMA = pa.schema(FACE_FIELDS[:1] + _SOURCE_FIELDS[:1] + FACE_FIELDS[1:] + _SOURCE_FIELDS[1:])
+FACE_SCHEMA = pa.schema(FACE_FIELDS)
 
 # Columns the annotate stage adds (issue 3). Probabilities are in CelebA order
 # (facecap.attributes.ATTRIBUTES); the name lists follow that order too.
@@ -89,10 +91,18 @@ TEXT_FIELDS: list[pa.Field] = [
 TEXT_CAPTION_FIELD = pa.field("caption", pa.string(), nullable=False)
 
 
+SAMPLE_ID_FIELD = FACE_FIELDS[0]
+
+
 def extend_schema(schema: pa.Schema, fields: list[pa.Field]) -> pa.Schema:
-    """A stage's output schema: its input's columns, then its own (replacing same-named ones)."""
+    """`schema`'s columns, then `fields` (replacing same-named ones): a joined record's layout."""
     names = {f.name for f in fields}
     return pa.schema([f for f in schema if f.name not in names] + fields)
+
+
+def keyed_schema(fields: list[pa.Field]) -> pa.Schema:
+    """A face stage's output schema: sample_id, then the columns it adds."""
+    return pa.schema([SAMPLE_ID_FIELD] + fields)
 
 
 REJECT_SCHEMA = pa.schema(
@@ -123,6 +133,7 @@ class Reason:
     TOO_LARGE = "too_large"
     UNSUPPORTED_FORMAT = "unsupported_format"
     DECODE_ERROR = "decode_error"
+    SOURCE_CHANGED = "source_changed"  # a referenced source image is gone or differs from what ingest read
     # download (URL-list sources, issue 8); HTTP errors are "http_<status>", e.g. http_404
     TIMEOUT = "timeout"
     DNS = "dns"

@@ -1,9 +1,11 @@
-"""The curate flow: sources -> ingest -> face stages (detect, annotate, text, caption) -> validate -> release.
+"""The curate flow: sources -> ingest -> detect -> annotate -> text -> caption -> validate -> release.
 
-Shards flow through the stages as soon as they are ready (a shard's detect
-starts when its ingest finishes, its annotate when its detect finishes...).
-The flow's driver is the only writer of the manifest and of the release;
-workers write only their own shard files.
+The flow walks the planned chain of stages (facecap.chain): a shard's next
+stage is submitted the moment its previous one finishes, and later stages'
+higher Dask priority runs them before further upstream work, so records
+reach the release early. The driver is the only writer of the manifest and
+of the release; workers write only their own shard outputs. Dask is behind
+flows/executor.py; stages run through one generic task (tasks/stages.py).
 """
 
 from __future__ import annotations
@@ -13,24 +15,33 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import dask
-from distributed import as_completed as dask_as_completed
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect_dask import DaskTaskRunner
 
 from facecap import manifest, release, storage
+from facecap.chain import plan_run
 from facecap.config import Config
-from facecap.pipeline import INGEST, plan_run
-from facecap.stages.ingest import plan_shards
-from facecap.tasks.stages import STAGE_TASKS, check_stage_resources, ingest_task, placement
-from facecap.tasks.validate import validate_task
+from facecap.flows.executor import ShardExecutor, local_workers, task_runner_for  # noqa: F401 (re-exported)
 from facecap.flows.run_artifacts import publish_curate_artifacts
 from facecap.quality.validate import ReleaseBlocked, blocked_message
+from facecap.records import ShardInput
+from facecap.runner import ShardStats
+from facecap.stages.ingest import plan_shards
+from facecap.tasks.stages import stage_task
+from facecap.tasks.validate import validate_task
 
 
 class CurateFailed(RuntimeError):
     """Some shards failed; finished shards are kept and a rerun resumes."""
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 @dataclass
@@ -39,6 +50,8 @@ class _Progress:
 
     The first shard, then at most one line every `every_seconds`, and the
     last: a run of ten thousand shards stays readable. Failures always show.
+    The time left is estimated from the rate at which this stage finished
+    shards it had to compute (cached ones cost nothing).
     """
 
     logger: Any
@@ -53,23 +66,29 @@ class _Progress:
     started: float = field(default_factory=time.time)
     last_line: float = 0.0
 
-    def update(self, stats: dict) -> None:
+    def update(self, stats: ShardStats) -> None:
         self.done += 1
-        if stats.get("error"):
+        if stats.error:
             self.failed += 1
-            self.logger.error(f"{self.stage} {stats.get('input')}: FAILED: {stats['error']}")
+            self.logger.error(f"{self.stage} {stats.input}: FAILED: {stats.error}")
         else:
-            self.cached += bool(stats.get("cached"))
-            self.rows_in += stats["rows_in"]
-            self.rows_out += stats["rows_out"]
+            self.cached += stats.cached
+            self.rows_in += stats.rows_in
+            self.rows_out += stats.rows_out
+            if stats.repaired:
+                self.logger.warning(f"{self.stage} {stats.input}: cached output recomputed: {stats.repaired}")
         now = time.time()
         if self.done not in (1, self.total) and now - self.last_line < self.every_seconds:
             return
         self.last_line = now
-        rate = self.rows_in / max(now - self.started, 1e-9)
+        elapsed = max(now - self.started, 1e-9)
+        computed = self.done - self.cached
+        left = ""
+        if self.done < self.total and computed:
+            left = f" | ~{_duration((self.total - self.done) * elapsed / computed)} left"
         self.logger.info(
             f"{self.stage}: {self.done}/{self.total} shards ({self.cached} already done, {self.failed} failed) | "
-            f"{self.rows_in:,} in -> {self.rows_out:,} out | {rate:,.1f} rows/s"
+            f"{self.rows_in:,} in -> {self.rows_out:,} out | {self.rows_in / elapsed:,.1f} rows/s{left}"
         )
 
 
@@ -88,7 +107,7 @@ class _ManifestRecorder:
     pending: list = field(default_factory=list)
     last: float = field(default_factory=time.time)
 
-    def add(self, stats: dict) -> None:
+    def add(self, stats: ShardStats) -> None:
         self.pending.append(stats)
         if time.time() - self.last >= self.every_seconds:
             self.flush()
@@ -98,33 +117,6 @@ class _ManifestRecorder:
             manifest.record_stages(self.path, self.run_id, self.pending)
             self.pending = []
         self.last = time.time()
-
-
-def task_runner_for(cfg: Config) -> DaskTaskRunner:
-    """An existing Dask scheduler if configured, else a local cluster of worker processes."""
-    if cfg.execution.dask_address:
-        return DaskTaskRunner(address=cfg.execution.dask_address)
-    # Dask's nannies export MALLOC_TRIM_THRESHOLD_=65536 to workers. Setting it
-    # at all turns off glibc's adaptive mmap threshold, so every decoded image
-    # and crop is a fresh mmap and page faults: detect ran 15-20 % slower in a
-    # worker than in a plain process (bench/README.md). Local workers go without.
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
-    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
-    return DaskTaskRunner(cluster_kwargs={
-        "n_workers": local_workers(cfg),
-        "threads_per_worker": cfg.execution.threads_per_worker,
-        "processes": True,
-        "dashboard_address": ":0",  # a free port: concurrent runs must not collide
-    })
-
-
-def local_workers(cfg: Config) -> int:
-    return cfg.execution.n_workers or max(1, os.cpu_count() or 1)
-
-
-def _failure(stage: str, label: str, source: str, exc: BaseException) -> dict:
-    return {"stage": stage, "input": label, "source": source, "error": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
 @flow(name="curate", flow_run_name="curate {out}", log_prints=True)
@@ -139,9 +131,8 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
         # Share the machine's cores between local workers instead of oversubscribing them.
         cfg.detect.threads = max(1, (os.cpu_count() or 1) // local_workers(cfg))
 
-    check_stage_resources(cfg)
     plan = plan_run(cfg)  # fails here, before any work, if a model a stage needs is missing
-    chain = [INGEST] + plan.chain
+    chain = plan.chain
     specs, notes = plan_shards(sources, cfg.ingest)
     for note in notes:
         logger.warning(note)
@@ -149,8 +140,7 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
     for s in unreadable:
         logger.error(f"source {s.source} cannot be read: {s.detail} (recorded as a reject)")
     logger.info(f"profile={cfg.profile}: {len(specs)} shard(s) from {len(sources)} source(s); stages "
-                + " -> ".join(f"{st.name}" + (f" [{plan.model(st.name)}]" if st is not INGEST and plan.model(st.name)
-                                              else "") for st in chain))
+                + " -> ".join(st.name + (f" [{plan.model(st.name)}]" if plan.model(st.name) else "") for st in chain))
     for name, p in plan.stages.items():
         if not p.on:
             logger.warning(f"stage {name} is off: {p.why}")
@@ -165,39 +155,32 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
 
     recorder = _ManifestRecorder(manifest_path, run_id)
     progress = {stage.name: _Progress(logger, len(specs), stage.name) for stage in chain}
-    # results[k][i]: stats of chain stage k for shard i.
-    results: list[list[dict | None]] = [[None] * len(specs) for _ in chain]
-    # One completion loop over all stages: a shard's next stage is submitted
-    # the moment its previous one finishes, and later stages' higher Dask
-    # priority runs them before further upstream work, so results (and GPU
-    # work) start early and the intermediate copies on disk stay few.
-    pending = {}
-    for index, spec in enumerate(specs):
-        with placement(INGEST, cfg):
-            fut = ingest_task.submit(spec, out, cfg)
-        pending[fut.wrapped_future] = (0, index, fut)
-    first = next(iter(pending), None)
-    completions = dask_as_completed(list(pending), loop=first.client.loop) if first is not None else []
-    for done in completions:
-        k, index, fut = pending.pop(done)
-        stage, spec = chain[k], specs[index]
-        try:
-            stats = fut.result()
-        except Exception as exc:
-            stats = _failure(stage.name, spec.label, spec.source, exc)
+    # shards[i]: shard i's input to its next stage, growing by one output per finished stage.
+    source_settings = {"ingest": cfg.ingest.model_dump(mode="json"), "image": cfg.image.model_dump(mode="json")}
+    shards = [ShardInput(spec, (), source_settings) for spec in specs]
+    rejects: dict[tuple[int, int], tuple[str, int]] = {}  # (stage, shard) -> reject file, rows
+    executor = ShardExecutor(cfg)
+
+    def submit(k: int, index: int) -> None:
+        stage = chain[k]
+        executor.submit(stage_task(stage), stage, (k, index), stage.name, shards[index], out, cfg,
+                        plan.stages[stage.name])
+
+    for index in range(len(specs)):
+        submit(0, index)
+    for (k, index), stats, error in executor.finished():
+        if error is not None:
+            stats = ShardStats.failure(chain[k].name, shards[index], error)
         recorder.add(stats)
-        progress[stage.name].update(stats)
-        if stats.get("error"):
+        progress[chain[k].name].update(stats)
+        if stats.error:
             for later in chain[k + 1:]:
                 progress[later.name].total -= 1  # this shard never reaches them
             continue
-        results[k][index] = stats
+        rejects[k, index] = (stats.rejects_output, stats.rejects_written)
+        shards[index] = shards[index].then(stats.ref)
         if k + 1 < len(chain):
-            nxt = chain[k + 1]
-            with placement(nxt, cfg):
-                nfut = STAGE_TASKS[nxt.name].submit(stats, out, cfg, plan)
-            pending[nfut.wrapped_future] = (k + 1, index, nfut)
-            completions.add(nfut.wrapped_future)
+            submit(k + 1, index)
 
     recorder.flush()
     failed = sum(p.failed for p in progress.values())
@@ -206,11 +189,22 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
         manifest.finish_run(manifest_path, run_id, "failed", message)
         raise CurateFailed(message)
 
-    reject_files = [(s["rejects_output"], s["rejects_written"]) for stage in results for s in stage if s]
     funnel = manifest.funnel(manifest_path, run_id)
+    reject_files = [rejects[k] for k in sorted(rejects)]  # stage, then shard order: reproducible
+    key = release.content_key(shards, reject_files, cfg, allow_failures)
+    current = release.unchanged_release(out, key)
+    if current is not None:
+        # Same shard outputs, settings and versions as the published release: it stands as it is.
+        manifest.finish_run(manifest_path, run_id, "completed", "release unchanged")
+        logger.info(f"release unchanged (same shard outputs, settings and versions as run {current['run_id']}): "
+                    f"{current['records']:,} face records, {current['rejects']:,} rejects -> "
+                    f"{storage.join(out, 'release')}")
+        return {"run_id": run_id, "release": storage.join(out, "release"), "records": current["records"],
+                "rejects": current["rejects"], "funnel": funnel, "validation": current.get("validation"),
+                "unchanged": True}
     staged, _ = release.assemble(
-        out, run_id, [d for d in results[-1] if d], reject_files, cfg,
-        {"detector": plan.model("detect"),
+        out, run_id, shards, reject_files, cfg,
+        {"detector": plan.model("detect"), "content_key": key,
          "stages": {**plan.summary(), "validate": {"status": "off", "why": "quality.enabled is false"}},
          "sources": sources, "funnel": funnel,
          "shards": len(specs),

@@ -302,9 +302,9 @@ def _table(headers: list[str], rows: list[list[Any]], raw: set[int] | None = Non
 
 def _in_pipeline_order(stages: dict) -> dict:
     # release.json's keys are sorted; show stages the way records flow through them.
-    from facecap.pipeline import FACE_STAGES, INGEST
+    from facecap.chain import STAGES
 
-    order = [INGEST.name] + [s.name for s in FACE_STAGES] + ["validate"]
+    order = [s.name for s in STAGES] + ["validate"]
     return dict(sorted(stages.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 

@@ -43,9 +43,9 @@ def funnel_last_rows(db: ReleaseDB) -> tuple[str | None, int | None, str]:
     funnel = _manifest_funnel(db) or db.info.get("funnel") or []
     by_stage = {row["stage"]: row for row in funnel}
     # The pipeline's stage order (release.json's keys are sorted, the manifest's by time).
-    from facecap.pipeline import FACE_STAGES, INGEST
+    from facecap.chain import STAGES
 
-    order = [s for s in [INGEST.name] + [st.name for st in FACE_STAGES] if s in by_stage]
+    order = [s for s in [st.name for st in STAGES] if s in by_stage]
     if not order:
         return None, None, "no funnel in release.json and no manifest"
     last = order[-1]

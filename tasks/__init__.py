@@ -1,6 +1,6 @@
-"""Prefect tasks: thin wrappers that run one pipeline stage on one shard.
+"""Prefect tasks: one generic task runs any stage on one shard (stages.py), plus validation.
 
-Stage logic lives in facecap.stages and facecap.pipeline; a task adds only
-what orchestration needs: a readable run name, tags, retries where a retry
-can help (I/O), and the Dask resource annotation for GPU stages.
+Stage logic lives in facecap.stages, the shard runner in facecap.runner; a
+task adds only what orchestration needs: a readable run name and the stage's
+retries. Dask placement lives in flows/executor.py.
 """

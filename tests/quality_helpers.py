@@ -20,9 +20,14 @@ from facecap import release
 from facecap.attributes import ATTRIBUTES
 from facecap.config import Config
 from facecap.example_data import astronaut
-from facecap.schema import ATTRIBUTE_FIELDS, CAPTION_FIELDS, FACE_SCHEMA, extend_schema, image_id_for, sample_id_for
+from facecap.records import OutputRef, ShardInput
+from facecap.schema import (ATTRIBUTE_FIELDS, CAPTION_FIELDS, FACE_SCHEMA, IMAGE_SCHEMA, extend_schema, image_id_for,
+                            sample_id_for)
+from facecap.stages.ingest import ShardSpec
 
-FULL_SCHEMA = extend_schema(extend_schema(FACE_SCHEMA, ATTRIBUTE_FIELDS), CAPTION_FIELDS)
+# A release record: detect's face columns, then its source image's, attributes and captions.
+_SOURCE_FIELDS = [f for f in IMAGE_SCHEMA if f.name != "source_image"]
+FULL_SCHEMA = extend_schema(extend_schema(extend_schema(FACE_SCHEMA, _SOURCE_FIELDS), ATTRIBUTE_FIELDS), CAPTION_FIELDS)
 KEEP = 0.85
 
 
@@ -58,7 +63,7 @@ def _face_rows(n_images: int, seed: int) -> list[dict]:
                 "detector": "retinaface-mobilenet0.25@sha256:synthetic", "det_min_score": 0.98, "min_face_px": 128,
                 "crop_margin": 0.2, "source": "/synthetic/folder", "source_offset": source_offset,
                 "source_caption": f"photo {i}", "source_meta": None, "source_width": 512, "source_height": 512,
-                "source_format": "JPEG",
+                "source_format": "JPEG", "source_size": 40_000, "source_fingerprint": f"synthetic-{i}",
                 "attribute_probs": probs, "attributes": kept,
                 "absent_attributes": [name for name, p in zip(ATTRIBUTES, probs) if p < 0.15],
                 "attribute_rules": [], "attribute_model": "synthetic:not-a-model", "attr_keep_threshold": KEEP,
@@ -125,7 +130,9 @@ def write_synthetic_release(out: Path, n_images: int = 30, defect: str | None = 
     stages = {"ingest": {"status": "on"}, "detect": {"status": "on", "model": detector},
               "annotate": {"status": "on", "model": "synthetic:not-a-model"},
               "caption": {"status": "on", "model": "synthetic"}}
+    # One output holding every column, as a release reads a joined chain.
+    output = OutputRef("caption", "synthetic", str(shard), "sample_id", tuple(FULL_SCHEMA.names), n)
     staged, _ = release.assemble(str(out), f"synthetic-{defect or 'clean'}", [
-        {"output": str(shard), "rows_written": n}], [], cfg,
+        ShardInput(ShardSpec("folder", "/synthetic/folder"), (output,))], [], cfg,
         {"detector": detector, "stages": stages, "funnel": funnel, "sources": ["/synthetic/folder"]})
     return Path(staged)

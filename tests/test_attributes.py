@@ -24,9 +24,11 @@ from facecap.config import Config, ConfigError
 from facecap.models.attributes import (ClassifierAttributeModel, ZeroShotAttributeModel, locate_model,
                                        load_attribute_model, model_identity)
 from facecap.models.weights import WeightsError
-from facecap.pipeline import plan_annotate
-from facecap.schema import ATTRIBUTE_FIELDS, FACE_SCHEMA, Reason
-from facecap.stages.annotate import ANNOTATED_SCHEMA, annotate_faces, resolve_attributes
+from facecap.schema import ATTRIBUTE_FIELDS, FACE_SCHEMA, IMAGE_SCHEMA, Reason, extend_schema
+from facecap.stages.annotate import ANNOTATED_SCHEMA, Annotate, annotate_faces, resolve_attributes
+
+# What annotate reads: detect's face columns joined with their source image's columns.
+FACE_VIEW = extend_schema(FACE_SCHEMA, [f for f in IMAGE_SCHEMA if f.name not in ('image_id', 'source_image', 'source_size', 'source_fingerprint')])
 from facecap.stages.base import Counters
 
 
@@ -64,7 +66,7 @@ def face_table(n: int = 10) -> pa.Table:
             "crop_box": [float(x), float(y), x + 200.0, y + 200.0], "align_angle": 0.0,
             "detector": "retinaface-mobilenet0.25@sha256:test", "det_min_score": 0.98, "min_face_px": 128,
             "crop_margin": 0.2})
-    return pa.Table.from_pylist(rows, schema=FACE_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=FACE_VIEW)
 
 
 def _settings(**kw):
@@ -217,9 +219,8 @@ def test_annotate_keeps_faces_with_enough_labels_and_rejects_the_rest(classifier
         assert row["absent_attributes"] == result.absent and row["attribute_rules"] == result.rules
         assert row["attribute_model"] == model.identity
         assert row["attr_keep_threshold"] == pytest.approx(keep) and row["attr_absent_threshold"] == pytest.approx(0.3)
-        assert row["image"] == table.column("image")[i].as_py()  # the face record travels on unchanged
-        assert row["source_offset"] == table.column("source_offset")[i].as_py()
-    assert {f.name for f in ATTRIBUTE_FIELDS} <= set(kept.column_names)
+    # Written once: annotate adds only sample_id and its own columns (the crop stays in detect's output).
+    assert kept.column_names == ["sample_id"] + [f.name for f in ATTRIBUTE_FIELDS]
 
 
 def test_min_attributes_zero_keeps_every_face_and_a_broken_crop_is_a_reject(classifier_dir):
@@ -228,7 +229,7 @@ def test_min_attributes_zero_keeps_every_face_and_a_broken_crop_is_a_reject(clas
     table = face_table(4)
     rows = table.to_pylist()
     rows[2]["image"] = rows[2]["image"][:200]  # truncated JPEG
-    kept, rejects, counters = _run(model, pa.Table.from_pylist(rows, schema=FACE_SCHEMA), min_attributes=0)
+    kept, rejects, counters = _run(model, pa.Table.from_pylist(rows, schema=FACE_VIEW), min_attributes=0)
     assert kept.num_rows == 3 and rejects.num_rows == 1
     assert rejects.column("reason")[0].as_py() == Reason.DECODE_ERROR
     assert rejects.column("sample_id")[0].as_py() == rows[2]["sample_id"]
@@ -236,38 +237,38 @@ def test_min_attributes_zero_keeps_every_face_and_a_broken_crop_is_a_reject(clas
 
 # --- planning --------------------------------------------------------------------------
 def test_offline_without_a_local_model_plans_annotate_off_with_the_reason():
-    plan = plan_annotate(Config(profile="offline"))
+    plan = Annotate.plan(Config(profile="offline"))
     assert not plan.on and "attributes.model" in plan.why
-    plan = plan_annotate(Config(profile="offline", attributes={"model": "openai/clip-vit-base-patch16"}))
+    plan = Annotate.plan(Config(profile="offline", attributes={"model": "openai/clip-vit-base-patch16"}))
     assert not plan.on and "not a local directory" in plan.why
 
 
 def test_local_model_turns_annotate_on_with_its_identity(classifier_dir):
     cfg = Config(profile="offline", attributes={"backend": "classifier", "model": str(classifier_dir)})
-    plan = plan_annotate(cfg)
+    plan = Annotate.plan(cfg)
     assert plan.on and plan.model == model_identity(locate_model(cfg))
     assert plan.info["min_attributes"] == 6 and plan.info["keep_threshold"] == 0.85
 
 
 def test_a_model_that_does_not_fit_the_backend_stops_the_plan(classifier_dir, clip_dir):
     with pytest.raises(ConfigError, match="backend=classifier"):
-        plan_annotate(Config(profile="offline", attributes={"backend": "zero-shot", "model": str(classifier_dir)}))
+        Annotate.plan(Config(profile="offline", attributes={"backend": "zero-shot", "model": str(classifier_dir)}))
     with pytest.raises(ConfigError, match="backend=zero-shot"):
-        plan_annotate(Config(profile="offline", attributes={"backend": "classifier", "model": str(clip_dir)}))
+        Annotate.plan(Config(profile="offline", attributes={"backend": "classifier", "model": str(clip_dir)}))
 
 
 def test_full_profile_without_hub_access_says_what_to_place_where(tmp_path):
     # Hub boundary: no model hub is reachable from here, so this exercises the real fetch failing.
     cfg = Config(profile="full", models={"cache_dir": str(tmp_path)})
     with pytest.raises(WeightsError) as err:
-        plan_annotate(cfg)
+        Annotate.plan(cfg)
     message = str(err.value)
     assert "openai/clip-vit-base-patch16" in message and "attributes.model" in message
     assert "--profile offline" in message
     with pytest.raises(ConfigError, match="attributes.model"):
-        plan_annotate(Config(profile="full", attributes={"backend": "classifier"}))
+        Annotate.plan(Config(profile="full", attributes={"backend": "classifier"}))
     with pytest.raises(WeightsError, match="not a directory"):
-        plan_annotate(Config(profile="full", attributes={"model": str(tmp_path / "missing" / "model")}))
+        Annotate.plan(Config(profile="full", attributes={"model": str(tmp_path / "missing" / "model")}))
 
 
 def test_calibrate_attributes_fits_and_writes_a_zero_shot_calibration(clip_dir, tmp_path, capsys):

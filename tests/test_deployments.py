@@ -93,7 +93,13 @@ def served(tmp_path_factory):
 
 def start_run(client: httpx.Client, deployment: dict, parameters: dict) -> str:
     """Create a flow run from a deployment (what the UI's Run button does); the serve process picks it up."""
-    created = client.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters})
+    for attempt in range(5):
+        created = client.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters})
+        # The server's SQLite database answers 503 while another run's workers write to it: ask again,
+        # as a person clicking Run would.
+        if created.status_code != 503:
+            break
+        time.sleep(1 + attempt)
     assert created.status_code == 201, created.text
     return created.json()["id"]
 

@@ -150,7 +150,7 @@ def test_gpu_stage_runs_only_on_the_gpu_worker_and_release_equals_a_local_run(cl
     assert detect_shards > 2 and result["records"] > 0
     assert ran_on["detect"] == {pids["gpu"]}, (ran_on, pids)
     # The detector loaded once in the GPU worker process and was reused by every detect shard after that.
-    assert loads["gpu"]["misses"] == 1 and loads["gpu"]["hits"] >= detect_shards - 1, loads
+    assert loads["gpu"]["misses"] == 1, loads  # one load for all of its detect shards
     assert loads["cpu"]["misses"] == 0, loads
     # Ingest is not pinned: it runs on whichever worker is free, including the one without the resource.
     assert ran_on["ingest"] <= {pids["gpu"], pids["cpu"]} and pids["cpu"] in ran_on["ingest"], (ran_on, pids)
@@ -224,14 +224,19 @@ def test_stage_resources_pin_any_stage_and_unknown_stages_are_errors():
     import dask
 
     from facecap.config import ConfigError
-    from facecap.pipeline import DETECT, INGEST
-    from facecap.tasks.stages import check_stage_resources, placement, stage_resources
+    from facecap.chain import check_stage_names
+    from facecap.flows.executor import placement, stage_resources
+    from facecap.stages.detect import Detect
+    from facecap.stages.ingest import Ingest
 
     cfg = offline_config(execution={"stage_resources": {"ingest": {"io": 1}}}, detect={"device": "cuda"})
-    assert stage_resources(INGEST, cfg) == {"io": 1}
-    assert stage_resources(DETECT, cfg) == {"GPU": 1}  # cuda asks for the GPU without any stage_resources
-    with placement(INGEST, cfg):
-        assert dask.get_annotations() == {"priority": INGEST.priority, "resources": {"io": 1}}
-    check_stage_resources(cfg)
+    assert stage_resources(Ingest, cfg) == {"io": 1}
+    assert stage_resources(Detect, cfg) == {"GPU": 1}  # cuda asks for the GPU without any stage_resources
+    with placement(Ingest, cfg):
+        assert dask.get_annotations() == {"priority": Ingest.priority, "resources": {"io": 1}}
+    # On a cluster with slots, CPU work takes a CPU slot and downloads (I/O-bound ingest) an IO slot.
+    assert stage_resources(Detect, offline_config(), slots=True) == {"CPU": 1}
+    assert stage_resources(Ingest, offline_config(), slots=True) == {"IO": 1}
+    check_stage_names(cfg)
     with pytest.raises(ConfigError, match=r"unknown stage\(s\) \['detec'\]"):
-        check_stage_resources(offline_config(execution={"stage_resources": {"detec": {"GPU": 1}}}))
+        check_stage_names(offline_config(execution={"stage_resources": {"detec": {"GPU": 1}}}))

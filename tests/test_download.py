@@ -19,14 +19,15 @@ import sys
 import textwrap
 import time
 import urllib.parse
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from facecap import pipeline
 from facecap.config import Config, DownloadSettings, ImageLimits
+from facecap.runner import run_ingest
 from facecap.stages.download import Downloader
 from facecap.stages.ingest import plan_shards
 
@@ -114,8 +115,8 @@ def cfg_for(**download) -> Config:
                                   "download": {"allow_addresses": LOOPBACK, **FAST, **download}})
 
 
-def shard_tables(stats: dict) -> tuple[pa.Table, pa.Table]:
-    return pq.read_table(stats["output"]), pq.read_table(stats["rejects_output"])
+def shard_tables(stats) -> tuple[pa.Table, pa.Table]:
+    return pq.read_table(stats.output), pq.read_table(stats.rejects_output)
 
 
 def test_every_url_ends_in_the_shard_or_in_rejects_with_its_status(tmp_path, server, connections):
@@ -125,7 +126,7 @@ def test_every_url_ends_in_the_shard_or_in_rejects_with_its_status(tmp_path, ser
     specs, notes = plan_shards([str(lst)], cfg.ingest)
     assert [s.kind for s in specs] == ["urls"] and not notes
     before = {p: server.count(p) for p in paths}
-    stats = pipeline.run_ingest(specs[0], str(tmp_path / "out"), cfg)
+    stats = run_ingest(specs[0], str(tmp_path / "out"), cfg)
     kept, rejects = shard_tables(stats)
 
     outcome = {r["source_offset"]: "ok" for r in kept.to_pylist()}
@@ -133,8 +134,8 @@ def test_every_url_ends_in_the_shard_or_in_rejects_with_its_status(tmp_path, ser
         assert r["source_offset"] not in outcome, "a URL is both kept and rejected"
         outcome[r["source_offset"]] = r["reason"]
     assert {paths[int(o)]: s for o, s in outcome.items()} == CASES
-    assert stats["rows_in"] == len(paths) and stats["rows_out"] == list(CASES.values()).count("ok")
-    assert sum(stats["rejects"].values()) + stats["rows_out"] == len(paths)
+    assert stats.rows_in == len(paths) and stats.rows_out == list(CASES.values()).count("ok")
+    assert sum(stats.rejects.values()) + stats.rows_out == len(paths)
 
     # Provenance: the LAION columns travel in source_meta with the URL; TEXT is the caption.
     astro = next(r for r in kept.to_pylist() if r["source_offset"] == "0")
@@ -189,20 +190,20 @@ def test_retry_failed_redownloads_only_transient_failures_of_finished_shards(tmp
     cfg = cfg_for(retries=1)
     cfg.ingest.shard_size = 2
     specs, _ = plan_shards([str(lst)], cfg.ingest)
-    first = [pipeline.run_ingest(s, out, cfg) for s in specs]
-    assert first[0]["rejects"] == {"http_404": 1} and first[1]["rejects"] == {"http_503": 1}
+    first = [run_ingest(s, out, cfg) for s in specs]
+    assert first[0].rejects == {"http_404": 1} and first[1].rejects == {"http_503": 1}
     assert server.count("/flaky/3/gen2.png?t=retry") == 2
 
     # A plain rerun reuses both shards and asks nothing.
-    again = [pipeline.run_ingest(s, out, cfg) for s in specs]
-    assert [a["key"] for a in again] == [f["key"] for f in first] and all(a["cached"] for a in again)
+    again = [run_ingest(s, out, cfg) for s in specs]
+    assert [a.key for a in again] == [f.key for f in first] and all(a.cached for a in again)
     assert server.count("/flaky/3/gen2.png?t=retry") == 2 and server.count("/status/404?t=retry") == 1
 
     cfg.download.retry_failed = True
-    retried = [pipeline.run_ingest(s, out, cfg) for s in specs]
-    assert retried[0]["key"] == first[0]["key"] and retried[0]["cached"]  # no transient failure: untouched
-    assert retried[1]["key"] != first[1]["key"] and retried[1]["retry_generation"] == 1
-    assert retried[1]["rejects"] == {} and retried[1]["rows_out"] == 2 and retried[1]["rows_in"] == 2
+    retried = [run_ingest(s, out, cfg) for s in specs]
+    assert retried[0].key == first[0].key and retried[0].cached  # no transient failure: untouched
+    assert retried[1].key != first[1].key and retried[1].retry_generation == 1
+    assert retried[1].rejects == {} and retried[1].rows_out == 2 and retried[1].rows_in == 2
     assert server.count("/flaky/3/gen2.png?t=retry") == 4 and server.count("/img/gen1.png?t=retry") == 1  # only the failure
     assert server.count("/status/404?t=retry") == 1  # permanent failures are not retried
     kept, _ = shard_tables(retried[1])
@@ -210,22 +211,22 @@ def test_retry_failed_redownloads_only_transient_failures_of_finished_shards(tmp
 
     # Later reruns (with or without the flag) find the latest generation: nothing lost, nothing asked.
     cfg.download.retry_failed = False
-    latest = pipeline.run_ingest(specs[1], out, cfg)
-    assert latest["key"] == retried[1]["key"] and latest["cached"] and server.count("/flaky/3/gen2.png?t=retry") == 4
+    latest = run_ingest(specs[1], out, cfg)
+    assert latest.key == retried[1].key and latest.cached and server.count("/flaky/3/gen2.png?t=retry") == 4
     # Timeouts, connections and retries do not re-key finished shards (they decide only whether a fetch works).
     cfg.download.timeout_s, cfg.download.connections, cfg.download.retries = 5.0, 2, 4
-    assert pipeline.run_ingest(specs[0], out, cfg)["key"] == first[0]["key"]
+    assert run_ingest(specs[0], out, cfg).key == first[0].key
 
 
 _KILLED_RUN = textwrap.dedent("""
     import sys
-    from facecap import pipeline
     from facecap.config import Config
+    from facecap.runner import run_ingest
     from facecap.stages.ingest import plan_shards
     cfg = Config.model_validate({"profile": "offline", "download": {"allow_addresses": ["127.0.0.1/32"],
                                  "connections": 2, "timeout_s": 5}})
     specs, _ = plan_shards([sys.argv[1]], cfg.ingest)
-    pipeline.run_ingest(specs[0], sys.argv[2], cfg)
+    run_ingest(specs[0], sys.argv[2], cfg)
 """)
 
 
@@ -251,7 +252,7 @@ def test_a_killed_download_resumes_without_losing_or_duplicating_urls(tmp_path, 
 
     cfg = cfg_for(connections=8, timeout_s=5)
     specs, _ = plan_shards([str(lst)], cfg.ingest)
-    stats = pipeline.run_ingest(specs[0], str(out), cfg)
+    stats = run_ingest(specs[0], str(out), cfg)
     kept, rejects = shard_tables(stats)
     assert rejects.num_rows == 0 and sorted(map(int, kept.column("source_offset").to_pylist())) == list(range(40))
     assert len([n for n in published() if n.endswith(".json")]) == 1
@@ -275,7 +276,7 @@ def test_csv_and_jsonl_url_lists_and_img2dataset_output(tmp_path, server):
                                 str(tmp_path / "00000.parquet")], cfg.ingest)
     assert [s.kind for s in specs] == ["urls", "urls"]
     assert any("img2dataset" in n and "00000.parquet" in n for n in notes)
-    csv_stats, jsonl_stats = (pipeline.run_ingest(s, str(tmp_path / "out"), cfg) for s in specs)
+    csv_stats, jsonl_stats = (run_ingest(s, str(tmp_path / "out"), cfg) for s in specs)
     kept, rejects = shard_tables(csv_stats)
     assert kept.column("source_caption").to_pylist() == ["a face, smiling"]
     assert json.loads(kept.column("source_meta")[0].as_py())["similarity"] == 0.31
@@ -308,8 +309,45 @@ def test_a_corrupt_row_group_of_a_url_list_rejects_its_rows_and_keeps_the_others
     path.write_bytes(bytes(data))
     cfg = cfg_for()
     specs, _ = plan_shards([str(path)], cfg.ingest)
-    stats = pipeline.run_ingest(specs[0], str(tmp_path / "out"), cfg)
+    stats = run_ingest(specs[0], str(tmp_path / "out"), cfg)
     kept, rejects = shard_tables(stats)
     assert kept.column("source_offset").to_pylist() == ["0", "1"]
     assert dict(zip(rejects.column("source_offset").to_pylist(), rejects.column("reason").to_pylist())) == {
         "2": "unreadable_member", "3": "unreadable_member"}
+
+
+def test_downloads_overlap_with_detection_on_one_cpu_slot(prefect_api_url, tmp_path, server):
+    """One worker with one CPU slot: folder shards are detected while slow URL shards download.
+
+    Before CPU and I/O slots, a worker thread waiting on the network was a thread detect could not use.
+    """
+    from helpers import run_curate
+
+    from facecap.example_data import astronaut
+
+    paths = [f"/slow/0.5/gen{i % 4}.png?n=overlap{i}" for i in range(16)]  # 2 shards, ~4 s each at 1 connection
+    lst = url_list(tmp_path / "slow.parquet", server, paths)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(16):
+        astronaut().rotate(i * 3).save(photos / f"face{i:02d}.jpg", quality=90)
+    cfg = cfg_for(connections=1, timeout_s=5)
+    cfg.ingest.shard_size = 8
+    # Two downloads fill two of three I/O slots; the one CPU slot stays free for detect.
+    cfg.execution.n_workers, cfg.execution.threads_per_worker, cfg.execution.io_threads = 1, 1, 3
+    cfg.quality.max_duplicate_image_rate = 1.0
+    run_curate([photos, lst], tmp_path / "out", cfg)  # the folder's quick ingest first, then the downloads
+
+    def spans(stage: str, kind: str) -> list[tuple[float, float]]:
+        found = []
+        for path in (tmp_path / "out" / "shards" / stage).glob("*.json"):
+            stats = json.loads(path.read_text())
+            if kind in stats["input"]:
+                start = datetime.fromisoformat(stats["started_at"]).timestamp()
+                found.append((start, start + stats["seconds"]))
+        return found
+
+    downloads, detects = spans("ingest", "slow.parquet"), spans("detect", "photos")
+    assert len(downloads) == 2 and len(detects) >= 1
+    overlapping = [d for d in detects if any(d[0] < b and a < d[1] for a, b in downloads)]
+    assert overlapping, f"no detect shard ran inside a download: downloads {downloads}, detects {detects}"

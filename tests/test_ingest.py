@@ -13,7 +13,7 @@ from helpers import offline_config
 
 from facecap.example_data import astronaut, bomb_png, write_folder, write_webdataset
 from facecap.stages.base import Counters
-from facecap.stages.ingest import ShardSpec, chunk_names, ingest_shard, plan_shards
+from facecap.stages.ingest import ShardSpec, chunk_names, fingerprint_bytes, ingest_shard, plan_shards
 
 
 def _png() -> bytes:
@@ -101,7 +101,9 @@ def test_parquet_bytes_structs_paths_urls_and_nulls(tmp_path):
     assert by_source[("bytes.parquet", "0")]["source_caption"] == "a"
     assert json.loads(by_source[("bytes.parquet", "0")]["source_meta"]) == {"score": 0.5}
     assert by_source[("hf.parquet", "0")]["source_caption"] == "hf"
-    assert by_source[("paths.parquet", "0")]["source_image"] == png
+    # Referenced, not copied: the record holds where the bytes are and their fingerprint.
+    assert by_source[("paths.parquet", "0")]["source_image"] is None
+    assert by_source[("paths.parquet", "0")]["source_fingerprint"] == fingerprint_bytes(png)
     reasons = {(r["source"].rsplit("/", 1)[1], r["source_offset"]): r["reason"] for r in rejects.to_pylist()}
     assert reasons == {("bytes.parquet", "1"): "empty_file", ("paths.parquet", "1"): "missing_file",
                        ("paths.parquet", "2"): "url_not_downloaded"}

@@ -14,8 +14,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
 
 from facecap.models.retinaface import providers_for
-from facecap.pipeline import DETECT, INGEST
-from facecap.tasks.stages import placement, wants_gpu
+from facecap.flows.executor import placement, wants_gpu
+from facecap.stages.detect import Detect as DETECT
+from facecap.stages.ingest import Ingest as INGEST
 
 
 @task(cache_policy=NO_CACHE)

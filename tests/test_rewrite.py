@@ -12,10 +12,14 @@ import pytest
 from PIL import Image
 
 from facecap.attributes import ATTRIBUTES
+from facecap.chain import plan_run
 from facecap.config import CaptionSettings, Config, ConfigError, LLMSettings
-from facecap.schema import ATTRIBUTE_FIELDS, CAPTION_FIELDS, FACE_SCHEMA, Reason, extend_schema
+from facecap.records import OutputRef, ShardInput
+from facecap.runner import run_stage
+from facecap.schema import ATTRIBUTE_FIELDS, CAPTION_FIELDS, FACE_SCHEMA, IMAGE_SCHEMA, Reason, extend_schema
 from facecap.stages.base import Counters
-from facecap.stages.caption import NOT_REWRITTEN, PASSED, Captioner
+from facecap.stages.caption import NOT_REWRITTEN, PASSED, Caption, Captioner
+from facecap.stages.ingest import ShardSpec
 from facecap.text.faithfulness import SentenceSimilarity, check_caption, load_lexicon, shared_similarity
 from facecap.text.llm import LLMClient, LLMUnavailable
 from facecap.text.prompt import load_prompt
@@ -211,7 +215,10 @@ def _jpeg(i: int) -> bytes:
 
 
 def _annotated_shard(path) -> dict:
-    schema = extend_schema(FACE_SCHEMA, ATTRIBUTE_FIELDS)
+    # A joined record: the face, its source image's columns and the attributes.
+    source = [f for f in IMAGE_SCHEMA if f.name in ("source", "source_offset", "source_caption", "source_meta",
+                                                    "source_width", "source_height", "source_format")]
+    schema = extend_schema(extend_schema(FACE_SCHEMA, source), ATTRIBUTE_FIELDS)
     attribute_sets = [kept for _, kept, _ in ITEMS] + [[], ["Male", "Sparkly_Hat"]]
     rows = []
     for i, kept in enumerate(attribute_sets):
@@ -225,59 +232,59 @@ def _annotated_shard(path) -> dict:
             "absent_attributes": [a for a in ("Wearing_Hat", "Eyeglasses") if a not in kept],
             "attribute_rules": [], "attribute_model": "test", "attr_keep_threshold": 0.85,
             "attr_absent_threshold": 0.15})
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
-    return {"input": "folder#0", "key": "annotated-key-1", "source": "/data/folder", "output": str(path)}
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, path)
+    # One output that holds every column the caption stage reads (as a joined chain would).
+    output = OutputRef("annotate", "annotated-key-1", str(path), "sample_id", tuple(schema.names), len(rows))
+    return ShardInput(ShardSpec("folder", "/data/folder", members=("0.jpg",)), (output,))
 
 
 def test_run_caption_on_a_shard_file(tmp_path):
-    from facecap.pipeline import CAPTION, plan_caption, run_caption
-
     previous = _annotated_shard(tmp_path / "annotated.parquet")
     cfg = Config(profile="offline")
-    plan = plan_caption(cfg)
+    plan = Caption.plan(cfg)
     assert plan.on and plan.model.endswith("llm:none")
-    stats = run_caption(previous, str(tmp_path / "out"), cfg, plan.model)
-    assert not stats["cached"] and stats["stage"] == CAPTION.name
-    assert (stats["rows_in"], stats["rows_out"], stats["rejects"]) == (
+    stats = run_stage(Caption, previous, str(tmp_path / "out"), cfg, plan)
+    assert not stats.cached and stats.stage == Caption.name
+    assert (stats.rows_in, stats.rows_out, stats.rejects) == (
         5, 3, {Reason.NO_ATTRIBUTES: 1, Reason.UNKNOWN_ATTRIBUTE: 1})
-    data = pq.read_table(stats["output"])
-    assert data.schema.names == extend_schema(pq.read_schema(previous["output"]), CAPTION_FIELDS).names
+    data = pq.read_table(stats.output)
+    # Only what the stage adds, keyed by sample_id: the crops and attributes are not copied.
+    assert data.schema.names == ["sample_id"] + [f.name for f in CAPTION_FIELDS]
+    assert data.column("sample_id").to_pylist() == ["img0-00", "img1-00", "img2-00"]
     assert data.column("caption_model").to_pylist() == ["none"] * 3
     assert data.column("caption_check").to_pylist() == [NOT_REWRITTEN] * 3
     assert data.column("caption").to_pylist() == data.column("raw_caption").to_pylist()
-    assert data.column("image").to_pylist() == pq.read_table(previous["output"]).column("image").to_pylist()[:3]
-    rejects = pq.read_table(stats["rejects_output"])
+    rejects = pq.read_table(stats.rejects_output)
     assert "Sparkly_Hat" in " ".join(rejects.column("detail").to_pylist())
     # A rerun skips; another output directory gets the same bytes.
-    assert run_caption(previous, str(tmp_path / "out"), cfg, plan.model)["cached"]
-    other = run_caption(previous, str(tmp_path / "out2"), cfg, plan.model)
-    assert open(other["output"], "rb").read() == open(stats["output"], "rb").read()
+    assert run_stage(Caption, previous, str(tmp_path / "out"), cfg, plan).cached
+    other = run_stage(Caption, previous, str(tmp_path / "out2"), cfg, plan)
+    assert open(other.output, "rb").read() == open(stats.output, "rb").read()
 
 
 def test_run_caption_with_an_endpoint_and_the_plan(tmp_path):
-    from facecap.pipeline import plan_caption, plan_run, run_caption
-
     previous = _annotated_shard(tmp_path / "annotated.parquet")
     assert not plan_run(Config(profile="offline")).stages["caption"].on  # annotate is off there
-    assert not plan_caption(Config(text={"caption_path": "flip80m"})).on
+    assert not Caption.plan(Config(text={"caption_path": "flip80m"})).on
     with FakeVLLM() as server:
         cfg = Config(profile="offline", llm={"endpoint": server.url, "model": MODEL, "backoff_s": 0.01})
-        plan = plan_caption(cfg)
+        plan = Caption.plan(cfg)
         assert plan.on and f"llm:{MODEL}@" in plan.model and plan.info["rewrite"] == "on"
-        stats = run_caption(previous, str(tmp_path / "out"), cfg, plan.model)
-        data = pq.read_table(stats["output"])
+        stats = run_stage(Caption, previous, str(tmp_path / "out"), cfg, plan)
+        data = pq.read_table(stats.output)
         assert data.column("caption_check").to_pylist() == [PASSED] * 3
         assert data.column("caption_model").to_pylist() == [MODEL] * 3
-        assert stats["extra"]["rewrites_passed"] == 3 and server.requests == 3
+        assert stats.extra["rewrites_passed"] == 3 and server.requests == 3
         assert (tmp_path / "out" / "cache" / "llm").is_dir()
         # Changing sampling settings re-keys the stage; the cache is keyed by them too.
         hotter = cfg.model_copy(update={"llm": cfg.llm.model_copy(update={"temperature": 0.2})})
-        assert run_caption(previous, str(tmp_path / "out"), hotter, plan.model)["key"] != stats["key"]
+        assert run_stage(Caption, previous, str(tmp_path / "out"), hotter, plan).key != stats.key
         assert server.requests == 6
         with pytest.raises(ConfigError, match="not served"):
-            plan_caption(cfg.model_copy(update={"llm": cfg.llm.model_copy(update={"model": "other"})}))
+            Caption.plan(cfg.model_copy(update={"llm": cfg.llm.model_copy(update={"model": "other"})}))
     with pytest.raises(ConfigError, match="did not answer"):
-        plan_caption(cfg)
+        Caption.plan(cfg)
 
 
 def test_every_attribute_name_is_known_to_the_lexicon(lexicon):

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 
 from facecap.cli import main
 from facecap.config import Config, ConfigError, LLMSettings, TextSettings
-from facecap.pipeline import plan_run
+from facecap.chain import plan_run
 from facecap.schema import TEXT_FIELDS
 from facecap.stages.base import Counters
 from facecap.stages.text import TextTools, filter_captions, text_schema
@@ -217,7 +217,7 @@ def test_text_stage_filters_cleans_and_denoises_through_an_llm(tmp_path, matcher
         tools = TextTools(matcher, load_text_filter(settings, matcher), "clean-1+llm:test-model",
                           lambda texts: denoise_many(texts, prompt, client))
         batch = face_batch(captions)
-        schema = text_schema(batch.schema, settings)
+        schema = text_schema(settings)
         counters = Counters()
         chunks = list(filter_captions(iter([batch]), tools, settings, schema, counters))
     kept = pa.concat_tables([c.kept for c in chunks if c.kept is not None]).to_pylist()
@@ -225,7 +225,9 @@ def test_text_stage_filters_cleans_and_denoises_through_an_llm(tmp_path, matcher
     assert {r["source_offset"]: r["reason"] for r in rejects} == {
         "3": "not_face_caption", "4": "no_caption", "5": "no_caption"}
     assert all(r["sample_id"] and r["stage"] == "text" for r in rejects)
-    by_offset = {r["source_offset"]: r for r in kept}
+    # The stage writes only its own columns, keyed by sample_id ("img<offset>-00" here).
+    by_offset = {r["sample_id"].removeprefix("img").removesuffix("-00"): r for r in kept}
+    assert "source_caption" not in kept[0]
     assert by_offset["0"]["text_caption"] == by_offset["0"]["caption"] == "Smiling woman with red lipstick"
     assert by_offset["0"]["text_denoise"] == "llm" and by_offset["0"]["keywords"] == ["smiling", "lipstick"]
     # A reply that adds words, and a failed request, keep the pre-cleaned text and say why.
@@ -235,7 +237,7 @@ def test_text_stage_filters_cleans_and_denoises_through_an_llm(tmp_path, matcher
     assert all(r["text_score"] > 0.5 and r["text_filter"].startswith("minilm-logistic:") for r in kept)
     removed = sum(r["text_chars_removed"] for r in kept)
     assert counters.extra["text_chars_removed"] == removed > 0
-    assert counters.extra["alt_text_chars"] == sum(len(captions[int(r["source_offset"])]) for r in kept)
+    assert counters.extra["alt_text_chars"] == sum(len(captions[int(offset)]) for offset in by_offset)
     assert {f.name for f in TEXT_FIELDS} | {"caption"} <= set(schema.names)
     assert reply_problem("a b c", "a c") is None and reply_problem("a b", "") == "empty_reply"
 

@@ -11,6 +11,7 @@ probable side, and the rule is recorded. A face with fewer than
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -19,11 +20,11 @@ import pyarrow as pa
 
 from facecap.attributes import ATTRIBUTES, CONTRADICTIONS, INDEX
 from facecap.config import AttributeSettings, ImageLimits
-from facecap.schema import ATTRIBUTE_FIELDS, FACE_SCHEMA, Reason, extend_schema
-from facecap.stages.base import Chunk, Counters, rejected
+from facecap.schema import ATTRIBUTE_FIELDS, Reason, keyed_schema
+from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, Stage, StagePlan, reject_row, rejected
 from facecap.stages.images import decode_rgb
 
-ANNOTATED_SCHEMA = extend_schema(FACE_SCHEMA, ATTRIBUTE_FIELDS)
+ANNOTATED_SCHEMA = keyed_schema(ATTRIBUTE_FIELDS)  # what annotate writes: sample_id + attribute columns
 
 
 @dataclass(frozen=True)
@@ -70,15 +71,13 @@ def annotate_faces(batches: Iterable[pa.RecordBatch | pa.Table], model, settings
 
 
 def _reject(row: dict, reason: str, detail: str) -> dict:
-    return {"stage": "annotate", "reason": reason, "detail": detail, "image_id": row["image_id"],
-            "sample_id": row["sample_id"], "source": row["source"], "source_offset": row["source_offset"],
-            "det_score": row["det_score"], "bbox": row["bbox"]}
+    return reject_row("annotate", row, reason, detail)
 
 
 def _annotate_group(group: pa.Table, model, settings: AttributeSettings, limits: ImageLimits,
                     counters: Counters) -> Chunk:
     counters.rows_in += group.num_rows
-    meta = group.select(["image_id", "sample_id", "source", "source_offset", "det_score", "bbox"]).to_pylist()
+    meta = group.select(list(FACE_REJECT_COLUMNS)).to_pylist()
     images, decoded_rows, rejects = [], [], []
     for i, data in enumerate(group.column("image").to_pylist()):
         rgb, p = decode_rgb(data, limits)
@@ -115,11 +114,58 @@ def _annotate_group(group: pa.Table, model, settings: AttributeSettings, limits:
             columns["attr_absent_threshold"].append(settings.absent_threshold)
     kept = None
     if keep_rows:
-        base = group.take(pa.array(keep_rows, pa.int64()))
-        arrays = {f.name: pa.array(columns[f.name], f.type) for f in ATTRIBUTE_FIELDS}
-        kept = pa.table({name: (arrays[name] if name in arrays else base.column(name))
-                         for name in ANNOTATED_SCHEMA.names}, schema=ANNOTATED_SCHEMA)
-    chunk = Chunk(kept=kept, rejected=rejected(rejects))
-    counters.rows_out += len(keep_rows)
-    counters.add_rejects(chunk.rejected)
-    return chunk
+        ids = group.column("sample_id").take(pa.array(keep_rows, pa.int64()))
+        kept = pa.table([ids] + [pa.array(columns[f.name], f.type) for f in ATTRIBUTE_FIELDS],
+                        schema=ANNOTATED_SCHEMA)
+    return counters.count(Chunk(kept=kept, rejected=rejected(rejects)))
+
+
+def _attribute_threads(cfg) -> int | None:
+    if cfg.attributes.threads or cfg.execution.dask_address:
+        return cfg.attributes.threads
+    # Local workers share the machine's cores instead of each taking all of them.
+    cores = os.cpu_count() or 1
+    return max(1, cores // (cfg.execution.n_workers or cores))
+
+
+class Annotate(Stage):
+    """Face crops in, 40 CelebA attribute probabilities and the kept labels out."""
+
+    name = "annotate"
+    version = "2"
+    reads = FACE_REJECT_COLUMNS + ("image",)
+    keyed_sections = ("attributes", "image")
+    # The model is in the key through its identity; device, threads, batch size and training do not change outputs.
+    unkeyed = frozenset({"attributes.model", "attributes.device", "attributes.threads", "attributes.batch_size",
+                         "attributes.train"})
+    priority = 2
+    device_section = "attributes"
+
+    @classmethod
+    def plan(cls, cfg, planned=None) -> StagePlan:
+        from facecap.models.attributes import attribute_identity, configured_model, is_local_model
+
+        ref = configured_model(cfg)
+        if cfg.profile == "offline" and not is_local_model(ref):
+            # The one switch that runs without attributes: offline, with no local model given.
+            return StagePlan(False, why=(
+                "offline profile: no local attribute model configured (attributes.model); set it to a model "
+                "directory (e.g. one written by `facecap train-attributes`) to annotate the 40 CelebA attributes"
+                + (f"; {ref!r} is not a local directory" if ref else "")))
+        # Resolving (and in the full profile fetching) the model here fails the run before any work.
+        a = cfg.attributes
+        return StagePlan(True, attribute_identity(cfg), info={
+            "backend": a.backend, "model_ref": ref, "keep_threshold": a.keep_threshold,
+            "absent_threshold": a.absent_threshold, "min_attributes": a.min_attributes})
+
+    def load(self) -> None:
+        from facecap.models.attributes import load_attribute_model
+
+        self.model = load_attribute_model(self.cfg, _attribute_threads(self.cfg), expect=self.stage_plan.model)
+        self.check_loaded("attribute model", self.model.identity)
+
+    def schema(self) -> pa.Schema:
+        return ANNOTATED_SCHEMA
+
+    def process(self, records, counters: Counters) -> Iterator[Chunk]:
+        return annotate_faces(records, self.model, self.cfg.attributes, self.cfg.image, counters)

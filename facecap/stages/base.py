@@ -1,19 +1,32 @@
-"""What every stage shares: a stream of (kept, rejected) record batches and counters.
+"""What every stage shares: the Stage class, its plan, and the (kept, rejected) chunks it yields.
 
-A stage is a plain generator over record batches. It knows nothing of Prefect,
-Dask or storage; the shard runner (facecap.shards) feeds it and writes what it
-yields, so a stage can be unit-tested and benchmarked on in-memory tables.
+A stage is one class: its name and version, the config sections that key its
+outputs, the model it needs and how it plans itself on or off, its Dask
+placement and retries, and ``process(records) -> chunks of kept + rejects``.
+It knows nothing of Prefect, Dask or storage: the generic shard runner
+(facecap.runner) feeds it the columns it reads and writes what it yields, so
+a stage can be unit-tested and benchmarked on in-memory tables.
+
+A stage's output holds only the columns it adds, keyed by ``sample_id`` (or
+``image_id`` for ingest); readers join the outputs of a shard's chain
+(facecap.records).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator
 
 import pyarrow as pa
 
+from facecap.config import settings_hash
 from facecap.schema import reject_rows
+
+if TYPE_CHECKING:
+    from facecap.config import Config
+    from facecap.records import ShardInput
+    from facecap.runner import ShardStats
 
 
 @dataclass
@@ -37,9 +50,115 @@ class Counters:
         if table is not None and table.num_rows:
             self.rejects.update(table.column("reason").to_pylist())
 
-
-StageStream = Iterator[Chunk]
+    def count(self, chunk: Chunk) -> Chunk:
+        """Count a chunk's kept rows and rejects; returns it (stages yield ``counters.count(chunk)``)."""
+        self.rows_out += chunk.kept.num_rows if chunk.kept is not None else 0
+        self.add_rejects(chunk.rejected)
+        return chunk
 
 
 def rejected(rows: list[dict]) -> pa.Table | None:
     return reject_rows(rows) if rows else None
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What the driver decided for one stage before any work."""
+
+    on: bool
+    model: str | None = None  # identity (name + weights hash): part of the stage key and of every record
+    why: str | None = None  # why the stage is off
+    info: dict = field(default_factory=dict)  # settings worth showing in the release (thresholds, files)
+
+
+class Stage:
+    """One step of the curate chain. Subclasses set the class attributes and implement `process`.
+
+    The runner makes one instance per worker process and configuration, calls
+    `load` once before the first shard that needs work (never for a shard
+    whose output is cached), then `process` per shard.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str]  # bump when the code changes what the stage writes: old outputs are recomputed
+    key_column: ClassVar[str] = "sample_id"  # what a row of the output is keyed by
+    reads: ClassVar[tuple[str, ...]] = ()  # upstream columns `process` needs
+    # Config sections whose settings key the outputs. Every field is in the key
+    # unless listed in `unkeyed` ("section.field"): a new setting is keyed by
+    # default, so it can never silently reuse outputs made without it.
+    keyed_sections: ClassVar[tuple[str, ...]] = ()
+    unkeyed: ClassVar[frozenset[str]] = frozenset()
+    # Placement: later stages get higher Dask priority, so a ready downstream task runs before
+    # more upstream work and shards reach the release early.
+    priority: ClassVar[int] = 0
+    device_section: ClassVar[str | None] = None  # config section whose `device: cuda` asks for a GPU=1 worker
+    io_bound: ClassVar[bool] = False  # waits on the network, not the CPU: never holds a CPU slot
+    retries: ClassVar[int] = 0
+    retry_delay_seconds: ClassVar[tuple[float, ...]] = ()
+    batch_rows: ClassVar[int] = 64  # records per batch read from upstream
+
+    def __init__(self, cfg: "Config", plan: StagePlan | None = None, out: str | None = None):
+        self.cfg = cfg
+        self.stage_plan = plan or StagePlan(True)
+        self.out = out
+
+    # -- planning (driver) ----------------------------------------------------
+    @classmethod
+    def plan(cls, cfg: "Config", planned: dict[str, StagePlan] | None = None) -> StagePlan:
+        """On or off (and why) and the model identity; raise ConfigError to stop the run before any work.
+
+        `planned` holds the stages planned before this one: a stage that needs
+        another's output is off when that one is off.
+        """
+        return StagePlan(True)
+
+    @classmethod
+    def settings(cls, cfg: "Config") -> dict[str, Any]:
+        """The settings that key this stage's outputs (hashed the same way for every stage)."""
+        out = {}
+        for section in cls.keyed_sections:
+            skip = {f.split(".", 1)[1] for f in cls.unkeyed if f.split(".", 1)[0] == section}
+            out[section] = getattr(cfg, section).model_dump(mode="json", exclude=skip)
+        return out
+
+    @classmethod
+    def settings_hash(cls, cfg: "Config") -> str:
+        return settings_hash(cls.settings(cfg))
+
+    # -- work (worker) --------------------------------------------------------
+    def load(self) -> None:
+        """Load the model (once per worker process); check it is the one the driver planned."""
+
+    def schema(self) -> pa.Schema:
+        """The columns this stage writes: its key column(s) and what it adds."""
+        raise NotImplementedError
+
+    def records(self, shard: "ShardInput", previous: "ShardStats | None" = None) -> Iterable:
+        """What `process` reads: the columns in `reads` from the shard's chain so far."""
+        from facecap.records import read_view
+
+        return read_view(shard, self.reads, self.batch_rows)
+
+    def another_pass(self, cached: "ShardStats") -> bool:
+        """Whether a finished shard gets a next generation (built on `cached`) instead of being reused."""
+        return False
+
+    def process(self, records: Iterable[pa.Table], counters: Counters) -> Iterator[Chunk]:
+        """Records in (the columns in `reads`), chunks of kept rows and rejects out, in input order."""
+        raise NotImplementedError
+
+    def check_loaded(self, what: str, loaded: str) -> None:
+        """A worker must run the model the driver planned (and keyed the outputs by)."""
+        if loaded != self.stage_plan.model:
+            raise RuntimeError(f"worker loaded {what} {loaded}, the run planned {self.stage_plan.model}: the files "
+                               "differ between the driver and this worker")
+
+
+def reject_row(stage: str, row: dict, reason: str, detail: str) -> dict:
+    """A reject of one face record, carrying what identifies it in its source."""
+    return {"stage": stage, "reason": reason, "detail": detail, "image_id": row.get("image_id"),
+            "sample_id": row.get("sample_id"), "source": row.get("source") or "",
+            "source_offset": row.get("source_offset"), "det_score": row.get("det_score"), "bbox": row.get("bbox")}
+
+
+FACE_REJECT_COLUMNS = ("image_id", "sample_id", "source", "source_offset", "det_score", "bbox")

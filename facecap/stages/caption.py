@@ -29,8 +29,8 @@ import pyarrow as pa
 
 from facecap.attributes import ATTRIBUTES
 from facecap.config import CaptionSettings, ConfigError, LLMSettings
-from facecap.schema import Reason
-from facecap.stages.base import Chunk, Counters, rejected
+from facecap.schema import CAPTION_FIELDS, Reason, keyed_schema
+from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, Stage, StagePlan, reject_row, rejected
 from facecap.text.faithfulness import (CheckResult, Lexicon, check_caption, grammar_lexicon_mismatches,
                                        load_lexicon, shared_similarity)
 from facecap.text.grammar import CaptionGrammar, caption_seed, load_grammar
@@ -199,10 +199,7 @@ def _caption_rows(rows: list[dict], captioner: Captioner, schema: pa.Schema, cou
         elif not kept:
             reason, detail = Reason.NO_ATTRIBUTES, "no kept attribute to caption"
         if reason:
-            rejects.append({"stage": "caption", "reason": reason, "detail": detail, "image_id": row.get("image_id"),
-                            "sample_id": row.get("sample_id"), "source": row.get("source") or "",
-                            "source_offset": row.get("source_offset"), "det_score": row.get("det_score"),
-                            "bbox": row.get("bbox")})
+            rejects.append(reject_row("caption", row, reason, detail))
             continue
         good.append(row)
         items.append((row["sample_id"], kept, absent))
@@ -210,8 +207,65 @@ def _caption_rows(rows: list[dict], captioner: Captioner, schema: pa.Schema, cou
     for row, o in zip(good, outcomes):
         row.update(caption=o.caption, raw_caption=o.raw, grammar_version=captioner.grammar.version,
                    caption_seed=o.seed, caption_model=o.model, prompt_version=o.prompt_version, caption_check=o.check)
-    counters.rows_out += len(good)
-    kept_table = pa.Table.from_pylist(good, schema=schema) if good else None
-    rejects_table = rejected(rejects)
-    counters.add_rejects(rejects_table)
-    return Chunk(kept_table, rejects_table)
+    return counters.count(Chunk(pa.Table.from_pylist(good, schema=schema) if good else None, rejected(rejects)))
+
+
+CAPTION_SCHEMA = keyed_schema(CAPTION_FIELDS)  # what caption writes: sample_id + caption columns
+
+
+class Caption(Stage):
+    """Attributes in, a grammar caption (rewritten by the LLM when one is configured) out."""
+
+    name = "caption"
+    version = "2"
+    reads = FACE_REJECT_COLUMNS + ("attributes", "absent_attributes")
+    batch_rows = 256
+    keyed_sections = ("caption", "llm")
+    # File contents (grammar, lexicon, prompt) are in the model identity, so their paths are not;
+    # the LLM's transport settings and batch size change no text.
+    unkeyed = frozenset({"caption.grammar", "caption.lexicon", "caption.prompt", "caption.batch_size",
+                         "llm.endpoint", "llm.api_key_env", "llm.concurrency", "llm.timeout_s", "llm.retries",
+                         "llm.backoff_s", "llm.max_backoff_s", "llm.cache_dir"})
+    priority = 3
+    retries = 2  # the LLM endpoint may be briefly away
+    retry_delay_seconds = (5, 30)
+
+    @classmethod
+    def settings(cls, cfg):
+        keyed = super().settings(cfg)
+        if not cfg.llm.endpoint:
+            keyed.pop("llm")  # no rewrite: the LLM's settings change nothing
+        return keyed
+
+    @classmethod
+    def plan(cls, cfg, planned=None) -> StagePlan:
+        if cfg.text.caption_path == "flip80m":
+            return StagePlan(False, why="text.caption_path is flip80m: the filtered, denoised alt-text is the caption")
+        if planned is not None and not planned["annotate"].on:
+            return StagePlan(False, why="needs the annotate stage, which is off (no attributes to caption); "
+                                        "records keep source_caption")
+        # Loading here fails the run before any work on a bad grammar, lexicon or prompt file.
+        captioner = Captioner(cfg.caption, cfg.llm, load_similarity=False)  # MiniLM loads in the workers
+        info = {"grammar": cfg.caption.grammar or "built-in", "grammar_version": captioner.grammar.version,
+                "lexicon_version": captioner.lexicon.version, "max_attempts": cfg.caption.max_attempts,
+                "rewrite": "off: no llm.endpoint; captions are the grammar's text (caption_model none)"}
+        if captioner.client is not None:
+            served = LLMClient(cfg.llm).served_models()
+            if cfg.llm.model not in served:
+                raise ConfigError(f"llm.model {cfg.llm.model!r} is not served by {cfg.llm.endpoint} "
+                                  f"(it serves: {', '.join(served) or 'nothing'}); set llm.model to one of those")
+            info.update(rewrite="on", llm_endpoint=cfg.llm.endpoint, llm_model=cfg.llm.model,
+                        prompt_version=captioner.prompt.version, min_similarity=cfg.caption.min_similarity)
+        return StagePlan(True, captioner.identity, info=info)
+
+    def load(self) -> None:
+        from facecap.stages.text import llm_cache_dir
+
+        self.captioner = Captioner(self.cfg.caption, self.cfg.llm, llm_cache_dir(self.cfg, self.out))
+        self.check_loaded("caption grammar, lexicon and prompt", self.captioner.identity)
+
+    def schema(self) -> pa.Schema:
+        return CAPTION_SCHEMA
+
+    def process(self, records, counters: Counters) -> Iterator[Chunk]:
+        return caption_faces(records, self.captioner, CAPTION_SCHEMA, counters, self.cfg.caption.batch_size)

@@ -16,7 +16,8 @@ import pyarrow as pa
 from facecap.config import DetectSettings, ImageLimits
 from facecap.schema import FACE_SCHEMA, Reason, sample_id_for
 from facecap.stages.align import aligned_crop, crop_side
-from facecap.stages.base import Chunk, Counters, rejected
+from facecap.records import SOURCE_IMAGE, SOURCE_PROBLEM
+from facecap.stages.base import Chunk, Counters, Stage, StagePlan, rejected
 from facecap.stages.images import decode_rgb, encode_jpeg, letterbox
 
 
@@ -57,9 +58,7 @@ def _face_rows(image: dict, rgb: np.ndarray, detections: list, scale: np.ndarray
             continue
         crop = aligned_crop(rgb, box, points, settings.crop_margin)
         kept.append({
-            **{k: image[k] for k in ("image_id", "source", "source_offset", "source_caption", "source_meta",
-                                     "source_width", "source_height", "source_format")},
-            "sample_id": sample_id, "face_index": index,
+            "sample_id": sample_id, "image_id": image["image_id"], "face_index": index,
             "image": encode_jpeg(crop.pixels, settings.jpeg_quality),
             "width": crop.side, "height": crop.side, "det_score": det.score,
             "bbox": box.tolist(), "landmarks": points.reshape(-1).tolist(), "crop_box": list(crop.crop_box),
@@ -80,10 +79,14 @@ def detect_faces(batches: Iterable[pa.RecordBatch | pa.Table], detector: FaceDet
             rejects: list[dict] = []
             decoded = []
             for image in group:
-                rgb, p = decode_rgb(image["source_image"], limits)
+                if image.get(SOURCE_PROBLEM):
+                    rgb, reason, detail = None, Reason.SOURCE_CHANGED, image[SOURCE_PROBLEM]
+                else:
+                    rgb, p = decode_rgb(image[SOURCE_IMAGE], limits)
+                    reason, detail = p.reason, p.detail
                 if rgb is None:
                     rejects.append({"stage": "detect", "image_id": image["image_id"], "source": image["source"],
-                                    "source_offset": image["source_offset"], "reason": p.reason, "detail": p.detail})
+                                    "source_offset": image["source_offset"], "reason": reason, "detail": detail})
                 else:
                     decoded.append((image, rgb))
             if decoded:
@@ -93,8 +96,41 @@ def detect_faces(batches: Iterable[pa.RecordBatch | pa.Table], detector: FaceDet
                 results = detector.detect(canvases, settings.candidate_score, settings.nms_iou)
                 for (image, rgb), detections, scale in zip(decoded, results, scales):
                     _face_rows(image, rgb, detections, scale, settings, detector.identity, kept, rejects, counters)
-            chunk = Chunk(kept=pa.Table.from_pylist(kept, schema=FACE_SCHEMA) if kept else None,
-                          rejected=rejected(rejects))
-            counters.rows_out += len(kept)
-            counters.add_rejects(chunk.rejected)
-            yield chunk
+            yield counters.count(Chunk(kept=pa.Table.from_pylist(kept, schema=FACE_SCHEMA) if kept else None,
+                                       rejected=rejected(rejects)))
+
+
+class Detect(Stage):
+    """Image records in, aligned face crops out: the only stage that writes image bytes."""
+
+    name = "detect"
+    version = "2"
+    reads = ("image_id", "source", "source_offset", SOURCE_IMAGE, SOURCE_PROBLEM)
+    batch_rows = 16  # decoded source images in flight: bounds memory on large photos
+    keyed_sections = ("detect", "image")
+    # Only what changes the records: the weights are in the key through the model identity.
+    unkeyed = frozenset({"detect.device", "detect.threads", "detect.batch_size", "detect.weights",
+                         "detect.weights_sha256"})
+    priority = 1
+    device_section = "detect"
+
+    @classmethod
+    def plan(cls, cfg, planned=None) -> StagePlan:
+        from facecap.models.registry import detector_identity
+
+        # Resolving the weights here fails the run before any work if they are missing.
+        return StagePlan(True, detector_identity(cfg), info={
+            "weights": cfg.detector_weights, "min_score": cfg.detect.min_score,
+            "min_face_px": cfg.detect.min_face_px, "crop_margin": cfg.detect.crop_margin})
+
+    def load(self) -> None:
+        from facecap.models.registry import load_detector
+
+        self.detector = load_detector(self.cfg)
+        self.check_loaded("detector", self.detector.identity)
+
+    def schema(self) -> pa.Schema:
+        return FACE_SCHEMA
+
+    def process(self, records, counters: Counters) -> Iterator[Chunk]:
+        return detect_faces(records, self.detector, self.cfg.detect, self.cfg.image, counters)

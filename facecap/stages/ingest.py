@@ -9,8 +9,10 @@ downloaded by the shard's ingest (facecap.stages.urllist, .download).
 
 Planning (``plan_shards``) lists what each shard will read and fingerprints
 it, cheaply, from file metadata; ``ingest_shard`` reads one shard and yields
-image records and rejects. Nothing here raises on bad input: an unreadable
-source becomes a reject row that says why.
+image records and rejects. Local images are referenced, never copied: a
+record says where its bytes are (source, offset, size, fingerprint) and
+``SourceBytes`` reads them again for detect. Nothing here raises on bad
+input: an unreadable source becomes a reject row that says why.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import pyarrow.parquet as pq
 
 from facecap import storage
 from facecap.config import Config, DownloadSettings, ImageLimits, IngestSettings
-from facecap.schema import IMAGE_SCHEMA, Reason, image_id_for
-from facecap.stages.base import Chunk, Counters, rejected
+from facecap.schema import IMAGE_SCHEMA, Reason, image_id_for, is_transient
+from facecap.stages.base import Chunk, Counters, Stage, rejected
 from facecap.stages.images import probe
 
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes",
@@ -206,11 +208,47 @@ def _plan_parquet(uri: str, fs, path: str, settings: IngestSettings, notes: list
 # --------------------------------------------------------------------------- reading
 
 
-class _Batcher:
-    """Accumulates image records and rejects; emits bounded chunks."""
+@dataclass(frozen=True)
+class _TooLarge:
+    """Stands in for a member or file that was not read because it exceeds image.max_bytes."""
 
-    def __init__(self, spec: ShardSpec, limits: ImageLimits, counters: Counters):
-        self.spec, self.limits, self.counters = spec, limits, counters
+    size: int
+
+
+@dataclass(frozen=True)
+class Raw:
+    """One image as a reader found it in its source, before any check."""
+
+    offset: str
+    data: bytes | _TooLarge | None
+    caption: str | None = None
+    meta: str | None = None
+
+
+@dataclass(frozen=True)
+class RawReject:
+    """A record a reader could not read at all."""
+
+    offset: str | None
+    reason: str
+    detail: str
+
+
+def fingerprint_bytes(data: bytes) -> str:
+    """What ingest records of an image's bytes, and what reading them again must match."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+class _Batcher:
+    """Accumulates image records and rejects; emits bounded chunks.
+
+    Records of local sources hold a reference (source, offset, size,
+    fingerprint), not the bytes; downloads keep their bytes (`keep_bytes`),
+    since those are the only copy.
+    """
+
+    def __init__(self, spec: ShardSpec, limits: ImageLimits, counters: Counters, keep_bytes: bool = False):
+        self.spec, self.limits, self.counters, self.keep_bytes = spec, limits, counters, keep_bytes
         self.rows: list[dict] = []
         self.rejects: list[dict] = []
 
@@ -222,6 +260,12 @@ class _Batcher:
             "source_offset": offset, "image_id": image_id_for(self.spec.source, offset) if offset is not None else None,
         })
 
+    def take(self, item: Raw | RawReject) -> None:
+        if isinstance(item, RawReject):
+            self.reject(item.offset, item.reason, item.detail)
+        else:
+            self.add(item.offset, item.data, item.caption, item.meta)
+
     def add(self, offset: str, data: bytes | _TooLarge | None, caption: str | None, meta: str | None) -> None:
         if isinstance(data, _TooLarge):
             self.reject(offset, Reason.TOO_LARGE, f"{data.size} bytes > image.max_bytes={self.limits.max_bytes} (not read)")
@@ -231,29 +275,22 @@ class _Batcher:
             self.reject(offset, p.reason, p.detail)
             return
         self.counters.rows_in += 1
+        self.counters.extra["source_bytes"] += len(data)
         self.rows.append({
             "image_id": image_id_for(self.spec.source, offset), "source": self.spec.source, "source_offset": offset,
-            "source_caption": caption, "source_meta": meta, "source_image": data,
-            "source_width": p.width, "source_height": p.height, "source_format": p.format,
+            "source_caption": caption, "source_meta": meta, "source_width": p.width, "source_height": p.height,
+            "source_format": p.format, "source_size": len(data), "source_fingerprint": fingerprint_bytes(data),
+            "source_image": data if self.keep_bytes else None,
         })
 
     def ready(self) -> bool:
         return len(self.rows) + len(self.rejects) >= BATCH_ROWS
 
     def flush(self) -> Chunk:
-        kept = pa.Table.from_pylist(self.rows, schema=IMAGE_SCHEMA) if self.rows else None
-        chunk = Chunk(kept=kept, rejected=rejected(self.rejects))
-        self.counters.rows_out += len(self.rows)
-        self.counters.add_rejects(chunk.rejected)
+        chunk = Chunk(kept=pa.Table.from_pylist(self.rows, schema=IMAGE_SCHEMA) if self.rows else None,
+                      rejected=rejected(self.rejects))
         self.rows, self.rejects = [], []
-        return chunk
-
-
-@dataclass(frozen=True)
-class _TooLarge:
-    """Stands in for a member or file that was not read because it exceeds image.max_bytes."""
-
-    size: int
+        return self.counters.count(chunk)
 
 
 def _read_bounded(fs, path: str, limit: int) -> bytes | _TooLarge:
@@ -284,32 +321,74 @@ def _caption_from_meta(meta: str | None) -> str | None:
     return None
 
 
+def read_source(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits,
+                with_text: bool = True) -> Iterator[Raw | RawReject]:
+    """The images of a local shard in source order (folder, tar or Parquet), each as found.
+
+    `with_text=False` skips what only ingest needs (captions and sidecars),
+    for readers that come back for the bytes alone.
+    """
+    readers = {"folder": _read_folder, "tar": _read_tar, "parquet": _read_parquet}
+    if spec.kind == "unreadable":
+        yield RawReject(None, Reason.UNREADABLE_SOURCE, spec.detail)
+        return
+    yield from readers[spec.kind](spec, settings, limits, with_text)
+
+
 def ingest_shard(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits, counters: Counters,
                  download: DownloadSettings | None = None) -> Iterator[Chunk]:
-    """Read one shard's records; yields chunks of image records and rejects.
-
-    URL shards download their images (with `download` settings); the curate
-    pipeline runs them through urllist.run_url_shard, which adds retry generations.
-    """
+    """Read one shard's records; yields chunks of image records (references, or bytes for downloads) and rejects."""
     if spec.kind == "urls":
         cfg = Config(ingest=settings, image=limits, download=download or DownloadSettings())
         yield from urllist.download_shard(spec, cfg, counters)
         return
     batch = _Batcher(spec, limits, counters)
-    readers = {"folder": _read_folder, "tar": _read_tar, "parquet": _read_parquet}
-    if spec.kind == "unreadable":
-        batch.reject(None, Reason.UNREADABLE_SOURCE, spec.detail)
-    else:
-        for _ in readers[spec.kind](spec, settings, batch):
-            if batch.ready():
-                yield batch.flush()
+    for item in read_source(spec, settings, limits):
+        batch.take(item)
+        if batch.ready():
+            yield batch.flush()
     yield batch.flush()
 
 
-def _read_folder(spec: ShardSpec, settings: IngestSettings, batch: _Batcher) -> Iterator[None]:
+class SourceBytes:
+    """Reads the bytes of a shard's referenced images again, in the order ingest recorded them.
+
+    Readers walk the source in the same order as ingest did, so a cursor over
+    them finds each asked-for offset by moving forward: one pass over a tar or
+    Parquet file, whatever its compression. Each image must match the
+    fingerprint ingest recorded; one that does not (the source changed since)
+    is reported, never silently used.
+    """
+
+    def __init__(self, spec: ShardSpec, ingest_settings: dict):
+        from facecap.config import ImageLimits as Limits, IngestSettings as Settings
+
+        self.spec = spec
+        self.items = read_source(spec, Settings(**ingest_settings.get("ingest", {})),
+                                 Limits(**ingest_settings.get("image", {})), with_text=False)
+
+    def read(self, offset: str, fingerprint: str) -> tuple[bytes | None, str | None]:
+        """The bytes at `offset`, or None and why they could not be had."""
+        for item in self.items:
+            if item.offset != offset:
+                continue
+            data = item.data if isinstance(item, Raw) else None
+            if not isinstance(data, bytes):
+                return None, f"{self.spec.source} {offset}: no longer readable (changed since ingest)"
+            if fingerprint_bytes(data) != fingerprint:
+                return None, f"{self.spec.source} {offset}: bytes differ from what ingest read (changed since)"
+            return data, None
+        return None, f"{self.spec.source} {offset}: not found again in the source (changed since ingest)"
+
+    def close(self) -> None:
+        self.items.close()
+
+
+def _read_folder(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits,
+                 with_text: bool) -> Iterator[Raw | RawReject]:
     fs, root = storage.filesystem(spec.source)
-    sidecars = set(spec.sidecars)
-    limit = batch.limits.max_bytes
+    sidecars = set(spec.sidecars) if with_text else set()
+    limit = limits.max_bytes
     for rel in spec.members:
         stem = rel.rsplit(".", 1)[0]
         try:
@@ -319,12 +398,11 @@ def _read_folder(spec: ShardSpec, settings: IngestSettings, batch: _Batcher) -> 
             caption = _text(_read_bounded(fs, posixpath.join(root, stem + ".txt"), limit)) \
                 if stem + ".txt" in sidecars else None
         except FileNotFoundError:
-            batch.reject(rel, Reason.MISSING_FILE, "file disappeared after planning")
+            yield RawReject(rel, Reason.MISSING_FILE, "file disappeared after planning")
         except OSError as exc:
-            batch.reject(rel, Reason.UNREADABLE_MEMBER, f"{type(exc).__name__}: {exc}"[:300])
+            yield RawReject(rel, Reason.UNREADABLE_MEMBER, f"{type(exc).__name__}: {exc}"[:300])
         else:
-            batch.add(rel, data, caption if caption is not None else _caption_from_meta(meta), meta)
-        yield None
+            yield Raw(rel, data, caption if caption is not None else _caption_from_meta(meta), meta)
 
 
 def _wds_key(name: str) -> tuple[str, str]:
@@ -334,21 +412,21 @@ def _wds_key(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem), ext.lower()
 
 
-def _read_tar(spec: ShardSpec, settings: IngestSettings, batch: _Batcher) -> Iterator[None]:
+def _read_tar(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits,
+              with_text: bool) -> Iterator[Raw | RawReject]:
     exts = tuple(e.lower().lstrip(".") for e in settings.image_extensions)
     fs, path = storage.filesystem(spec.source)
     group: dict[str, bytes | _TooLarge] = {}
     key: str | None = None
     members = 0
 
-    def emit(k: str, parts: dict[str, bytes]) -> None:
+    def emit(k: str, parts: dict[str, bytes]) -> Raw | RawReject:
         image_ext = next((e for e in exts if e in parts), None)
-        meta = _text(parts.get("json"))
         if image_ext is None:
-            batch.reject(k, Reason.UNREADABLE_MEMBER, f"no image member for key (found: {sorted(parts)})")
-            return
+            return RawReject(k, Reason.UNREADABLE_MEMBER, f"no image member for key (found: {sorted(parts)})")
+        meta = _text(parts.get("json"))
         caption = _text(parts.get("txt"))
-        batch.add(k, parts[image_ext], caption if caption is not None else _caption_from_meta(meta), meta)
+        return Raw(k, parts[image_ext], caption if caption is not None else _caption_from_meta(meta), meta)
 
     try:
         with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
@@ -357,26 +435,24 @@ def _read_tar(spec: ShardSpec, settings: IngestSettings, batch: _Batcher) -> Ite
                     continue
                 k, ext = _wds_key(member.name)
                 if k != key and key is not None:
-                    emit(key, group)
+                    yield emit(key, group)
                     group = {}
-                    yield None
                 key = k
-                if member.size > batch.limits.max_bytes:
+                if member.size > limits.max_bytes:
                     group[ext] = _TooLarge(member.size)  # skipped unread: the stream moves past it
-                else:
+                elif with_text or ext in exts:
                     extracted = tar.extractfile(member)
                     group[ext] = extracted.read() if extracted else b""
                 members += 1
     except (tarfile.TarError, OSError, EOFError) as exc:
         # Records already read stay; the break point is recorded so nothing vanishes silently.
         if key is not None and group:
-            emit(key, group)
+            yield emit(key, group)
             key, group = None, {}
-        batch.reject(f"@member{members}", Reason.UNREADABLE_SOURCE,
-                     f"tar stream unreadable after {members} member(s): {type(exc).__name__}: {exc}"[:500])
+        yield RawReject(f"@member{members}", Reason.UNREADABLE_SOURCE,
+                        f"tar stream unreadable after {members} member(s): {type(exc).__name__}: {exc}"[:500])
     if key is not None:
-        emit(key, group)
-    yield None
+        yield emit(key, group)
 
 
 def _pick(names: list[str], configured: str | None, candidates: tuple[str, ...]) -> str | None:
@@ -385,7 +461,8 @@ def _pick(names: list[str], configured: str | None, candidates: tuple[str, ...])
     return next((c for c in candidates if c in names), None)
 
 
-def _read_parquet(spec: ShardSpec, settings: IngestSettings, batch: _Batcher) -> Iterator[None]:
+def _read_parquet(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits,
+                  with_text: bool) -> Iterator[Raw | RawReject]:
     fs, path = storage.filesystem(spec.source)
     base_dir = posixpath.dirname(path)
     try:
@@ -393,47 +470,44 @@ def _read_parquet(spec: ShardSpec, settings: IngestSettings, batch: _Batcher) ->
         pf = pq.ParquetFile(fh)
     except Exception as exc:
         for row in range(spec.start, spec.stop):
-            batch.reject(str(row), Reason.UNREADABLE_SOURCE, f"{type(exc).__name__}: {exc}"[:300])
-        yield None
+            yield RawReject(str(row), Reason.UNREADABLE_SOURCE, f"{type(exc).__name__}: {exc}"[:300])
         return
     with fh:
         names = pf.schema_arrow.names
         image_col = _pick(names, settings.image_column, IMAGE_COLUMNS)
-        caption_col = _pick(names, settings.caption_column, CAPTION_COLUMNS)
+        caption_col = _pick(names, settings.caption_column, CAPTION_COLUMNS) if with_text else None
         if image_col is None:
             wanted = settings.image_column or f"one of {list(IMAGE_COLUMNS)}"
             detail = f"no image column ({wanted}); columns are {names}. Set ingest.image_column."
             for row in range(spec.start, spec.stop):
-                batch.reject(str(row), Reason.MISSING_COLUMNS, detail)
-            yield None
+                yield RawReject(str(row), Reason.MISSING_COLUMNS, detail)
             return
         meta_cols = [n for n in names if n not in (image_col, caption_col)
                      and not pa.types.is_binary(pf.schema_arrow.field(n).type)
-                     and not pa.types.is_large_binary(pf.schema_arrow.field(n).type)]
+                     and not pa.types.is_large_binary(pf.schema_arrow.field(n).type)] if with_text else []
+        columns = [image_col] + ([caption_col] if caption_col else []) + meta_cols
         offset = 0
         for rg in range(pf.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
             lo, hi = max(spec.start, offset), min(spec.stop, offset + n)
             if lo < hi:
                 try:
-                    table = pf.read_row_group(rg).slice(lo - offset, hi - lo)
+                    table = pf.read_row_group(rg, columns=columns).slice(lo - offset, hi - lo)
                 except Exception as exc:  # a corrupt page loses its row group, not the run
                     for row in range(lo, hi):
-                        batch.reject(str(row), Reason.UNREADABLE_MEMBER,
-                                     f"row group {rg}: {type(exc).__name__}: {exc}"[:300])
-                    yield None
+                        yield RawReject(str(row), Reason.UNREADABLE_MEMBER,
+                                        f"row group {rg}: {type(exc).__name__}: {exc}"[:300])
                     offset += n
                     continue
                 for i, rec in enumerate(table.to_pylist()):
-                    _parquet_record(str(lo + i), rec, image_col, caption_col, meta_cols, fs, base_dir, batch)
-                    yield None
+                    yield _parquet_record(str(lo + i), rec, image_col, caption_col, meta_cols, fs, base_dir, limits)
             offset += n
             if offset >= spec.stop:
                 break
 
 
 def _parquet_record(offset: str, rec: dict, image_col: str, caption_col: str | None, meta_cols: list[str],
-                    fs, base_dir: str, batch: _Batcher) -> None:
+                    fs, base_dir: str, limits: ImageLimits) -> Raw | RawReject:
     value = rec.get(image_col)
     caption = rec.get(caption_col) if caption_col else None
     caption = str(caption).strip() if caption is not None else None
@@ -442,27 +516,65 @@ def _parquet_record(offset: str, rec: dict, image_col: str, caption_col: str | N
     if isinstance(value, dict):  # Hugging Face datasets Image feature: {bytes, path}
         value = value.get("bytes") or value.get("path")
     if value is None:
-        batch.reject(offset, Reason.EMPTY_FILE, f"column {image_col} is null")
-        return
+        return RawReject(offset, Reason.EMPTY_FILE, f"column {image_col} is null")
     if isinstance(value, str):
         if value.startswith(("http://", "https://")):
-            batch.reject(offset, Reason.URL_NOT_DOWNLOADED,
-                         f"column {image_col} holds paths, and this one is a URL: put URLs in a url/URL column "
-                         "(a URL list is downloaded), or give local paths")
-            return
+            return RawReject(offset, Reason.URL_NOT_DOWNLOADED,
+                             f"column {image_col} holds paths, and this one is a URL: put URLs in a url/URL column "
+                             "(a URL list is downloaded), or give local paths")
         target = value if value.startswith("/") or "://" in value else posixpath.join(base_dir, value)
         if "://" in target:
-            batch.reject(offset, Reason.MISSING_FILE, f"unsupported image location {value!r}")
-            return
+            return RawReject(offset, Reason.MISSING_FILE, f"unsupported image location {value!r}")
         try:
-            value = _read_bounded(fs, target, batch.limits.max_bytes)
+            value = _read_bounded(fs, target, limits.max_bytes)
         except FileNotFoundError:
-            batch.reject(offset, Reason.MISSING_FILE, f"{target} does not exist")
-            return
+            return RawReject(offset, Reason.MISSING_FILE, f"{target} does not exist")
         except OSError as exc:
-            batch.reject(offset, Reason.UNREADABLE_MEMBER, f"{target}: {type(exc).__name__}: {exc}"[:300])
-            return
-    batch.add(offset, value if isinstance(value, _TooLarge) else bytes(value), caption, meta_json)
+            return RawReject(offset, Reason.UNREADABLE_MEMBER, f"{target}: {type(exc).__name__}: {exc}"[:300])
+    return Raw(offset, value if isinstance(value, _TooLarge) else bytes(value), caption, meta_json)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+class Ingest(Stage):
+    """Sources in, one image record per source image out (references to local bytes; downloads' bytes)."""
+
+    name = "ingest"
+    version = "2"
+    key_column = "image_id"
+    keyed_sections = ("ingest", "image", "download")
+    # Connection counts, timeouts, retries and the allow-list decide only whether a fetch
+    # succeeds; changing them must not re-download finished shards.
+    unkeyed = frozenset({"download.connections", "download.timeout_s", "download.retries", "download.backoff_s",
+                         "download.max_redirects", "download.allow_addresses", "download.user_agent",
+                         "download.retry_failed"})
+    priority = 0
+    # Reading and probing local files and downloading URLs wait on storage and the network:
+    # ingest never holds a CPU slot that detect could use.
+    io_bound = True
+    retries = 2  # flaky storage or network
+    retry_delay_seconds = (2, 10)
+
+    def schema(self) -> pa.Schema:
+        return IMAGE_SCHEMA
+
+    def records(self, shard, previous=None):
+        return [(shard.spec, previous)]
+
+    def another_pass(self, cached) -> bool:
+        # A URL shard gets a next generation that downloads its transient failures again.
+        return (cached.kind == "urls" and self.cfg.download.retry_failed
+                and any(is_transient(reason) for reason in cached.rejects))
+
+    def process(self, records, counters: Counters) -> Iterator[Chunk]:
+        ((spec, previous),) = records
+        if spec.kind == "urls" and previous is not None:
+            yield from urllist.retry_shard(spec, self.cfg, previous, counters)
+        elif spec.kind == "urls":
+            yield from urllist.download_shard(spec, self.cfg, counters)
+        else:
+            yield from ingest_shard(spec, self.cfg.ingest, self.cfg.image, counters)
 
 
 # URL lists build on this module's ShardSpec and _Batcher; imported last to avoid a cycle.

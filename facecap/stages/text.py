@@ -20,18 +20,19 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
-from facecap.config import TextSettings
-from facecap.schema import TEXT_CAPTION_FIELD, TEXT_FIELDS, Reason, extend_schema
-from facecap.stages.base import Chunk, Counters, rejected
+from facecap.config import ConfigError, TextSettings
+from facecap.schema import TEXT_CAPTION_FIELD, TEXT_FIELDS, Reason, keyed_schema
+from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, Stage, StagePlan, reject_row, rejected
 from facecap.text.clean import clean_text
 from facecap.text.keywords import KeywordMatcher
 
 
-def text_schema(input_schema: pa.Schema, settings: TextSettings) -> pa.Schema:
+def text_schema(settings: TextSettings) -> pa.Schema:
+    """What the text stage writes: sample_id, its columns, and on the FLIP-80M path the caption."""
     fields = list(TEXT_FIELDS)
     if settings.caption_path == "flip80m":
         fields.append(TEXT_CAPTION_FIELD)
-    return extend_schema(input_schema, fields)
+    return keyed_schema(fields)
 
 
 @dataclass
@@ -82,10 +83,8 @@ def filter_captions(batches: Iterator[pa.RecordBatch], tools: TextTools, setting
             counters.extra["text_chars_removed"] += row["text_chars_removed"]
             counters.extra["llm_denoised"] += method == "llm"
             counters.extra["with_keywords"] += bool(row["keywords"])
-        counters.rows_out += len(kept)
-        chunk = Chunk(kept=pa.Table.from_pylist(kept, schema=schema) if kept else None, rejected=rejected(rejects))
-        counters.add_rejects(chunk.rejected)
-        yield chunk
+        yield counters.count(Chunk(kept=pa.Table.from_pylist(kept, schema=schema) if kept else None,
+                                   rejected=rejected(rejects)))
 
 
 def _url_and_nsfw(meta: str | None) -> tuple[str | None, str | None]:
@@ -102,6 +101,86 @@ def _url_and_nsfw(meta: str | None) -> tuple[str | None, str | None]:
 
 
 def _reject(row: dict, reason: str, detail: str) -> dict:
-    return {"stage": "text", "reason": reason, "detail": detail, "image_id": row.get("image_id"),
-            "sample_id": row.get("sample_id"), "source": row.get("source"), "source_offset": row.get("source_offset"),
-            "det_score": row.get("det_score"), "bbox": row.get("bbox")}
+    return reject_row("text", row, reason, detail)
+
+
+class Text(Stage):
+    """FLIP-80M path: keep faces whose alt-text describes a face, with the text cleaned."""
+
+    name = "text"
+    version = "2"
+    reads = FACE_REJECT_COLUMNS + ("source_caption", "source_meta")
+    batch_rows = 256
+    keyed_sections = ("text", "llm")
+    # File contents (keywords, classifier, prompt) are in the model identity; the LLM's
+    # transport settings and batch size change nothing.
+    unkeyed = frozenset({"text.keywords_file", "text.classifier", "text.encoder", "text.batch_size",
+                         "text.denoise_prompt", "llm.endpoint", "llm.api_key_env", "llm.concurrency",
+                         "llm.timeout_s", "llm.retries", "llm.backoff_s", "llm.max_backoff_s", "llm.cache_dir"})
+    priority = 3
+    retries = 2  # the LLM endpoint may be briefly away
+    retry_delay_seconds = (5, 30)
+
+    @classmethod
+    def settings(cls, cfg):
+        keyed = super().settings(cfg)
+        if not cfg.text.denoise:
+            keyed.pop("llm")  # no LLM involved: its settings change nothing
+        return keyed
+
+    @classmethod
+    def plan(cls, cfg, planned=None) -> StagePlan:
+        from facecap.text.clean import CLEANER_VERSION
+        from facecap.text.denoise import load_prompt
+        from facecap.text.text_filter import describe, planned_identity
+
+        t = cfg.text
+        if t.caption_path == "facecaption":
+            return StagePlan(False, why="text.caption_path is facecaption: captions come from attributes "
+                                        "(set it to flip80m or both for the filtered, denoised alt-text)")
+        matcher = KeywordMatcher.from_file(t.keywords_file)
+        cleaner = CLEANER_VERSION
+        info = {"caption_path": t.caption_path, "filter": describe(t), "threshold": t.threshold,
+                "keywords": len(matcher.keywords), "denoise": "rules (pre-cleaner only)"}
+        if t.denoise:
+            if not cfg.llm.endpoint:
+                raise ConfigError("text.denoise is on but llm.endpoint is not set: set llm.endpoint to an "
+                                  "OpenAI-compatible server, or turn text.denoise off (the pre-cleaner still runs)")
+            prompt = load_prompt(t.denoise_prompt)
+            cleaner = f"{CLEANER_VERSION}+llm:{cfg.llm.model}:denoise-{prompt.version}"
+            info.update(denoise="llm", llm_model=cfg.llm.model, denoise_prompt_version=prompt.version)
+        # Resolving the classifier's files here fails the run before any work if they are missing.
+        return StagePlan(True, f"{planned_identity(t, matcher)}|{matcher.identity}|{cleaner}", info=info)
+
+    def load(self) -> None:
+        from facecap.text.text_filter import load_text_filter
+
+        cfg = self.cfg
+        matcher = KeywordMatcher.from_file(cfg.text.keywords_file)
+        classifier = load_text_filter(cfg.text, matcher)
+        cleaner = self.stage_plan.model.rsplit("|", 1)[1]
+        self.check_loaded("text filter and keywords", f"{classifier.identity}|{matcher.identity}|{cleaner}")
+        denoise = None
+        if cfg.text.denoise:
+            from facecap.text.denoise import denoise_many, denoise_settings, load_prompt
+            from facecap.text.llm import LLMClient
+
+            prompt = load_prompt(cfg.text.denoise_prompt)
+            client = LLMClient(denoise_settings(cfg.llm), llm_cache_dir(cfg, self.out))
+
+            def denoise(texts):
+                return denoise_many(texts, prompt, client)
+        self.tools = TextTools(matcher, classifier, cleaner, denoise)
+
+    def schema(self) -> pa.Schema:
+        return text_schema(self.cfg.text)
+
+    def process(self, records, counters: Counters) -> Iterator[Chunk]:
+        return filter_captions(records, self.tools, self.cfg.text, self.schema(), counters)
+
+
+def llm_cache_dir(cfg, out: str) -> str:
+    """Where LLM replies are cached (shared by all workers): llm.cache_dir, else OUT/cache/llm."""
+    from facecap import storage
+
+    return cfg.llm.cache_dir or storage.join(out, "cache", "llm")

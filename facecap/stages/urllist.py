@@ -12,8 +12,8 @@ reachable share.
 
 Retry generations: a finished URL shard is never downloaded again, except
 with `download.retry_failed`: then a shard whose rejects include transient
-failures (timeout, connect_error, dns, 5xx, 429) gets a next generation,
-keyed "<input>+retry<n>", that keeps the previous generation's records and
+failures (timeout, connect_error, dns, 5xx, 429) gets a next generation
+(the shard runner keys it "<input>+retry<n>"), that keeps the previous generation's records and
 permanent rejects and downloads only the transient failures again. Reruns
 always pick the latest generation, so retried records are neither lost nor
 duplicated, and shards without transient failures keep their key (and their
@@ -37,9 +37,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from facecap import storage
-from facecap.config import Config, IngestSettings, settings_hash
+from facecap.config import Config, IngestSettings
 from facecap.schema import IMAGE_SCHEMA, Reason, is_transient
-from facecap.shards import ShardPaths, iter_shard, run_shard, stage_key
+from facecap.records import iter_parquet
 from facecap.stages.base import Chunk, Counters
 from facecap.stages.download import Downloader
 
@@ -144,15 +144,6 @@ def _rows(table: pa.Table, first: int, col: str | None, only: set[str] | None) -
 # --------------------------------------------------------------------------- the shard
 
 
-def url_ingest_settings_hash(cfg: Config) -> str:
-    """Ingest settings that change what a URL shard holds. Connection counts, timeouts, retries and the
-    allow-list decide only whether a fetch succeeds; changing them must not re-download finished shards."""
-    download = cfg.download.model_dump(mode="json", include={"respect_noai", "resize_max_side", "resize_quality",
-                                                             "decode_check"})
-    return settings_hash({"ingest": cfg.ingest.model_dump(mode="json"), "image": cfg.image.model_dump(mode="json"),
-                          "download": download})
-
-
 class _UrlShard:
     """Downloads one shard's rows into image records and rejects."""
 
@@ -160,7 +151,7 @@ class _UrlShard:
         from facecap.stages.ingest import _Batcher
 
         self.spec, self.cfg = spec, cfg
-        self.batch = _Batcher(spec, cfg.image, counters)
+        self.batch = _Batcher(spec, cfg.image, counters, keep_bytes=True)  # downloads are the only copy
         self.counters = counters
 
     def download(self, only: set[str] | None = None) -> Iterator[Chunk]:
@@ -241,14 +232,14 @@ def download_shard(spec, cfg: Config, counters: Counters) -> Iterator[Chunk]:
     yield from _UrlShard(spec, cfg, counters).download()
 
 
-def retry_shard(spec, cfg: Config, previous: dict, counters: Counters) -> Iterator[Chunk]:
+def retry_shard(spec, cfg: Config, previous, counters: Counters) -> Iterator[Chunk]:
     """Next generation: keep the previous records and permanent rejects, download the transient failures again."""
-    for batch in iter_shard(previous["output"]):
-        table = pa.Table.from_batches([batch]).cast(IMAGE_SCHEMA)
+    for table in iter_parquet(previous.output):
+        table = table.cast(IMAGE_SCHEMA)
         counters.rows_in += table.num_rows
         counters.rows_out += table.num_rows
         yield Chunk(kept=table)
-    rejects = pq.read_table(previous["rejects_output"]) if previous["rejects_written"] else None
+    rejects = pq.read_table(previous.rejects_output) if previous.rejects_written else None
     again: set[str] = set()
     if rejects is not None:
         transient = pa.array([is_transient(r) for r in rejects.column("reason").to_pylist()], pa.bool_())
@@ -261,34 +252,6 @@ def retry_shard(spec, cfg: Config, previous: dict, counters: Counters) -> Iterat
     counters.extra["retried_transient"] += len(again)
     if again:
         yield from _UrlShard(spec, cfg, counters).download(only=again)
-
-
-def run_url_shard(spec, out: str, cfg: Config, stage: str, version: str) -> dict:
-    """Ingest one URL-list shard: download it, or reuse / extend (retry_failed) an earlier generation."""
-    settings = url_ingest_settings_hash(cfg)
-    material = settings_hash(spec.key_material())
-
-    def paths(generation: int) -> ShardPaths:
-        key_input = material if generation == 0 else f"{material}+retry{generation}"
-        return ShardPaths(out, stage, stage_key(stage, version, settings, "", key_input))
-
-    def meta(generation: int) -> dict:
-        return {"input": spec.label, "input_key": spec.fingerprint, "source": spec.source, "kind": spec.kind,
-                "stage_version": version, "settings_hash": settings, "model": None, "retry_generation": generation}
-
-    generation = 0
-    if storage.exists(paths(0).stats):
-        while storage.exists(paths(generation + 1).stats):
-            generation += 1
-        latest = storage.read_json(paths(generation).stats)
-        transient = sum(n for reason, n in latest.get("rejects", {}).items() if is_transient(reason))
-        if not (cfg.download.retry_failed and transient):
-            latest["cached"] = True
-            return latest
-        generation += 1
-        return run_shard(paths(generation), IMAGE_SCHEMA,
-                         lambda counters: retry_shard(spec, cfg, latest, counters), meta(generation))
-    return run_shard(paths(0), IMAGE_SCHEMA, lambda counters: download_shard(spec, cfg, counters), meta(0))
 
 
 # --------------------------------------------------------------------------- planning

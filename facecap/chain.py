@@ -1,0 +1,70 @@
+"""The curate chain: which stages run, in which order, and what the driver planned for each.
+
+Adding a stage is one module under facecap/stages/ (a Stage subclass) and
+one line in STAGES. Before any work the driver asks each stage in turn for
+its plan (`plan_run`): on or off (and why) and the identity of its model.
+Stages that are off are left out of the chain, and the release says they
+were off and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from facecap.config import Config, ConfigError
+from facecap.stages.annotate import Annotate
+from facecap.stages.base import Stage, StagePlan
+from facecap.stages.caption import Caption
+from facecap.stages.detect import Detect
+from facecap.stages.ingest import Ingest
+from facecap.stages.text import Text
+
+STAGES: tuple[type[Stage], ...] = (
+    Ingest,  # sources -> image records (references to local bytes; downloaded bytes)
+    Detect,  # images -> aligned face crops
+    Annotate,  # crops -> 40 CelebA attributes
+    Text,  # FLIP-80M path: alt-text filter and cleaning
+    Caption,  # attributes -> grammar caption -> LLM rewrite
+)
+BY_NAME: dict[str, type[Stage]] = {s.name: s for s in STAGES}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    stages: dict[str, StagePlan]  # every stage, in STAGES order
+
+    @property
+    def chain(self) -> list[type[Stage]]:
+        """The stages that run, in order."""
+        return [s for s in STAGES if self.stages[s.name].on]
+
+    def model(self, stage: str) -> str | None:
+        return self.stages[stage].model
+
+    def summary(self) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for name, p in self.stages.items():
+            entry: dict = {"status": "on" if p.on else "off"}
+            if p.model:
+                entry["model"] = p.model
+            if p.why:
+                entry["why"] = p.why
+            entry.update(p.info)
+            out[name] = entry
+        return out
+
+
+def plan_run(cfg: Config) -> RunPlan:
+    """Plan every stage (fails here, before any work, if a model a stage needs is missing)."""
+    check_stage_names(cfg)
+    plans: dict[str, StagePlan] = {}
+    for stage in STAGES:
+        plans[stage.name] = stage.plan(cfg, plans)
+    return RunPlan(plans)
+
+
+def check_stage_names(cfg: Config) -> None:
+    """execution.stage_resources may only name stages that exist (a typo would silently pin nothing)."""
+    unknown = sorted(set(cfg.execution.stage_resources) - set(BY_NAME))
+    if unknown:
+        raise ConfigError(f"execution.stage_resources names unknown stage(s) {unknown}; stages are {list(BY_NAME)}")

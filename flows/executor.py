@@ -1,0 +1,145 @@
+"""The one module that knows Dask: the cluster, task placement, and the completion loop.
+
+Stages and the shard runner know nothing of Dask; the curate flow submits
+stage tasks through `ShardExecutor` and reads finished shards from it.
+
+Slots. A local cluster's workers run `threads_per_worker` CPU slots (the
+Dask resource CPU) plus `execution.io_threads` I/O slots (the resource IO),
+one thread each. CPU-bound stage tasks take a CPU slot, I/O-bound ones
+(ingest: downloads, reading sources) an IO slot, so a URL shard waiting on
+the network never holds the thread a detect task needs: downloads overlap
+with detection. An existing cluster gets the same behaviour when its workers
+are started with `--nthreads N+K --resources "CPU=N,IO=K"`; on a cluster
+whose workers do not offer both, tasks are not annotated with them (they
+would never run).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import dask
+from distributed import as_completed
+from prefect.context import FlowRunContext
+from prefect_dask import DaskTaskRunner
+
+from facecap.config import Config
+from facecap.stages.base import Stage
+
+CPU, IO = "CPU", "IO"
+
+
+def local_workers(cfg: Config) -> int:
+    return cfg.execution.n_workers or max(1, os.cpu_count() or 1)
+
+
+def _local_cluster_kwargs(cfg: Config) -> dict[str, Any]:
+    # Dask's nannies export MALLOC_TRIM_THRESHOLD_=65536 to workers. Setting it
+    # at all turns off glibc's adaptive mmap threshold, so every decoded image
+    # and crop is a fresh mmap and page faults: detect ran 15-20 % slower in a
+    # worker than in a plain process (bench/README.md). Local workers go without.
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
+    slots = cfg.execution.threads_per_worker
+    return {
+        "n_workers": local_workers(cfg),
+        "threads_per_worker": slots + cfg.execution.io_threads,
+        "resources": {CPU: slots, IO: cfg.execution.io_threads},
+        "processes": True,
+        "dashboard_address": ":0",  # a free port: concurrent runs must not collide
+    }
+
+
+def task_runner_for(cfg: Config) -> DaskTaskRunner:
+    """An existing Dask scheduler if configured, else a local cluster of worker processes (started on first use)."""
+    if cfg.execution.dask_address:
+        return DaskTaskRunner(address=cfg.execution.dask_address)
+    return DaskTaskRunner(cluster_kwargs=_local_cluster_kwargs(cfg))
+
+
+@contextmanager
+def started_task_runner(cfg: Config) -> Iterator[Callable[[], DaskTaskRunner]]:
+    """Start the local cluster now (not on the flow's first task) and stop it at the end of the block.
+
+    Yields a factory of task runners bound to it, so the cluster's start-up
+    can overlap with other start-up work (the CLI runs it while the embedded
+    Prefect server boots). With execution.dask_address nothing is started.
+    """
+    if cfg.execution.dask_address:
+        yield lambda: task_runner_for(cfg)
+        return
+    from distributed import LocalCluster
+
+    with LocalCluster(**_local_cluster_kwargs(cfg)) as cluster:
+        yield lambda: DaskTaskRunner(address=cluster.scheduler_address)
+
+
+def wants_gpu(stage: type[Stage], cfg: Config) -> bool:
+    """A stage asks Dask for a GPU=1 worker only when its config section asks for a cuda device."""
+    return bool(stage.device_section) and getattr(cfg, stage.device_section).device == "cuda"
+
+
+def stage_resources(stage: type[Stage], cfg: Config, slots: bool = False) -> dict[str, float]:
+    """Dask resources one task of `stage` needs: GPU=1 for a cuda stage, else a CPU or IO slot (when the
+    cluster offers them), plus execution.stage_resources."""
+    resources: dict[str, float] = {"GPU": 1} if wants_gpu(stage, cfg) else {}
+    if slots and not resources:
+        resources[IO if stage.io_bound else CPU] = 1
+    resources.update(cfg.execution.stage_resources.get(stage.name, {}))
+    return resources
+
+
+@contextmanager
+def placement(stage: type[Stage], cfg: Config, slots: bool = False) -> Iterator[None]:
+    """Dask annotations (priority, resources) for tasks submitted inside this block."""
+    annotations: dict[str, Any] = {"priority": stage.priority}
+    resources = stage_resources(stage, cfg, slots)
+    if resources:
+        annotations["resources"] = resources
+    with dask.annotate(**annotations):
+        yield
+
+
+def _cluster_offers_slots() -> bool:
+    context = FlowRunContext.get()
+    runner = getattr(context, "task_runner", None)
+    if not isinstance(runner, DaskTaskRunner):
+        return False
+    workers = runner.client.scheduler_info().get("workers", {}).values()
+    return bool(workers) and all({CPU, IO} <= set(w.get("resources") or {}) for w in workers)
+
+
+class ShardExecutor:
+    """Submits stage tasks with their placement and yields them as they finish, in completion order."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.pending: dict[Any, tuple[Any, Any]] = {}  # dask future -> (tag, prefect future)
+        self.completions: as_completed | None = None
+        self.slots: bool | None = None
+
+    def submit(self, task, stage: type[Stage], tag: Any, *args) -> None:
+        if self.slots is None:
+            self.slots = _cluster_offers_slots()
+        with placement(stage, self.cfg, self.slots):
+            future = task.submit(*args)
+        inner = future.wrapped_future  # the distributed.Future behind Prefect's
+        self.pending[inner] = (tag, future)
+        if self.completions is None:
+            self.completions = as_completed([inner], loop=inner.client.loop)
+        else:
+            self.completions.add(inner)
+
+    def finished(self) -> Iterator[tuple[Any, Any, BaseException | None]]:
+        """(tag, result, error) for every submitted task, including those submitted while iterating."""
+        if self.completions is None:
+            return
+        for done in self.completions:
+            tag, future = self.pending.pop(done)
+            try:
+                yield tag, future.result(), None
+            except Exception as exc:
+                yield tag, None, exc
