@@ -72,7 +72,10 @@ class DetectSettings(_Section):
         0.5, ge=0, le=1, description="Detections above this are faces (kept, or rejected with a reason)."
     )
     nms_iou: float = Field(0.4, gt=0, le=1)
-    min_face_px: int = Field(128, ge=1, description="Minimum crop side in source pixels.")
+    min_face_px: int = Field(
+        128, ge=1, description="Keep a face only if its crop region (the face box's longer side grown by crop_margin "
+                               "on each side, a square) holds at least this many real source pixels in width and in "
+                               "height: the part past the image edge, padded black in the crop, does not count.")
     crop_margin: float = Field(0.2, ge=0, le=2, description="Face box grows by this fraction on each side.")
     input_size: int = Field(640, ge=64, le=4096, description="Detector canvas; larger images are downscaled.")
     batch_size: int = Field(8, ge=1)
@@ -217,6 +220,9 @@ class QualitySettings(_Section):
     landmark_tolerance: float = Field(
         0.1, ge=0, description="How far landmarks may lie outside the bbox, as a fraction of the box side "
                                "(turned faces put an eye or mouth corner just outside).")
+    max_mean_pad_fraction: float = Field(
+        0.1, ge=0, le=1, description="Highest mean share of a face crop lying outside its source image (black "
+                                     "padding where the crop region runs past the edge).")
     gallery_size: int = Field(12, ge=0, description="Sample faces shown in the report's gallery.")
     ngram_sample: int = Field(
         20000, ge=100, description="Captions (a deterministic sample) behind the report's unique-4-gram curve.")

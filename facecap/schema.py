@@ -43,6 +43,7 @@ FACE_FIELDS: list[pa.Field] = [
     pa.field("landmarks", pa.list_(pa.float32(), 10), nullable=False),
     pa.field("crop_box", pa.list_(pa.float32(), 4), nullable=False),  # square region before rotation, source px
     pa.field("align_angle", pa.float32(), nullable=False),  # degrees the crop was rotated to level the eyes
+    pa.field("pad_fraction", pa.float32(), nullable=False),  # share of the crop outside the source image (black)
     pa.field("detector", pa.string(), nullable=False),  # model identity incl. weights hash
     pa.field("det_min_score", pa.float32(), nullable=False),
     pa.field("min_face_px", pa.int32(), nullable=False),

@@ -120,6 +120,10 @@ def build_checks(cfg: Config) -> list[Check]:
         Check("landmarks_inside_bbox", "faces",
               f"the 5 landmarks lie inside the bbox (tolerance {q.landmark_tolerance:g} x box side)",
               _landmarks_outside_sql(q.landmark_tolerance), ("landmarks", "bbox")),
+        Check("mean_pad_fraction", "faces",
+              f"mean share of a crop lying outside its source image <= quality.max_mean_pad_fraction "
+              f"({q.max_mean_pad_fraction})",
+              "coalesce(avg(pad_fraction), 0)", ("pad_fraction",), max_value=q.max_mean_pad_fraction),
         Check("image_bytes_decode", "faces", f"image bytes decode (a sample of {q.decode_sample})", None,
               ("image",)),
         Check("duplicate_image_rate", "faces",

@@ -84,7 +84,7 @@ def figure_bins(db: ReleaseDB) -> dict[str, tuple[float, float, int]]:
     cfg = db.cfg
     side_hi = max(1024.0, 8.0 * cfg.detect.min_face_px)
     return {"det": (min(cfg.detect.min_score, 0.999), 1.0, 20), "side": (float(cfg.detect.min_face_px), side_hi, 24),
-            "words": (0.0, float(max(cfg.quality.max_caption_words, 40)), 24)}
+            "words": (0.0, float(max(cfg.quality.max_caption_words, 40)), 24), "pad": (0.0, 0.5, 20)}
 
 
 def figure_aggregates(db: ReleaseDB) -> tuple[dict[str, str], dict[str, str]]:
@@ -101,6 +101,9 @@ def figure_aggregates(db: ReleaseDB) -> tuple[dict[str, str], dict[str, str]]:
     if {"width", "height"} <= cols:
         exprs.update(w_mean="avg(width)", h_mean="avg(height)",
                      side_hist=f"histogram({_bin_expr('sqrt(width * height)', *bins['side'])})")
+    if "pad_fraction" in cols:
+        exprs.update(pad_mean="avg(pad_fraction)", padded="count(*) FILTER (pad_fraction > 0)",
+                     pad_hist=f"histogram({_bin_expr('pad_fraction', *bins['pad'])})")
     if "attributes" in cols:
         exprs["per_face"] = "histogram(len(attributes))"
     column, _ = _caption_column(db)
@@ -131,6 +134,12 @@ def compute_figures(db: ReleaseDB, agg: dict[str, Any]) -> dict[str, Any]:
                        "paper_mean": PAPER_MEAN_CROP_PX, "min_face_px": cfg.detect.min_face_px,
                        "note": f"crop side sqrt(width x height); the last bin holds everything >= {bins['side'][1]:g}",
                        **_hist(agg["side_hist"], *bins["side"])}
+    if rows and "pad_hist" in agg:
+        fig["pad"] = {"mean": round(float(agg["pad_mean"]), 4), "padded_faces": int(agg["padded"]),
+                      "limit": cfg.quality.max_mean_pad_fraction,
+                      "note": "share of each crop outside its source image (black padding); the last bin holds "
+                              f"everything >= {bins['pad'][1]:g}",
+                      **_hist(agg["pad_hist"], *bins["pad"])}
     if rows and "per_face" in agg:
         per_face = {int(k): int(v) for k, v in (agg["per_face"] or {}).items() if k is not None}
         freq = dict(db.con.execute("SELECT a, count(*) FROM (SELECT unnest(attributes) AS a FROM faces) GROUP BY a")
@@ -359,6 +368,12 @@ def render_html(report: dict[str, Any]) -> str:
         parts.append(svg.histogram(c["edges"], c["counts"],
                                    f"crop side, px (mean {c['mean_width']} x {c['mean_height']}; paper 285 x 285)",
                                    mark=c["paper_mean"], mark_label="paper mean 285"))
+    if "pad" in fig:
+        p = fig["pad"]
+        parts.append(svg.histogram(p["edges"], p["counts"],
+                                   f"share of the crop past the image edge (mean {p['mean']}; "
+                                   f"{p['padded_faces']:,} faces padded at all)",
+                                   mark=p["limit"], mark_label=f"mean limit {p['limit']}"))
     a = fig["attributes"]
     if NOT_APPLICABLE in a:
         parts.append(f'<p class="na">Attributes: not applicable: {escape(a[NOT_APPLICABLE])}</p>')

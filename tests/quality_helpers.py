@@ -60,6 +60,7 @@ def _face_rows(n_images: int, seed: int) -> list[dict]:
                 "det_score": rng.uniform(0.985, 0.9999), "bbox": [x1, y1, x2, y2],
                 "landmarks": [v for pair in zip(lx, ly) for v in pair],
                 "crop_box": [x1 - 30, y1 - 30, x2 + 30, y2 + 30], "align_angle": rng.uniform(-10, 10),
+                "pad_fraction": 0.0 if i % 5 else rng.uniform(0.01, 0.2),
                 "detector": "retinaface-mobilenet0.25@sha256:synthetic", "det_min_score": 0.98, "min_face_px": 128,
                 "crop_margin": 0.2, "source": "/synthetic/folder", "source_offset": source_offset,
                 "source_caption": f"photo {i}", "source_meta": None, "source_width": 512, "source_height": 512,
@@ -91,6 +92,9 @@ def _defect(rows: list[dict], name: str | None) -> None:
         rows[5]["caption"] = "   "
     elif name == "html_caption":
         rows[6]["caption"] = "A <b>smiling</b> woman with black hair &amp; earrings in a portrait photo"
+    elif name == "padded_crops":  # crops that are mostly black padding past the image edge
+        for row in rows:
+            row["pad_fraction"] = 0.4
     elif name is not None and name != "funnel_mismatch":
         raise ValueError(name)
 
@@ -100,6 +104,7 @@ DEFECTS = {
     "duplicate_id": "sample_id_unique",
     "low_score": "det_score_at_least_threshold",
     "short_crop": "crop_at_least_min_px",
+    "padded_crops": "mean_pad_fraction",
     "bad_probs": "attribute_probs_valid",
     "empty_caption": "caption_not_empty",
     "html_caption": "caption_no_html",
@@ -112,8 +117,11 @@ def synthetic_config() -> Config:
 
 
 def write_synthetic_release(out: Path, n_images: int = 30, defect: str | None = None, seed: int = 0,
-                            cfg: Config | None = None) -> Path:
-    """Stage a release under OUT/staging/<run id> from one synthetic stage shard; return its folder."""
+                            cfg: Config | None = None, annotate: dict | None = None) -> Path:
+    """Stage a release under OUT/staging/<run id> from one synthetic stage shard; return its folder.
+
+    `annotate` replaces the annotate stage's plan entry in release.json (e.g. a real plan's summary).
+    """
     cfg = cfg or synthetic_config()
     rows = _face_rows(n_images, seed)
     _defect(rows, defect)
@@ -128,7 +136,7 @@ def write_synthetic_release(out: Path, n_images: int = 30, defect: str | None = 
                "extra": {"omitted_attributes": 7, "hallucinated_attributes": 2, "llm_cache_hits": 5}}]
     detector = "retinaface-mobilenet0.25@sha256:synthetic"
     stages = {"ingest": {"status": "on"}, "detect": {"status": "on", "model": detector},
-              "annotate": {"status": "on", "model": "synthetic:not-a-model"},
+              "annotate": annotate or {"status": "on", "model": "synthetic:not-a-model"},
               "caption": {"status": "on", "model": "synthetic"}}
     # One output holding every column, as a release reads a joined chain.
     output = OutputRef("caption", "synthetic", str(shard), "sample_id", tuple(FULL_SCHEMA.names), n)

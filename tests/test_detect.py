@@ -123,6 +123,30 @@ def test_small_and_uncertain_faces_are_rejected_with_reasons(detector):
     assert 0.98 < rejects.column("det_score")[0].as_py() <= 0.99999
 
 
+def test_padding_never_makes_a_face_pass_the_size_rule(detector):
+    """The size rule counts real source pixels: a crop grown past the image edge does not pass on padding."""
+    tight = astronaut().crop((170, 40, 300, 200))  # 130 x 160: the face box nearly fills it
+    # Its crop region runs past the edges; the real part (130 x 160 px) meets min_face_px=128, and the
+    # crop records how much of it is black padding.
+    kept, _, _ = _detect(detector, {"tight": _jpeg(tight)})
+    assert kept.num_rows == 1 and 0.1 < kept.column("pad_fraction")[0].as_py() < 0.5
+    # The same photo at 112 x 138: the crop side (incl. padding) is still above 128, which used to pass;
+    # only 112 real pixels across do not.
+    small = tight.resize((112, 138))
+    kept, rejects, _ = _detect(detector, {"small": _jpeg(small)}, min_face_px=128)
+    assert kept.num_rows == 0 and rejects.column("reason").to_pylist() == ["too_small"]
+    detail = rejects.column("detail")[0].as_py()
+    side = float(detail.split("(side ")[1].split("px")[0])
+    assert side > 128 and "holds 112x" in detail, detail
+    # No photo below min_face_px on a side yields a kept face, however the detector boxes it.
+    for size in ((96, 118), (120, 148), (127, 156)):
+        kept, _, _ = _detect(detector, {"s": _jpeg(tight.resize(size))}, min_face_px=128)
+        assert kept.num_rows == 0, size
+    # A face well inside its photo has no padding.
+    kept, _, _ = _detect(detector, {"a": _jpeg(astronaut())})
+    assert kept.column("pad_fraction").to_pylist() == [0.0]
+
+
 def test_broken_images_are_rejected_not_raised(detector):
     jpeg = _jpeg(astronaut())
     kept, rejects, counters = _detect(detector, {"truncated": jpeg[: len(jpeg) // 2], "bomb": bomb_png(),

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from facecap.config import DetectSettings, ImageLimits
 from facecap.schema import FACE_SCHEMA, Reason, sample_id_for
-from facecap.stages.align import aligned_crop, crop_side
+from facecap.stages.align import aligned_crop, crop_side, real_extent
 from facecap.records import SOURCE_IMAGE, SOURCE_PROBLEM
 from facecap.stages.base import Chunk, Counters, Stage, StagePlan, rejected
 from facecap.stages.images import decode_rgb, encode_jpeg, letterbox
@@ -47,11 +47,15 @@ def _face_rows(image: dict, rgb: np.ndarray, detections: list, scale: np.ndarray
         points = _to_source(det.landmarks.reshape(-1).astype(np.float64), scale).reshape(5, 2)
         sample_id = sample_id_for(image["image_id"], index)
         side = crop_side(box, settings.crop_margin)
+        real_w, real_h = real_extent(box, settings.crop_margin, w, h)
         reason = None
         if det.score <= settings.min_score:
             reason, detail = Reason.LOW_SCORE, f"score {det.score:.4f} <= detect.min_score={settings.min_score}"
-        elif side < settings.min_face_px:
-            reason, detail = Reason.TOO_SMALL, f"crop side {side:.1f}px < detect.min_face_px={settings.min_face_px}"
+        elif min(real_w, real_h) < settings.min_face_px:
+            # Only real source pixels count: padding past the image edge never makes a face pass.
+            reason, detail = Reason.TOO_SMALL, (
+                f"crop region holds {real_w:.0f}x{real_h:.0f} source px (side {side:.1f}px incl. padding) "
+                f"< detect.min_face_px={settings.min_face_px}")
         if reason:
             rejects.append({**base_reject, "reason": reason, "detail": detail, "sample_id": sample_id,
                             "det_score": det.score, "bbox": box.tolist()})
@@ -62,7 +66,7 @@ def _face_rows(image: dict, rgb: np.ndarray, detections: list, scale: np.ndarray
             "image": encode_jpeg(crop.pixels, settings.jpeg_quality),
             "width": crop.side, "height": crop.side, "det_score": det.score,
             "bbox": box.tolist(), "landmarks": points.reshape(-1).tolist(), "crop_box": list(crop.crop_box),
-            "align_angle": crop.angle, "detector": detector_id, "det_min_score": settings.min_score,
+            "align_angle": crop.angle, "pad_fraction": crop.pad_fraction, "detector": detector_id, "det_min_score": settings.min_score,
             "min_face_px": settings.min_face_px, "crop_margin": settings.crop_margin,
         })
 
@@ -104,7 +108,7 @@ class Detect(Stage):
     """Image records in, aligned face crops out: the only stage that writes image bytes."""
 
     name = "detect"
-    version = "2"
+    version = "3"
     reads = ("image_id", "source", "source_offset", SOURCE_IMAGE, SOURCE_PROBLEM)
     batch_rows = 16  # decoded source images in flight: bounds memory on large photos
     keyed_sections = ("detect", "image")
