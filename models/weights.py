@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
 import tempfile
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +35,9 @@ class WeightsError(RuntimeError):
 class Weights:
     data: bytes
     origin: str  # where they came from, for provenance
+    path: Path | None = None  # the local file they were read from, if any
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
@@ -105,13 +107,17 @@ def _get(client: httpx.Client, url: str, allow: list[str]) -> Iterator[httpx.Res
     raise WeightsError(f"downloading {url}: cannot connect to {original.host} ({last_error})")
 
 
-def _save(resp: httpx.Response, url: str, dest: Path, max_bytes: int) -> None:
+Progress = Callable[[int, "int | None"], None]  # (bytes so far, total or None)
+
+
+def _save(resp: httpx.Response, url: str, dest: Path, max_bytes: int, progress: Progress | None = None) -> None:
     encoding = resp.headers.get("content-encoding", "identity").strip().lower()
     length = resp.headers.get("content-length")
     if encoding == "identity" and length and length.isdigit() and int(length) > max_bytes:
         raise WeightsError(f"downloading {url}: larger than {max_bytes} bytes (Content-Length {length})")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
+    total = int(length) if encoding == "identity" and length and length.isdigit() else None
     try:
         size = 0
         with os.fdopen(fd, "wb") as fh:
@@ -120,13 +126,19 @@ def _save(resp: httpx.Response, url: str, dest: Path, max_bytes: int) -> None:
                 if size > max_bytes:
                     raise WeightsError(f"downloading {url}: larger than {max_bytes} bytes")
                 fh.write(chunk)
+                if progress is not None:
+                    progress(size, total)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def download(url: str, dest: Path, *, allow: list[str], max_bytes: int, timeout: float = 60.0) -> None:
-    """Stream url to dest (atomically), checking every hop and the size as it goes."""
+def download(url: str, dest: Path, *, allow: list[str], max_bytes: int, timeout: float = 60.0,
+             progress: Progress | None = None) -> None:
+    """Stream url to dest (atomically), checking every hop and the size as it goes.
+
+    ``progress(bytes_so_far, total_or_None)`` is called after every chunk.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     current = url
     try:
@@ -139,7 +151,7 @@ def download(url: str, dest: Path, *, allow: list[str], max_bytes: int, timeout:
                     if resp.status_code != 200:
                         via = f" (redirected to {current})" if current != url else ""
                         raise WeightsError(f"downloading {url}: HTTP {resp.status_code}{via}")
-                    _save(resp, url, dest, max_bytes)
+                    _save(resp, url, dest, max_bytes, progress)
                     return
     except httpx.HTTPError as exc:
         raise WeightsError(f"downloading {url}: {type(exc).__name__}: {exc}") from exc
@@ -176,14 +188,14 @@ def resolve(
                 )
             download(ref, path, allow=allow_addresses, max_bytes=max_bytes)
             downloaded = path
-        weights = Weights(path.read_bytes(), ref)
+        weights = Weights(path.read_bytes(), ref, path)
     elif scheme and len(scheme) > 1:  # "c:" on Windows is a drive, not a scheme
         raise WeightsError(f"{what}: unsupported location {ref!r}; give a local path or an http(s) URL")
     else:
         path = Path(ref).expanduser()
         if not path.is_file():
             raise WeightsError(f"{what} not found at {path}")
-        weights = Weights(path.read_bytes(), str(path))
+        weights = Weights(path.read_bytes(), str(path), path)
     if sha256 and weights.sha256 != sha256.strip().lower():
         where = weights.origin
         if scheme in ("http", "https"):

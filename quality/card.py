@@ -26,6 +26,18 @@ FIELD_NOTES = {
 }
 
 
+def uncalibrated_warning(stages: dict | None) -> str | None:
+    """What to say when the annotate stage's probabilities are uncalibrated (its plan says so); else None."""
+    s = (stages or {}).get("annotate") or {}
+    if s.get("status") != "on" or s.get("calibration") != "uncalibrated":
+        return None
+    return (f"UNCALIBRATED attribute probabilities: the annotate model ({s.get('model') or s.get('backend')}) is a "
+            "zero-shot CLIP without a fitted calibration, so `attribute_probs` are CLIP's own two-way softmax "
+            "scores (near 0 or 1), not probabilities, and the keep threshold "
+            f"({s.get('keep_threshold', 'attributes.keep_threshold')}) keeps guesses. Fit a calibration with "
+            "`facecap calibrate-attributes` and re-curate, or use the farl backend.")
+
+
 def write_card(release_dir: str, info: dict[str, Any], report: dict[str, Any], columns: list[str]) -> None:
     splits = info.get("splits") or {}
     header = ["---", "pretty_name: FaceCap face image-caption release", "license: other",
@@ -47,6 +59,9 @@ def write_card(release_dir: str, info: dict[str, Any], report: dict[str, Any], c
         f"This release: {verdict}. Full figures: `report/index.html` (opens offline) and `report/report.json`.",
         "", "## Headline numbers", "",
     ]
+    warning = uncalibrated_warning(info.get("stages"))
+    if warning:
+        lines[-3:-3] = ["", f"> **Warning: {warning}**"]  # right under the verdict, before the numbers
     lines += [f"- {k}: {val}" for k, val in (report.get("headline") or {}).items()]
     lines += ["", "## Counts", "", "| split | face records |", "|---|---|"]
     lines += [f"| {k} | {n:,} |" for k, n in splits.items()]
@@ -60,6 +75,8 @@ def write_card(release_dir: str, info: dict[str, Any], report: dict[str, Any], c
     lines.append("")
     for name, s in (info.get("stages") or {}).items():
         what = s.get("model") or s.get("why") or ""
+        if s.get("calibration"):
+            what += f"; calibration: {'**uncalibrated**' if s['calibration'] == 'uncalibrated' else s['calibration']}"
         lines.append(f"- stage `{name}`: {s.get('status')}" + (f" ({what})" if what else ""))
     lines += ["", "Every rejected record is in `rejects/` with its stage and reason; `config.yaml` holds the "
               "settings that produced the release, `release.json` the versions and model identities.",

@@ -18,6 +18,7 @@ from typing import Any
 
 from facecap.attributes import ATTRIBUTES, CATEGORY_OF, PAPER_CATEGORY_SHARES
 from facecap.quality import svg
+from facecap.quality.card import uncalibrated_warning
 from facecap.quality.checks import caption_blank_sql, caption_words_sql
 from facecap.quality.release_db import ReleaseDB, data_files
 from facecap.quality.suites import NOT_APPLICABLE, CheckResult, sample_rows
@@ -345,8 +346,14 @@ def render_html(report: dict[str, Any]) -> str:
           ", ".join(f"{k} {n:,}" for k, n in (r.get("rejects") or {}).items()) or "none"]
          for r in info.get("funnel") or []]))
     stages = _in_pipeline_order(info.get("stages") or {})
-    parts.append(_table(["stage", "status", "model / why"],
-                        [[name, s.get("status"), s.get("model") or s.get("why") or ""] for name, s in stages.items()]))
+    warning = uncalibrated_warning(stages)
+    if warning:
+        parts.append(f'<div class="banner warn">{escape(warning)}</div>')
+    parts.append(_table(["stage", "status", "model / why", "calibration"],
+                        [[name, s.get("status"), s.get("model") or s.get("why") or "",
+                          "<b>uncalibrated</b>" if s.get("calibration") == "uncalibrated"
+                          else escape(str(s.get("calibration") or ""))]
+                         for name, s in stages.items()], raw={3}))
 
     parts.append("<h2>Quality suites</h2>" + _table(
         ["suite", "check", "status", "observed", "allowed", "what must hold / why not applicable"],
@@ -439,7 +446,8 @@ def render_html(report: dict[str, Any]) -> str:
 
     parts.append("<h2>What produced it</h2>" + _table(
         ["", ""], [["detector", info.get("detector")]] +
-        [[f"{name} model", s["model"]] for name, s in stages.items() if s.get("model")] +
+        [[f"{name} model", s["model"] + (f" (calibration: {s['calibration']})" if s.get("calibration") else "")]
+         for name, s in stages.items() if s.get("model")] +
         [["sources", ", ".join(info.get("sources") or [])]]))
     parts.append(_table(["package", "version"], [[k, val] for k, val in (info.get("versions") or {}).items()]))
     parts.append(f"<h3>config.yaml</h3><pre>{escape(report['config_yaml'])}</pre>")

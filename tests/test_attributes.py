@@ -259,7 +259,8 @@ def test_a_model_that_does_not_fit_the_backend_stops_the_plan(classifier_dir, cl
 
 def test_full_profile_without_hub_access_says_what_to_place_where(tmp_path):
     # Hub boundary: no model hub is reachable from here, so this exercises the real fetch failing.
-    cfg = Config(profile="full", models={"cache_dir": str(tmp_path)})
+    # (The full profile's default backend is farl, tested in test_annotate_farl.py; zero-shot is chosen here.)
+    cfg = Config(profile="full", attributes={"backend": "zero-shot"}, models={"cache_dir": str(tmp_path)})
     with pytest.raises(WeightsError) as err:
         Annotate.plan(cfg)
     message = str(err.value)
@@ -268,7 +269,8 @@ def test_full_profile_without_hub_access_says_what_to_place_where(tmp_path):
     with pytest.raises(ConfigError, match="attributes.model"):
         Annotate.plan(Config(profile="full", attributes={"backend": "classifier"}))
     with pytest.raises(WeightsError, match="not a directory"):
-        Annotate.plan(Config(profile="full", attributes={"model": str(tmp_path / "missing" / "model")}))
+        Annotate.plan(Config(profile="full", attributes={"backend": "zero-shot",
+                                                         "model": str(tmp_path / "missing" / "model")}))
 
 
 def test_calibrate_attributes_fits_and_writes_a_zero_shot_calibration(clip_dir, tmp_path, capsys):

@@ -56,10 +56,12 @@ def test_object_storage_output_is_refused_before_any_work(tmp_path):
 
 def test_full_profile_without_weights_says_what_to_place_where(tmp_path):
     (tmp_path / "img").mkdir()
+    # max_download_bytes=1: on a connected host the download is refused at its Content-Length, never fetched
     run = facecap("curate", str(tmp_path / "img"), "--out", str(tmp_path / "out"),
-                  env={"FACECAP_MODEL_CACHE": str(tmp_path / "cache")})
+                  "--set", "models.max_download_bytes=1", env={"FACECAP_MODEL_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 2
-    assert str(tmp_path / "cache" / "retinaface_resnet50.onnx") in run.stderr and "--profile offline" in run.stderr
+    assert str(tmp_path / "cache" / "retinaface_resnet50.pth") in run.stderr and "--profile offline" in run.stderr
+    assert "facecap models fetch --profile full" in run.stderr and "detection_Resnet50_Final.pth" in run.stderr
     assert "Traceback" not in run.stderr
 
 

@@ -423,5 +423,6 @@ def test_full_profile_without_resnet50_names_the_file(tmp_path):
         detector_weights(cfg)
     msg = str(err.value)
     assert str(tmp_path / RESNET50_CACHE_NAME) in msg
-    assert "--profile offline" in msg
+    assert "--profile offline" in msg and "facecap models fetch --profile full" in msg
+    assert "ONNX export" not in msg
     assert os.listdir(tmp_path) == []

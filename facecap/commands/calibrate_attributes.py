@@ -26,7 +26,8 @@ def register(subparsers, add_config_args) -> None:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", metavar="DATA", help="CelebA folder (official layout) or Parquet file/folder")
     p.add_argument("--model", metavar="DIR", help="the model directory (default: attributes.model)")
-    p.add_argument("--backend", choices=("zero-shot", "classifier"), help="attributes.backend (default zero-shot)")
+    p.add_argument("--backend", choices=("zero-shot", "classifier"), default="zero-shot",
+                   help="attributes.backend of the model to calibrate (default zero-shot)")
     p.add_argument("--limit", type=int, metavar="N", help="use at most N held-out and N test images")
     add_config_args(p)
     p.set_defaults(handler=run)

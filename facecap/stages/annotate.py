@@ -7,6 +7,11 @@ grammar uses: "no beard"). Kept attributes that contradict each other
 (facecap.attributes.CONTRADICTIONS) are resolved in favour of the more
 probable side, and the rule is recorded. A face with fewer than
 ``min_attributes`` kept labels is rejected as ``few_attributes``.
+
+With ``attributes.backend=farl`` the model does not see the margin crop: the
+stage reads the source image again with the face's 5 landmarks, and FaRL warps
+the face onto its own template (as facer does). A source that is gone or
+changed, or does not decode, is a reject with its reason, as in detect.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import pyarrow as pa
 
 from facecap.attributes import ATTRIBUTES, CONTRADICTIONS, INDEX
 from facecap.config import AttributeSettings, ImageLimits
+from facecap.records import SOURCE_IMAGE, SOURCE_PROBLEM
 from facecap.schema import ATTRIBUTE_FIELDS, Reason, keyed_schema
 from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, Stage, StagePlan, reject_row, rejected
 from facecap.stages.images import decode_rgb
@@ -63,7 +69,11 @@ def resolve_attributes(probs: np.ndarray, keep_threshold: float, absent_threshol
 
 def annotate_faces(batches: Iterable[pa.RecordBatch | pa.Table], model, settings: AttributeSettings,
                    limits: ImageLimits, counters: Counters) -> Iterator[Chunk]:
-    """Face records in, annotated face records and rejects out, ``settings.batch_size`` faces per model call."""
+    """Face records in, annotated face records and rejects out, ``settings.batch_size`` faces per model call.
+
+    Records hold either the face crop (``image``) or, for a model that aligns faces
+    itself (farl), the source image and ``landmarks``.
+    """
     for batch in batches:
         table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
         for start in range(0, table.num_rows, settings.batch_size):
@@ -74,24 +84,80 @@ def _reject(row: dict, reason: str, detail: str) -> dict:
     return reject_row("annotate", row, reason, detail)
 
 
-def _annotate_group(group: pa.Table, model, settings: AttributeSettings, limits: ImageLimits,
-                    counters: Counters) -> Chunk:
-    counters.rows_in += group.num_rows
-    meta = group.select(list(FACE_REJECT_COLUMNS)).to_pylist()
-    images, decoded_rows, rejects = [], [], []
+def _crops(group: pa.Table, meta: list[dict], limits: ImageLimits, rejects: list[dict]) -> tuple[list, list[int]]:
+    images, rows = [], []
     for i, data in enumerate(group.column("image").to_pylist()):
         rgb, p = decode_rgb(data, limits)
         if rgb is None:  # crops come from detect, so this means a damaged shard; record it, do not crash
             rejects.append(_reject(meta[i], p.reason, f"face crop: {p.detail}"))
         else:
             images.append(rgb)
-            decoded_rows.append(i)
-    keep_rows, columns = [], {f.name: [] for f in ATTRIBUTE_FIELDS}
-    if images:
+            rows.append(i)
+    return images, rows
+
+
+# Decoded source pixels held for one model call (about 200 MB of RGB); more go to the next call.
+SOURCE_PIXEL_BUDGET = 64_000_000
+
+
+def _source_faces(group: pa.Table, meta: list[dict], limits: ImageLimits,
+                  rejects: list[dict]) -> Iterator[tuple[list, list[int]]]:
+    """Chunks of (source RGB, 5 landmarks) per face, with their rows; faces of one image (adjacent rows)
+    share one decode, and a chunk holds at most SOURCE_PIXEL_BUDGET decoded pixels (or one image)."""
+    faces, rows, held = [], [], 0
+    last_id, last_rgb, last_problem = None, None, None
+    blobs, problems = group.column(SOURCE_IMAGE).to_pylist(), group.column(SOURCE_PROBLEM).to_pylist()
+    for i, (blob, problem, points) in enumerate(zip(blobs, problems, group.column("landmarks").to_pylist())):
+        if meta[i]["image_id"] != last_id:
+            last_id, last_rgb, last_problem = meta[i]["image_id"], None, None
+            if problem:
+                last_problem = (Reason.SOURCE_CHANGED, problem)
+            else:
+                last_rgb, p = decode_rgb(blob, limits)
+                if last_rgb is None:
+                    last_problem = (p.reason, f"source image: {p.detail}")
+                elif faces and held + p.width * p.height > SOURCE_PIXEL_BUDGET:
+                    yield faces, rows
+                    faces, rows, held = [], [], 0
+                if last_rgb is not None:
+                    held += p.width * p.height
+        if last_rgb is None:
+            rejects.append(_reject(meta[i], *last_problem))
+            continue
+        landmarks = np.asarray(points if points is not None else [], np.float64)
+        if landmarks.size != 10 or not np.isfinite(landmarks).all():
+            # detect always records 5 points, so this means a damaged shard; record it, do not crash
+            rejects.append(_reject(meta[i], Reason.DECODE_ERROR, f"landmarks unusable for alignment: {points}"))
+            continue
+        faces.append((last_rgb, landmarks.reshape(5, 2)))
+        rows.append(i)
+    if faces:
+        yield faces, rows
+
+
+def _annotate_group(group: pa.Table, model, settings: AttributeSettings, limits: ImageLimits,
+                    counters: Counters) -> Chunk:
+    counters.rows_in += group.num_rows
+    meta = group.select(list(FACE_REJECT_COLUMNS)).to_pylist()
+    rejects: list[dict] = []
+    if SOURCE_IMAGE in group.column_names:
+        chunks = _source_faces(group, meta, limits, rejects)
+    else:
+        chunks = [_crops(group, meta, limits, rejects)]
+    decoded_rows, parts = [], []
+    for images, rows in chunks:
+        if not images:
+            continue
         probs = np.asarray(model.predict(images), dtype=np.float32)
         if probs.shape != (len(images), len(ATTRIBUTES)):
             raise RuntimeError(f"attribute model {model.identity} returned shape {probs.shape}, "
                                f"expected ({len(images)}, {len(ATTRIBUTES)})")
+        del images  # decoded source images can be large: drop them before decoding the next chunk
+        decoded_rows += rows
+        parts.append(probs)
+    keep_rows, columns = [], {f.name: [] for f in ATTRIBUTE_FIELDS}
+    if parts:
+        probs = np.concatenate(parts)
         for row, p in zip(decoded_rows, probs):
             result = resolve_attributes(p, settings.keep_threshold, settings.absent_threshold)
             for rule in result.rules:
@@ -134,28 +200,39 @@ class Annotate(Stage):
     name = "annotate"
     version = "2"
     reads = FACE_REJECT_COLUMNS + ("image",)
+    # farl aligns faces itself: it reads the source image again (as detect does) and the landmarks.
+    farl_reads = FACE_REJECT_COLUMNS + (SOURCE_IMAGE, SOURCE_PROBLEM, "landmarks")
     keyed_sections = ("attributes", "image")
     # The model is in the key through its identity; device, threads, batch size and training do not change outputs.
     unkeyed = frozenset({"attributes.model", "attributes.device", "attributes.threads", "attributes.batch_size",
-                         "attributes.train"})
+                         "attributes.train", "attributes.weights_sha256"})
     priority = 2
     device_section = "attributes"
 
+    def __init__(self, cfg, plan: StagePlan | None = None, out: str | None = None):
+        super().__init__(cfg, plan, out)
+        if cfg.attributes.backend == "farl":
+            self.reads = self.farl_reads
+            self.batch_rows = 16  # decoded source images in flight, as in detect: bounds memory on large photos
+
     @classmethod
     def plan(cls, cfg, planned=None) -> StagePlan:
-        from facecap.models.attributes import attribute_identity, configured_model, is_local_model
+        from facecap.models.attributes import configured_model, has_local_model, plan_attribute_model
 
         ref = configured_model(cfg)
-        if cfg.profile == "offline" and not is_local_model(ref):
+        if cfg.profile == "offline" and not has_local_model(cfg):
             # The one switch that runs without attributes: offline, with no local model given.
+            farl = cfg.attributes.backend == "farl"
             return StagePlan(False, why=(
                 "offline profile: no local attribute model configured (attributes.model); set it to a model "
-                "directory (e.g. one written by `facecap train-attributes`) to annotate the 40 CelebA attributes"
-                + (f"; {ref!r} is not a local directory" if ref else "")))
+                "directory (e.g. one written by `facecap train-attributes`), or with attributes.backend=farl to "
+                "facer's face_attribute.farl.celeba.pt, to annotate the 40 CelebA attributes"
+                + (f"; {ref!r} is not a local {'file' if farl else 'directory'}" if ref else "")))
         # Resolving (and in the full profile fetching) the model here fails the run before any work.
         a = cfg.attributes
-        return StagePlan(True, attribute_identity(cfg), info={
-            "backend": a.backend, "model_ref": ref, "keep_threshold": a.keep_threshold,
+        identity, calibration = plan_attribute_model(cfg)
+        return StagePlan(True, identity, info={
+            "backend": a.backend, "model_ref": ref, "calibration": calibration, "keep_threshold": a.keep_threshold,
             "absent_threshold": a.absent_threshold, "min_attributes": a.min_attributes})
 
     def load(self) -> None:
