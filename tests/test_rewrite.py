@@ -225,7 +225,7 @@ def _annotated_shard(path) -> dict:
         rows.append({
             "sample_id": f"img{i}-00", "image_id": f"img{i}", "source": "/data/folder", "source_offset": f"{i}.jpg",
             "face_index": 0, "image": _jpeg(i), "width": 32, "height": 32, "det_score": 0.99,
-            "bbox": [0, 0, 32, 32], "landmarks": [1.0] * 10, "crop_box": [0, 0, 32, 32], "align_angle": 0.0,
+            "bbox": [0, 0, 32, 32], "landmarks": [1.0] * 10, "crop_box": [0, 0, 32, 32], "align_angle": 0.0, "pad_fraction": 0.0,
             "detector": "test", "det_min_score": 0.98, "min_face_px": 16, "crop_margin": 0.2,
             "source_caption": f"alt text {i}", "source_meta": "{}", "source_width": 32, "source_height": 32,
             "source_format": "JPEG", "attribute_probs": [0.5] * 40, "attributes": kept,
