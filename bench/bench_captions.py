@@ -10,6 +10,11 @@
    an empty cache, so every request goes over HTTP. A rerun from the cache is timed too.
 
     python bench/bench_captions.py [--captions 50000] [--requests 1280] [--concurrency 64] [--latency 0.2]
+    python bench/bench_captions.py --smoke     # CI size: 3,000 captions, 192 requests; a few seconds
+
+It prints the figures, then them as JSON on the last line. It exits 1 when a
+rewrite request failed or a caption came out empty (a broken code path),
+never for a missed target.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import time
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
+SMOKE = {"captions": 3000, "requests": 192, "concurrency": 64, "latency": 0.2}
 
 from facecap.attributes import ATTRIBUTES  # noqa: E402
 from facecap.config import LLMSettings  # noqa: E402
@@ -42,11 +48,15 @@ def bench_grammar(n: int) -> dict:
     for i in range(2000):  # warm-up
         grammar.caption(*sets[i % 1000], seed=i)
     started, cpu = time.perf_counter(), time.process_time()
-    words = 0
+    words = empty = 0
     for i in range(n):
         kept, absent = sets[i % 1000]
-        words += len(grammar.caption(kept, absent, caption_seed(f"{i:012d}-00", grammar.version)).text.split())
+        caption_words = len(grammar.caption(kept, absent, caption_seed(f"{i:012d}-00", grammar.version)).text.split())
+        words += caption_words
+        empty += caption_words == 0
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    if empty:
+        raise SystemExit(f"bench: {empty} of {n} grammar captions were empty")
     return {"captions": n, "seconds": round(wall, 3), "captions_per_s": round(n / wall),
             "captions_per_cpu_s": round(n / cpu), "mean_words": round(words / n, 1),
             # Per core = per CPU-second of this one-threaded process; on a busy machine
@@ -70,7 +80,9 @@ def bench_rewrite(n: int, concurrency: int, latency: float) -> dict:
             results = client.chat_many(conversations[concurrency:])
             wall, cpu = time.perf_counter() - started, time.process_time() - cpu
             sent = n - concurrency
-            assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
+            failed = [r.error for r in results if not r.ok]
+            if failed:
+                raise SystemExit(f"bench: {len(failed)} of {sent} rewrite requests failed, e.g. {failed[:3]}")
             achieved, ideal = sent / wall, concurrency / latency
             rerun = LLMClient(settings, Path(tmp) / "cache")
             rerun_started = time.perf_counter()
@@ -86,14 +98,20 @@ def bench_rewrite(n: int, concurrency: int, latency: float) -> dict:
             "cached_rerun_seconds": round(rerun_seconds, 3), "cached_rerun_requests": rerun.stats.requests}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", type=int, default=50_000)
     parser.add_argument("--requests", type=int, default=1280, help="rewrite requests (the first `concurrency` warm up)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.2, help="endpoint latency in seconds")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"CI size: {SMOKE['captions']:,} captions, {SMOKE['requests']} rewrite requests")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
+    if args.requests <= args.concurrency:
+        parser.error("--requests must exceed --concurrency (the first `concurrency` requests are a warm-up)")
     load = os.getloadavg()[0]
     if load > 0.5 * (os.cpu_count() or 1):
         print(f"warning: load average {load:.1f} before the run; figures will be low", file=sys.stderr)
@@ -107,9 +125,12 @@ def main() -> None:
           f"(target 0.9); {r['max_in_flight']} in flight, client CPU {r['client_cpu_ms_per_request']} ms/request; "
           f"cached rerun "
           f"{r['cached_rerun_seconds']} s with {r['cached_rerun_requests']} requests")
+    figures = {"pcfg": g, "rewrite": r, "load_before": load}
     if args.json:
-        Path(args.json).write_text(json.dumps({"pcfg": g, "rewrite": r, "load_before": load}, indent=2))
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    print(json.dumps(figures), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,9 +10,7 @@ flows/executor.py; stages run through one generic task (tasks/stages.py).
 
 from __future__ import annotations
 
-import importlib
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,9 +131,6 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
         # Share the machine's cores between local workers instead of oversubscribing them.
         cfg.detect.threads = max(1, (os.cpu_count() or 1) // local_workers(cfg))
 
-    if cfg.quality.enabled:
-        # Great Expectations takes seconds to import: do it while the shards are worked on.
-        threading.Thread(target=importlib.import_module, args=("great_expectations",), daemon=True).start()
     plan = plan_run(cfg)  # fails here, before any work, if a model a stage needs is missing
     chain = plan.chain
     specs, notes = plan_shards(sources, cfg.ingest)
