@@ -149,12 +149,17 @@ def test_every_url_ends_in_the_shard_or_in_rejects_with_its_status(tmp_path, ser
     # Retries on transient failures only: everything else was asked exactly once.
     asked = {p: server.count(p) - before[p] for p in paths}
     details = {paths[int(r["source_offset"])]: r["detail"] for r in rejects.to_pylist()}
+    # On a loaded machine an attempt can time out before the server reads it (so the server sees
+    # fewer requests than the client made), or reach the server after the client gave up. What must
+    # hold: the client made every attempt and never more (the flaky image needs its retry to pass).
     for p in paths:
-        if p.startswith("/slow/"):  # a timed-out request may reach the busy server after the client gave up
-            assert asked[p] <= TRANSIENT[p] and details[p].endswith(f"({TRANSIENT[p]} attempts)")
+        if p in TRANSIENT:
+            assert asked[p] <= TRANSIENT[p], (p, asked[p])
         else:
-            assert asked[p] == TRANSIENT.get(p, 1), p
-    assert details["/status/503"].endswith("(3 attempts)") and "attempts" not in details["/status/404"]
+            assert asked[p] == 1, p
+    for p in ("/status/503", "/slow/3/gen3.png"):
+        assert details[p].endswith(f"({TRANSIENT[p]} attempts)"), details[p]
+    assert "attempts" not in details["/status/404"]
     # The blocked targets were refused after resolution, before any connection.
     assert connections and set(connections) == {"127.0.0.1"}
 
