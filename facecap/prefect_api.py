@@ -10,7 +10,12 @@ inherits it. If PREFECT_API_URL is set, that server is used as it is.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -40,13 +45,10 @@ def prefect_api(log: Callable[[str], None] = print, startup_timeout: int = 90,
             meanwhile()
         yield url
         return
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     log("starting an embedded Prefect server for this run (set PREFECT_API_URL to use your own)")
-    server = SubprocessASGIServer(port=SubprocessASGIServer().find_available_port())
+    server = EmbeddedServer()
     previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = planned = server.api_url  # inherited by local Dask worker processes
+    os.environ["PREFECT_API_URL"] = server.api_url  # inherited by local Dask worker processes
     failure: list[BaseException] = []
 
     def start() -> None:
@@ -65,9 +67,8 @@ def prefect_api(log: Callable[[str], None] = print, startup_timeout: int = 90,
             booting.join()
         if failure:
             raise failure[0]
-        if server.api_url != planned:
-            raise RuntimeError(f"the embedded Prefect server could not use port {planned} (taken meanwhile) and "
-                               f"moved to {server.api_url}; workers were told the first one. Rerun the command.")
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:
@@ -77,6 +78,76 @@ def prefect_api(log: Callable[[str], None] = print, startup_timeout: int = 90,
         else:
             os.environ["PREFECT_API_URL"] = previous
         server.stop()
+
+
+class EmbeddedServer:
+    """Prefect's API server (no UI) in a child process, on a free port of 127.0.0.1.
+
+    Prefect's own `SubprocessASGIServer` does the same, but importing it imports the
+    whole server package into the parent (about 3 s of CPU here, paid again by the
+    child); this launcher needs only `prefect.settings`.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        # Its messages go to a file, not a pipe: a pipe nobody reads would block a chatty server.
+        self.errors = tempfile.TemporaryFile()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _launch(self) -> subprocess.Popen:
+        from prefect.settings import get_current_settings
+
+        env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+               "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        env.pop("PREFECT_API_URL", None)  # the server must not try to be a client of itself
+        return subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.errors)
+
+    def start(self, timeout: float) -> None:
+        import httpx
+
+        self.process = self._launch()
+        deadline = time.monotonic() + timeout
+        with httpx.Client() as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    self.errors.seek(0)
+                    stderr = self.errors.read().decode(errors="replace")
+                    raise RuntimeError(f"the embedded Prefect server exited with code {self.process.returncode} "
+                                       f"before answering on port {self.port}:\n{stderr[-2000:]}")
+                try:
+                    if client.get(f"{self.api_url}/health", timeout=2).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the embedded Prefect server did not answer within {timeout:.0f} s on port {self.port}; "
+                           "set PREFECT_API_URL to a running server instead")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+        self.errors.close()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _drain_to_api(timeout: float = 10.0) -> None:
