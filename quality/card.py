@@ -10,7 +10,7 @@ from facecap import storage
 FIELD_NOTES = {
     "sample_id": "unique face id: image_id + face index",
     "image_id": "stable id of the source image (hash of source + offset); the train/test split follows it",
-    "image": "aligned face crop, JPEG bytes, at source resolution",
+    "image": "aligned face crop, JPEG, at source resolution; a datasets Image ({bytes, path}, path empty)",
     "width": "crop width, px", "height": "crop height, px",
     "det_score": "RetinaFace confidence",
     "bbox": "face box x1, y1, x2, y2 in source pixels",
@@ -18,7 +18,10 @@ FIELD_NOTES = {
     "crop_box": "square region cut from the source", "align_angle": "rotation that levelled the eyes, degrees",
     "detector": "detector identity (name + weights hash)",
     "source": "source container (folder, tar, Parquet file)", "source_offset": "place in the source",
-    "source_caption": "the source's original caption (alt-text), verbatim",
+    "source_caption": "the source's original caption (alt-text), without control characters (tab, newline, CR kept)",
+    "source_caption_encoding": "encoding a non-UTF-8 caption was decoded from (null: UTF-8); encoding the caption "
+                               "with it gives the original bytes",
+    "source_caption_chars_removed": "control characters removed from the caption (null: no caption)",
     "attribute_probs": "40 CelebA attribute probabilities, CelebA order",
     "attributes": "kept attributes (probability above the keep threshold, after contradiction rules)",
     "caption": "the caption to train on", "raw_caption": "the grammar's text before any rewrite",
