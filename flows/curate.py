@@ -18,7 +18,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from facecap import manifest, release, storage
+from facecap import manifest, release, runlock, storage
 from facecap.chain import plan_run
 from facecap.config import Config
 from facecap.flows.executor import ShardExecutor, local_workers, task_runner_for  # noqa: F401 (re-exported)
@@ -28,11 +28,12 @@ from facecap.records import ShardInput
 from facecap.runner import ShardStats
 from facecap.stages.ingest import plan_shards
 from facecap.tasks.stages import stage_task
+from facecap.tasks.validate import preload as preload_validation
 from facecap.tasks.validate import validate_task
 
 
 class CurateFailed(RuntimeError):
-    """Some shards failed; finished shards are kept and a rerun resumes."""
+    """An expected failure, told in one line: shards failed (a rerun resumes), or OUT is in use by another run."""
 
 
 def _duration(seconds: float) -> str:
@@ -122,11 +123,21 @@ class _ManifestRecorder:
 @flow(name="curate", flow_run_name="curate {out}", log_prints=True)
 def curate(sources: list[str], out: str, config: dict | None = None, allow_failures: bool = False) -> dict:
     """Turn image sources into a face release in OUT/release (see `facecap curate --help`)."""
-    logger = get_run_logger()
     cfg = Config.model_validate(config or {})
     out = storage.absolute(out)
     release.check_output(out)
     run_id = str(flow_run.id or f"local-{int(time.time())}")
+    # Two runs on one OUT would both do all the work and race to promote the release.
+    try:
+        lock = runlock.acquire(out, run_id, cfg.execution.lock_wait_s, get_run_logger())
+    except runlock.OutputLocked as exc:
+        raise CurateFailed(str(exc)) from None
+    with lock:
+        return _curate(sources, out, cfg, run_id, allow_failures)
+
+
+def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failures: bool) -> dict:
+    logger = get_run_logger()
     if cfg.detect.threads is None and not cfg.execution.dask_address:
         # Share the machine's cores between local workers instead of oversubscribing them.
         cfg.detect.threads = max(1, (os.cpu_count() or 1) // local_workers(cfg))
@@ -168,6 +179,7 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
 
     for index in range(len(specs)):
         submit(0, index)
+    preloaded = not cfg.quality.enabled
     for (k, index), stats, error in executor.finished():
         if error is not None:
             stats = ShardStats.failure(chain[k].name, shards[index], error)
@@ -181,6 +193,11 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
         shards[index] = shards[index].then(stats.ref)
         if k + 1 < len(chain):
             submit(k + 1, index)
+        if not preloaded and not stats.cached:
+            # Work is being done, so a release will be validated: load the suites while workers
+            # compute. A fully cached rerun skips this: its unchanged release is not validated again.
+            preloaded = True
+            preload_validation()
 
     recorder.flush()
     failed = sum(p.failed for p in progress.values())
