@@ -128,6 +128,51 @@ def command_modules() -> list:
     return [importlib.import_module(f"facecap.commands.{name}") for name in names]
 
 
+# Commands that run Prefect flows in this process (the others need not pay for importing Prefect).
+FLOW_COMMANDS = frozenset({"curate", "train", "train-attributes", "serve"})
+# Failures main() reports in one line (module, class): imported lazily, so looked up by name.
+EXPECTED_FAILURES = (("facecap.config", "ConfigError"), ("facecap.models.weights", "WeightsError"),
+                     ("facecap.flows.curate", "CurateFailed"), ("facecap.quality.validate", "ReleaseBlocked"))
+
+
+def is_expected_failure(exc: BaseException | None) -> bool:
+    # A class whose module was never imported cannot have been raised.
+    kinds = tuple(getattr(sys.modules[module], name) for module, name in EXPECTED_FAILURES if module in sys.modules)
+    return exc is not None and isinstance(exc, kinds)
+
+
+class ExpectedFailureFilter:
+    """Keeps the flow engine's records of an expected failure off the console.
+
+    The engine logs "Encountered exception during execution" with the traceback, then "Finished in state
+    Failed(...)" repeating the message; on the console they would bury the one line main() prints. Only console
+    handlers get this filter, so the API handler still sends both to the flow run's logs.
+    """
+
+    def filter(self, record) -> bool:
+        if record.exc_info:
+            return not is_expected_failure(record.exc_info[1])
+        if record.name.startswith("prefect.flow_runs") and isinstance(record.msg, str):
+            failed = "Finished in state Failed('Flow run encountered an exception: "
+            return not any(record.msg.startswith(f"{failed}{name}: ") for _, name in EXPECTED_FAILURES)
+        return True
+
+
+def quiet_expected_failures_on_console() -> None:
+    """Add ExpectedFailureFilter to every Prefect console handler (after Prefect's own logging set-up)."""
+    import logging
+
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for handler in {h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)}:
+        if not any(isinstance(f, ExpectedFailureFilter) for f in handler.filters):
+            handler.addFilter(ExpectedFailureFilter())
+
+
 def _curate(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     for flag, key in (("dask_address", "execution.dask_address"), ("workers", "execution.n_workers"),
@@ -200,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in FLOW_COMMANDS:
+            quiet_expected_failures_on_console()
         if args.command == "curate":
             return _curate(args)
         if args.command == "example-data":

@@ -164,6 +164,10 @@ def build_checks(cfg: Config) -> list[Check]:
               "coalesce(1 - count(DISTINCT hash(caption)) / nullif(count(*), 0), 0)", ("caption",),
               max_value=q.max_duplicate_caption_rate),
         # --- the release as a whole ----------------------------------------
+        # No columns: it applies to every release, an empty one above all.
+        Check("min_face_records", "release",
+              f"the release holds at least quality.min_records ({q.min_records}) face records",
+              "count(*)", (), min_value=q.min_records, max_value=None),
         Check("rows_match_funnel", "release",
               "release rows == rows_out of the manifest funnel's last stage (observed: the difference)", None, ()),
     ]

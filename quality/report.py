@@ -22,6 +22,7 @@ from facecap.quality.card import uncalibrated_warning
 from facecap.quality.checks import caption_blank_sql, caption_words_sql
 from facecap.quality.release_db import ReleaseDB, data_files
 from facecap.quality.suites import NOT_APPLICABLE, CheckResult, sample_rows
+from facecap.schema import image_bytes
 
 PAPER_MEAN_CROP_PX = 285  # FaceCaption-15M: mean face region 285 x 285
 PAPER_MEAN_CAPTION_WORDS = 30
@@ -271,7 +272,7 @@ def gallery(db: ReleaseDB) -> list[dict]:
     out = []
     for rec in sample_rows(data_files(db.path), n, wanted):
         rec["caption"] = rec.pop(column, None) if column else None
-        rec["thumbnail"] = _thumbnail(rec.pop("image") or b"", db.cfg.image)
+        rec["thumbnail"] = _thumbnail(image_bytes(rec.pop("image")) or b"", db.cfg.image)
         out.append(rec)
     return out
 
@@ -318,6 +319,13 @@ def _in_pipeline_order(stages: dict) -> dict:
     return dict(sorted(stages.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
+def _allowed(check: dict) -> str:
+    low, high = check["min_value"], check["max_value"]
+    if high is None:
+        return f">= {low}"
+    return f"{low} .. {high}" if low is not None else f"<= {high}"
+
+
 def _status(result: dict) -> str:
     cls = {"passed": "passed", "failed": "failed"}.get(result["status"], "na")
     return f'<span class="{cls}">{escape(result["status"])}</span>'
@@ -358,7 +366,7 @@ def render_html(report: dict[str, Any]) -> str:
     parts.append("<h2>Quality suites</h2>" + _table(
         ["suite", "check", "status", "observed", "allowed", "what must hold / why not applicable"],
         [[c["suite"], c["name"], _status(c), "" if c["observed"] is None else c["observed"],
-          f"{c['min_value']} .. {c['max_value']}" if c["status"] != NOT_APPLICABLE else "",
+          _allowed(c) if c["status"] != NOT_APPLICABLE else "",
           (c["why"] if c["why"] else c["description"])
           + (f"; e.g. sample_id {', '.join(c['examples'])}" if c.get("examples") else "")]
          for c in v["checks"]], raw={2}))

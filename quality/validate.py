@@ -73,6 +73,9 @@ def validate_release(release_dir: str, overrides: list[str] | None = None, allow
         return verdict
     finally:
         db.close()
+        # A raised exception's traceback (kept by Prefect's result store until exit) would hold this
+        # frame, and DuckDB reports every object alive at exit as leaked.
+        del db
 
 
 def read_verdict(release_dir: str) -> dict | None:
@@ -85,7 +88,21 @@ class ReleaseBlocked(RuntimeError):
     """A release failed its quality checks and was not published (exit status 1)."""
 
 
+def failed_summary(verdict: dict) -> str:
+    """The failed checks with what they require and what was observed, so the console names the setting."""
+    by_name = {c["name"]: c for c in verdict.get("checks", [])}
+    parts = []
+    for name in verdict["failed"]:
+        c = by_name.get(name)
+        if c is None:
+            parts.append(name)
+            continue
+        seen = c["why"] if c.get("why") else f"observed {c['observed']}"
+        parts.append(f"{name} ({c['description']}; {seen})")
+    return "; ".join(parts)
+
+
 def blocked_message(verdict: dict, release_dir: str) -> str:
-    return (f"quality checks failed: {', '.join(verdict['failed'])}. The release is NOT published; it stays in "
+    return (f"quality checks failed: {failed_summary(verdict)}. The release is NOT published; it stays in "
             f"{release_dir} and {os.path.join(release_dir, 'report', 'index.html')} says why. Fix the data or "
             "settings and rerun, or pass --allow-failures to publish it anyway (recorded in release.json).")

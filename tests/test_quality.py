@@ -11,7 +11,7 @@ import pytest
 from quality_helpers import DEFECTS, write_synthetic_release
 
 from facecap.cli import main as facecap_main
-from facecap.quality.validate import ReleaseBlocked, validate_release
+from facecap.quality.validate import ReleaseBlocked, blocked_message, validate_release
 
 
 def _quiet(_line: str) -> None:
@@ -138,6 +138,11 @@ def test_an_empty_release_is_not_failed_for_missing_columns(tmp_path):
     # Every record rejected: nothing to check per row, but the funnel must still agree and the report render.
     staged = write_synthetic_release(tmp_path, n_images=0)
     verdict = validate_release(str(staged), log=_quiet)
+    checks = _by_name(verdict)
+    # Only the floor on face records fails it (quality.min_records, default 1); with no floor it passes.
+    assert verdict["failed"] == ["min_face_records"] and checks["min_face_records"]["observed"] == 0
+    assert "quality.min_records" in blocked_message(verdict, str(staged))
+    verdict = validate_release(str(staged), overrides=["quality.min_records=0"], log=_quiet)
     checks = _by_name(verdict)
     assert verdict["passed"] and checks["rows_match_funnel"]["status"] == "passed"
     assert checks["sample_id_unique"]["status"] == "not applicable"

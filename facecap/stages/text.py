@@ -1,13 +1,18 @@
-"""The text stage (FLIP-80M path): keep faces whose alt-text describes a face, with cleaned text.
+"""The text stage (flip80m and both paths): judge whether each face's alt-text describes a face, and clean it.
 
 Per face record, from its `source_caption` (the alt-text):
-1. the deterministic pre-cleaner (facecap.text.clean); empty -> rejected `no_caption`
+1. the deterministic pre-cleaner (facecap.text.clean); empty -> verdict `no_caption`
 2. the face-caption classifier's score (facecap.text.text_filter); not above
-   `text.threshold` -> rejected `not_face_caption`
-3. optionally the LLM denoise (facecap.text.denoise) on the kept captions
+   `text.threshold` -> verdict `not_face_caption`
+3. optionally the LLM denoise (facecap.text.denoise) on the face captions
 4. face keywords found in the final text (facecap.text.keywords) -> `keywords`
 The cleaned text is `text_caption`; with text.caption_path = flip80m it is
-also the record's `caption`. Counts of characters in and removed go to the
+also the record's `caption`. On flip80m the alt-text is the caption, so a
+face without a face caption is rejected with its verdict as the reason. On
+both the caption comes from attributes, and the alt-text must not cost a
+face that facecaption would keep: such a face is kept with `text_verdict`
+saying why and its text columns null, unless text.reject_non_face_alt_text
+asks for flip80m's rejection. Counts of characters in and removed go to the
 shard's stats (extra: alt_text_chars, text_chars_removed), so a run reports
 the share of characters removed. Plain generator: no Prefect, no Dask.
 """
@@ -21,15 +26,25 @@ from typing import Callable, Iterator
 import pyarrow as pa
 
 from facecap.config import ConfigError, TextSettings
-from facecap.schema import TEXT_CAPTION_FIELD, TEXT_FIELDS, Reason, keyed_schema
+from facecap.schema import TEXT_CAPTION_FIELD, TEXT_FIELDS, TEXT_FIELDS_NULL_WHEN_NOT_FACE, Reason, keyed_schema
 from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, Stage, StagePlan, reject_row, rejected
 from facecap.text.clean import clean_text
 from facecap.text.keywords import KeywordMatcher
 
 
+FACE_CAPTION = "face_caption"  # text_verdict of an alt-text about a face
+
+
+def rejects_non_face(settings: TextSettings) -> bool:
+    """Whether a face whose alt-text is not about a face is rejected (else kept without text)."""
+    return settings.caption_path == "flip80m" or settings.reject_non_face_alt_text
+
+
 def text_schema(settings: TextSettings) -> pa.Schema:
     """What the text stage writes: sample_id, its columns, and on the FLIP-80M path the caption."""
     fields = list(TEXT_FIELDS)
+    if not rejects_non_face(settings):
+        fields = [f.with_nullable(True) if f.name in TEXT_FIELDS_NULL_WHEN_NOT_FACE else f for f in fields]
     if settings.caption_path == "flip80m":
         fields.append(TEXT_CAPTION_FIELD)
     return keyed_schema(fields)
@@ -54,35 +69,49 @@ def filter_captions(batches: Iterator[pa.RecordBatch], tools: TextTools, setting
         cleaned = [clean_text(r.get("source_caption")) for r in rows]
         texts = sorted({c.text for c in cleaned if c.text})  # faces of one image share a caption: score it once
         scores = dict(zip(texts, tools.classifier.score(texts).tolist())) if texts else {}
-        kept, kept_clean, rejects = [], [], []
+        reject = rejects_non_face(settings)
+        faces, faces_clean, others, rejects = [], [], [], []
         for row, c in zip(rows, cleaned):
             if not c.text:
-                rejects.append(_reject(row, Reason.NO_CAPTION, "no alt-text left after cleaning"
-                                       if row.get("source_caption") else "the source has no caption"))
-                continue
-            score = float(scores[c.text])
-            if not score > settings.threshold:
-                rejects.append(_reject(row, Reason.NOT_FACE_CAPTION,
-                                       f"text score {score:.3f} <= text.threshold={settings.threshold}: {c.text[:200]}"))
-                continue
-            row["text_score"] = score
-            kept.append(row)
-            kept_clean.append(c)
-        denoised = tools.denoise([c.text for c in kept_clean]) if tools.denoise and kept else None
-        for i, (row, c) in enumerate(zip(kept, kept_clean)):
+                verdict, detail = Reason.NO_CAPTION, ("no alt-text left after cleaning"
+                                                      if row.get("source_caption") else "the source has no caption")
+            else:
+                row["text_score"] = score = float(scores[c.text])
+                if score > settings.threshold:
+                    faces.append(row)
+                    faces_clean.append(c)
+                    continue
+                verdict = Reason.NOT_FACE_CAPTION
+                detail = f"text score {score:.3f} <= text.threshold={settings.threshold}: {c.text[:200]}"
+            if reject:
+                rejects.append(_reject(row, verdict, detail))
+            else:
+                row["text_verdict"] = verdict
+                others.append(row)
+        denoised = tools.denoise([c.text for c in faces_clean]) if tools.denoise and faces else None
+        for i, (row, c) in enumerate(zip(faces, faces_clean)):
             text, method = (denoised[i].text, denoised[i].method) if denoised else (c.text, "rules")
             alt_chars = len(row.get("source_caption") or "")
             row.update({"text_caption": text, "keywords": tools.matcher.find(text),  # of the text released
-                        "text_filter": tools.classifier.identity,
-                        "text_threshold": settings.threshold, "text_denoise": method, "text_cleaner": tools.cleaner,
-                        "alt_text_chars": alt_chars, "text_chars_removed": max(0, alt_chars - len(text))})
-            row["url"], row["nsfw"] = _url_and_nsfw(row.get("source_meta"))
+                        "text_denoise": method, "text_verdict": FACE_CAPTION,
+                        "text_chars_removed": max(0, alt_chars - len(text))})
             if settings.caption_path == "flip80m":
                 row["caption"] = text
             counters.extra["alt_text_chars"] += alt_chars
             counters.extra["text_chars_removed"] += row["text_chars_removed"]
             counters.extra["llm_denoised"] += method == "llm"
             counters.extra["with_keywords"] += bool(row["keywords"])
+        for row in others:
+            row.update({"text_caption": None, "keywords": None, "text_denoise": None, "text_chars_removed": None})
+            row.setdefault("text_score", None)
+            counters.extra[f"kept_{row['text_verdict']}"] += 1
+        # Later stages join earlier outputs by walking them in step (records.read_view): keep input order.
+        position = {id(row): i for i, row in enumerate(rows)}
+        kept = sorted(faces + others, key=lambda row: position[id(row)])
+        for row in kept:
+            row.update({"text_filter": tools.classifier.identity, "text_threshold": settings.threshold,
+                        "text_cleaner": tools.cleaner, "alt_text_chars": len(row.get("source_caption") or "")})
+            row["url"], row["nsfw"] = _url_and_nsfw(row.get("source_meta"))
         yield counters.count(Chunk(kept=pa.Table.from_pylist(kept, schema=schema) if kept else None,
                                    rejected=rejected(rejects)))
 
@@ -105,10 +134,10 @@ def _reject(row: dict, reason: str, detail: str) -> dict:
 
 
 class Text(Stage):
-    """FLIP-80M path: keep faces whose alt-text describes a face, with the text cleaned."""
+    """Judge each face's alt-text (is it about a face?) and clean it; flip80m keeps only face captions."""
 
     name = "text"
-    version = "2"
+    version = "3"
     reads = FACE_REJECT_COLUMNS + ("source_caption", "source_meta")
     batch_rows = 256
     keyed_sections = ("text", "llm")
@@ -141,7 +170,8 @@ class Text(Stage):
         matcher = KeywordMatcher.from_file(t.keywords_file)
         cleaner = CLEANER_VERSION
         info = {"caption_path": t.caption_path, "filter": describe(t), "threshold": t.threshold,
-                "keywords": len(matcher.keywords), "denoise": "rules (pre-cleaner only)"}
+                "keywords": len(matcher.keywords), "denoise": "rules (pre-cleaner only)",
+                "non_face_alt_text": "rejected" if rejects_non_face(t) else "kept, text_verdict says why"}
         if t.denoise:
             if not cfg.llm.endpoint:
                 raise ConfigError("text.denoise is on but llm.endpoint is not set: set llm.endpoint to an "
