@@ -67,6 +67,54 @@ def is_test(image_ids: list[str], test_fraction: float) -> list[bool]:
     return [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big") < cutoff for i in image_ids]
 
 
+# Arrow names these "float"/"double"; datasets' Value dtypes are "float32"/"float64".
+_HF_DTYPES = {pa.float16(): "float16", pa.float32(): "float32", pa.float64(): "float64"}
+_HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def _hf_feature(name: str, arrow_type: pa.DataType) -> dict[str, Any] | None:
+    """The column's Hugging Face `datasets` feature in Features.to_dict form; None leaves it to datasets."""
+    if name == "image" and arrow_type == _HF_IMAGE:
+        return {"_type": "Image"}
+    if pa.types.is_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
+        item = _hf_feature("", arrow_type.value_type)
+        if item is None:
+            return None
+        if pa.types.is_fixed_size_list(arrow_type):
+            return {"feature": item, "length": arrow_type.list_size, "_type": "List"}
+        return {"feature": item, "_type": "List"}
+    if any(is_kind(arrow_type) for is_kind in (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean,
+                                                pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                                pa.types.is_large_binary)):
+        return {"dtype": _HF_DTYPES.get(arrow_type, str(arrow_type)), "_type": "Value"}
+    return None
+
+
+def with_hf_features(schema: pa.Schema) -> pa.Schema:
+    """`schema` carrying the `huggingface` metadata that `datasets` itself writes ({"info": {"features": ...}}).
+
+    load_dataset("parquet") takes a column's feature from it only where the feature's Arrow field equals
+    the file's (type and nullability); elsewhere it infers one from the Arrow type, so this never
+    overrides what is stored.
+    """
+    features = {f.name: feature for f in schema if (feature := _hf_feature(f.name, f.type)) is not None}
+    metadata = dict(schema.metadata or {})
+    metadata[b"huggingface"] = json.dumps({"info": {"features": features}}).encode()
+    return schema.with_metadata(metadata)
+
+
+def _image_as_struct(table: pa.Table) -> pa.Table:
+    """The crop column as datasets stores an Image: a nullable {bytes, path} struct, path null (the bytes are
+    the image). load_dataset applies the metadata's Image() only to a column of exactly that field."""
+    if "image" not in table.schema.names or table.schema.field("image").type != pa.binary():
+        return table
+    column = table.column("image")
+    structs = pa.chunked_array([pa.StructArray.from_arrays([chunk, pa.nulls(len(chunk), pa.string())],
+                                                           fields=list(_HF_IMAGE)) for chunk in column.chunks],
+                               type=_HF_IMAGE)
+    return table.set_column(table.schema.get_field_index("image"), pa.field("image", _HF_IMAGE), structs)
+
+
 class _SplitWriter:
     """Appends record batches to data/<split>-NNNNN.parquet files, one file per split per input shard."""
 
@@ -80,6 +128,7 @@ class _SplitWriter:
         rows = {split: 0 for split in SPLITS}
         try:
             for table in tables:
+                table = _image_as_struct(table)
                 mask = pa.array(is_test(table.column("image_id").to_pylist(), test_fraction))
                 for split, part in (("test", table.filter(mask)), ("train", table.filter(pc.invert(mask)))):
                     if not part.num_rows:
@@ -89,7 +138,8 @@ class _SplitWriter:
                         final = os.path.join(self.root, name)
                         os.makedirs(os.path.dirname(final), exist_ok=True)
                         tmp = f"{final}.tmp"
-                        writers[split] = (pq.ParquetWriter(tmp, table.schema, compression="zstd"), tmp, name)
+                        writers[split] = (pq.ParquetWriter(tmp, with_hf_features(table.schema), compression="zstd"),
+                                           tmp, name)
                         self.counts[split] += 1
                     writers[split][0].write_table(part, row_group_size=256)
                     rows[split] += part.num_rows

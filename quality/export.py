@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from facecap import storage
 from facecap.config import ConfigError
+from facecap.schema import image_bytes
 
 CAPTION_COLUMNS = ("caption", "source_caption")  # the first one present is key.txt
 
@@ -74,7 +75,7 @@ def export_webdataset(release_dir: str, out: str, samples_per_shard: int = 10_00
             key = str(rec["sample_id"]).replace(".", "_")  # WebDataset splits keys at the first dot
             caption = (rec.get(caption_col) or "") if caption_col else ""
             empty += not caption.strip()
-            image = rec.pop("image")
+            image = image_bytes(rec.pop("image"))
             meta = {k: v for k, v in rec.items()}
             _member(tar, f"{key}.jpg", image)
             _member(tar, f"{key}.txt", caption.encode())

@@ -79,23 +79,37 @@ def open_release(release_dir: str, overrides: list[str] | None = None, threads: 
     # The thresholds the stages used: the release's own config, then any --set.
     cfg = load_config(config_path if os.path.isfile(config_path) else None, overrides)
 
-    con = duckdb.connect()
     # Under 4 GB for the whole process at 15M rows: DuckDB spills its hash tables (distinct ids) to a
     # temporary folder of its own, removed on close, instead of the current directory.
     spill = tempfile.mkdtemp(prefix="facecap-validate-")
-    con.execute(f"SET memory_limit = '{memory_limit}'")
-    con.execute(f"SET temp_directory = '{spill}'")
-    con.execute("SET preserve_insertion_order = false")  # aggregates only: lets DuckDB stream
-    if threads:
-        con.execute(f"SET threads = {int(threads)}")
-    files = data_files(release_dir)
-    if files:
-        con.execute(f"CREATE VIEW faces AS SELECT * FROM read_parquet({_sql_list(files)}, union_by_name = true)")
-    else:
-        con.execute("CREATE VIEW faces AS SELECT NULL::VARCHAR AS sample_id WHERE false")
-    reject_files = sorted(glob.glob(os.path.join(release_dir, "rejects", "*.parquet")))
-    if reject_files:
-        con.execute(f"CREATE VIEW rejects AS SELECT * FROM read_parquet({_sql_list(reject_files)}, "
-                    "union_by_name = true)")
-    columns = [row[0] for row in con.execute("DESCRIBE faces").fetchall()]
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+        con.execute(f"SET temp_directory = '{spill}'")
+        con.execute("SET preserve_insertion_order = false")  # aggregates only: lets DuckDB stream
+        if threads:
+            con.execute(f"SET threads = {int(threads)}")
+        files = data_files(release_dir)
+        if files:
+            source = f"read_parquet({_sql_list(files)}, union_by_name = true)"
+            con.execute(f"CREATE VIEW faces AS SELECT * FROM {source}")
+            types = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE faces)").fetchall())
+            if types.get("image", "").startswith("STRUCT"):
+                # The checks hash and measure the JPEG, not the {bytes, path} struct datasets reads.
+                con.execute(f"CREATE OR REPLACE VIEW faces AS SELECT * REPLACE (image.bytes AS image) FROM {source}")
+        else:
+            con.execute("CREATE VIEW faces AS SELECT NULL::VARCHAR AS sample_id WHERE false")
+        reject_files = sorted(glob.glob(os.path.join(release_dir, "rejects", "*.parquet")))
+        if reject_files:
+            con.execute(f"CREATE VIEW rejects AS SELECT * FROM read_parquet({_sql_list(reject_files)}, "
+                        "union_by_name = true)")
+        columns = [row[0] for row in con.execute("DESCRIBE faces").fetchall()]
+    except BaseException as exc:
+        # Nobody else holds the connection yet: left open it would outlive the error (in its traceback,
+        # until interpreter exit) together with the spill folder.
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+        if isinstance(exc, duckdb.Error):
+            raise ConfigError(f"{release_dir}: its Parquet files cannot be read: {exc}") from exc
+        raise
     return ReleaseDB(release_dir, con, info, cfg, columns, bool(reject_files), bool(files), spill)

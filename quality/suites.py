@@ -112,13 +112,14 @@ def sample_rows(files: list[str], sample: int, columns: list[str]) -> list[dict]
 def decode_failures(db: ReleaseDB, sample: int) -> tuple[int, int]:
     """(undecodable, decoded) over a deterministic sample of image bytes."""
     from facecap.quality.release_db import data_files
+    from facecap.schema import image_bytes
     from facecap.stages.images import decode_rgb
 
     if sample <= 0 or "image" not in db.columns:
         return 0, 0
     rows = sample_rows(data_files(db.path), sample, ["image"])
     # The same bounded decode the stages use: header limits first, then pixels.
-    bad = sum(decode_rgb(r["image"] or b"", db.cfg.image)[0] is None for r in rows)
+    bad = sum(decode_rgb(image_bytes(r["image"]) or b"", db.cfg.image)[0] is None for r in rows)
     return bad, len(rows)
 
 

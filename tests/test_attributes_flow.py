@@ -60,7 +60,7 @@ def test_curate_annotates_faces_and_applies_min_attributes(prefect_api_url, exam
 
     from PIL import Image
 
-    images = [Image.open(BytesIO(b)) for b in data.column("image").to_pylist()]
+    images = [Image.open(BytesIO(v["bytes"])) for v in data.column("image").to_pylist()]
     probs = np.asarray(data.column("attribute_probs").to_pylist(), np.float32)
     np.testing.assert_allclose(probs, model.predict(images), rtol=1e-4, atol=1e-5)
     for row, p in zip(data.select(["attributes", "absent_attributes", "attribute_rules"]).to_pylist(), probs):

@@ -128,4 +128,4 @@ def test_killed_run_resumes_to_the_same_release(prefect_api_url, many_images, tm
     # Every image is accounted for: kept (one or more faces) or rejected.
     accounted = set(a.column("image_id").to_pylist()) | set(a_rejects.column("image_id").to_pylist())
     assert len(accounted) == 40
-    assert Image.open(io.BytesIO(a.column("image")[0].as_py())).format == "JPEG"
+    assert Image.open(io.BytesIO(a.column("image")[0].as_py()["bytes"])).format == "JPEG"

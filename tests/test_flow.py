@@ -165,6 +165,13 @@ def test_detect_outputs_are_keyed_by_model_and_settings(curated):
         assert table.num_rows == s["rows_written"] == s["rows_out"]
 
 
+def _manifest_rows(out, sql: str, params: list | None = None) -> list[tuple]:
+    # Not in the test's own frame: the flow's exception, which Prefect's result store keeps until exit,
+    # holds that frame through its traceback, and nanobind reports a DuckDB connection still alive at exit.
+    with duckdb.connect(str(out / "manifest.duckdb"), read_only=True) as con:
+        return con.execute(sql, params or []).fetchall()
+
+
 def test_failed_shards_fail_the_run_without_a_release_and_a_rerun_finishes_it(prefect_api_url, example_dir,
                                                                                tmp_path):
     from facecap.flows.curate import CurateFailed
@@ -176,10 +183,8 @@ def test_failed_shards_fail_the_run_without_a_release_and_a_rerun_finishes_it(pr
     with pytest.raises(CurateFailed, match="rerun the same command"):
         run_curate([example_dir / "folder"], out, cfg)
     assert not (out / "release").exists(), "a run with failed shards must not publish"
-    con = duckdb.connect(str(out / "manifest.duckdb"), read_only=True)
-    status = con.execute("SELECT status FROM runs").fetchone()[0]
-    failed = con.execute("SELECT stage, error FROM stage_runs WHERE status = 'failed'").fetchall()
-    con.close()
+    status = _manifest_rows(out, "SELECT status FROM runs")[0][0]
+    failed = _manifest_rows(out, "SELECT stage, error FROM stage_runs WHERE status = 'failed'")
     assert status == "failed" and failed and {stage for stage, _ in failed} == {"detect"}
     assert all(error for _, error in failed)
 

@@ -11,6 +11,13 @@ from helpers import offline_config, run_curate
 from facecap.quality.validate import ReleaseBlocked, validate_release
 
 
+def _manifest_rows(out, sql: str, params: list | None = None) -> list[tuple]:
+    # Not in the test's own frame: the flow's exception, which Prefect's result store keeps until exit,
+    # holds that frame through its traceback, and nanobind reports a DuckDB connection still alive at exit.
+    with duckdb.connect(str(out / "manifest.duckdb"), read_only=True) as con:
+        return con.execute(sql, params or []).fetchall()
+
+
 def test_a_failing_release_stays_in_staging_and_allow_failures_publishes_it(prefect_api_url, example_dir, tmp_path):
     from prefect.client.orchestration import get_client
 
@@ -28,9 +35,7 @@ def test_a_failing_release_stays_in_staging_and_allow_failures_publishes_it(pref
     assert "NOT PUBLISHED" in report and "duplicate_image_rate" in report
     info = json.loads((staged / "release.json").read_text())
     assert info["published"] is False and info["validation"]["failed"] == ["duplicate_image_rate"]
-    con = duckdb.connect(str(out / "manifest.duckdb"), read_only=True)
-    status, message = con.execute("SELECT status, message FROM runs WHERE run_id = ?", [staged.name]).fetchone()
-    con.close()
+    ((status, message),) = _manifest_rows(out, "SELECT status, message FROM runs WHERE run_id = ?", [staged.name])
     assert status == "blocked" and "duplicate_image_rate" in message
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(staged.name)

@@ -47,6 +47,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from facecap.attributes import ATTRIBUTES
 from facecap.config import ConfigError, ImageLimits
+from facecap.schema import image_bytes
 from facecap.stages.images import probe
 
 TEXT_COLUMNS = ("caption", "source_caption")
@@ -202,7 +203,7 @@ class ReleaseSplit:
         table = pq.ParquetFile(piece.path).read_row_group(piece.row_group, columns=cols)
         table = table.take(pa.array(rows, type=pa.int64()))
         out = []
-        images = table.column("image").to_pylist()
+        images = [image_bytes(v) for v in table.column("image").to_pylist()]
         texts = table.column(self.text_column).to_pylist()
         ids = table.column("sample_id").to_pylist()
         attrs = table.column(attr_col).to_pylist() if attr_col else [None] * len(ids)
