@@ -72,7 +72,7 @@ def prefect_api(log: Callable[[str], None] = print, startup_timeout: int = 90,
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:
-        _drain_to_api()
+        drain_to_api()
         if previous is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:
@@ -150,7 +150,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _drain_to_api(timeout: float = 10.0) -> None:
+def drain_to_api(timeout: float = 10.0) -> None:
     """Send buffered logs and events before the embedded server goes away.
 
     Otherwise Prefect's background workers retry against a stopped server at

@@ -73,10 +73,26 @@ def started_task_runner(cfg: Config) -> Iterator[Callable[[], DaskTaskRunner]]:
         return
     from distributed import Client, LocalCluster
 
-    with LocalCluster(**_local_cluster_kwargs(cfg)) as cluster:
-        with Client(cluster) as client:
-            client.run(_import_stage_code)  # in every worker now, not in each one's first task
-        yield lambda: DaskTaskRunner(address=cluster.scheduler_address)
+    with LocalCluster(**_local_cluster_kwargs(cfg)) as cluster, Client(cluster) as client:
+        client.run(_import_stage_code)  # in every worker now, not in each one's first task
+        try:
+            yield lambda: DaskTaskRunner(address=cluster.scheduler_address)
+        finally:
+            # Workers hold Prefect's log and event senders; flushed now, they exit when asked
+            # instead of being killed after the nanny's 4 s grace.
+            client.run(_flush_prefect, on_error="ignore")
+
+
+def _flush_prefect() -> None:
+    import threading
+
+    from facecap.prefect_api import drain_to_api
+
+    # client.run calls this on the worker's event loop, where Prefect's drain would only
+    # return a coroutine; a thread of its own makes it block until sent.
+    flushing = threading.Thread(target=drain_to_api, kwargs={"timeout": 5.0})
+    flushing.start()
+    flushing.join()
 
 
 def _import_stage_code() -> None:

@@ -18,3 +18,14 @@ def validate_task(release_dir: str, overrides: list[str] | None = None, allow_fa
     """
     logger = get_run_logger()
     return validate_release(release_dir, overrides, allow_failures, log=logger.info)
+
+
+def preload() -> None:
+    """Import the suites' heaviest library now (Great Expectations: seconds of imports).
+
+    The flow calls this in its own thread while workers compute shards, so the
+    import overlaps with their work instead of delaying the release after them.
+    Not in a background thread: importing alongside the flow's own imports
+    deadlocked once.
+    """
+    import great_expectations  # noqa: F401
