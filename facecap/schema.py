@@ -136,6 +136,9 @@ class Reason:
     UNREADABLE_SOURCE = "unreadable_source"  # a whole file could not be opened or parsed
     MISSING_COLUMNS = "missing_columns"
     UNREADABLE_MEMBER = "unreadable_member"  # a tar member or row that could not be read
+    UNSAFE_MEMBER = "unsafe_member"  # a tar link, device or FIFO, or a name that is absolute, has '..', is too long
+    DUPLICATE_MEMBER = "duplicate_member"  # a second image (or sidecar) for a tar key already read
+    WRONG_COLUMN_TYPE = "wrong_column_type"  # a Parquet image or caption column of a type that cannot hold one
     MISSING_FILE = "missing_file"
     URL_NOT_DOWNLOADED = "url_not_downloaded"
     EMPTY_FILE = "empty_file"
