@@ -221,6 +221,12 @@ def _curate(args: argparse.Namespace) -> int:
         if chars:  # the FLIP-80M text path: how much of the alt-text cleaning removed (paper: 9.5 %)
             print(f"  {'':<8} cleaning removed {row['extra'].get('text_chars_removed', 0) / chars:.1%} of "
                   f"{chars:,} alt-text characters")
+        extra = row.get("extra", {})
+        not_face = extra.get("kept_not_face_caption", 0) + extra.get("kept_no_caption", 0)
+        if not_face:  # the both path keeps these faces, with text_verdict saying why their alt-text is not used
+            print(f"  {'':<8} kept {not_face:,} face(s) whose alt-text is not about a face "
+                  f"(not_face_caption {extra.get('kept_not_face_caption', 0):,}, "
+                  f"no_caption {extra.get('kept_no_caption', 0):,}; see text_verdict)")
     print(f"\nRelease: {result['records']:,} face records, {result['rejects']:,} rejects in {result['release']}")
     checks = result.get("validation")
     if checks:

@@ -205,40 +205,18 @@ def prefect_server(port: int = 4200, log=print, startup_timeout: float = 180) ->
     The port is `port` if free, else any free one.
     """
     import os
-    import socket
-    import subprocess
-    import sys
-    import time
 
-    import httpx
+    from facecap.prefect_api import PrefectServer
 
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": url}
-    env.pop("PREFECT_API_URL", None)
-    log(f"starting a Prefect server (UI and API) on http://127.0.0.1:{port} (set PREFECT_API_URL to use your own)")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port), "--analytics-off"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
+    server = PrefectServer(port, full=True)
+    url = server.api_url
+    log(f"starting a Prefect server (UI and API) on http://127.0.0.1:{server.port} "
+        "(set PREFECT_API_URL to use your own)")
     try:
-        deadline = time.time() + startup_timeout
-        while True:
-            if server.poll() is not None:
-                raise ConfigError(f"prefect server start exited ({server.returncode}): "
-                                  f"{server.stderr.read().decode(errors='replace')[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise ConfigError(f"the Prefect server did not answer on {url} within {startup_timeout:.0f} s")
-            time.sleep(0.5)
+        try:
+            server.start(timeout=startup_timeout)
+        except RuntimeError as exc:
+            raise ConfigError(str(exc)) from None
         previous = os.environ.get("PREFECT_API_URL")
         os.environ["PREFECT_API_URL"] = url  # flow-run subprocesses and Dask workers inherit it
         from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -252,11 +230,7 @@ def prefect_server(port: int = 4200, log=print, startup_timeout: float = 180) ->
             else:
                 os.environ["PREFECT_API_URL"] = previous
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop(timeout=30)
 
 
 def prefect_yaml(specs: list[DeploymentSpec], work_pool: str, project_dir: str = "/app") -> str:

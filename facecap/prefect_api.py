@@ -46,7 +46,7 @@ def prefect_api(log: Callable[[str], None] = print, startup_timeout: int = 90,
         yield url
         return
     log("starting an embedded Prefect server for this run (set PREFECT_API_URL to use your own)")
-    server = EmbeddedServer()
+    server = PrefectServer()
     previous = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = server.api_url  # inherited by local Dask worker processes
     failure: list[BaseException] = []
@@ -80,16 +80,19 @@ def prefect_api(log: Callable[[str], None] = print, startup_timeout: int = 90,
         server.stop()
 
 
-class EmbeddedServer:
-    """Prefect's API server (no UI) in a child process, on a free port of 127.0.0.1.
+class PrefectServer:
+    """A Prefect server in a child process on 127.0.0.1: `start` returns once its API answers.
 
-    Prefect's own `SubprocessASGIServer` does the same, but importing it imports the
-    whole server package into the parent (about 3 s of CPU here, paid again by the
-    child); this launcher needs only `prefect.settings`.
+    Two kinds. The embedded one (default) is the API alone, run by uvicorn: Prefect's own
+    `SubprocessASGIServer` does the same, but importing it imports the whole server package
+    into the parent (about 3 s of CPU here, paid again by the child); this needs only
+    `prefect.settings`. `full=True` is `prefect server start`: UI, scheduler and event
+    triggers, for `facecap serve`, whose cron schedules need the scheduler.
     """
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, port: int | None = None, full: bool = False) -> None:
+        self.port = port if port is not None and port_is_free(port) else free_port()
+        self.full = full
         self.process: subprocess.Popen | None = None
         # Its messages go to a file, not a pipe: a pipe nobody reads would block a chatty server.
         self.errors = tempfile.TemporaryFile()
@@ -99,15 +102,20 @@ class EmbeddedServer:
         return f"http://127.0.0.1:{self.port}/api"
 
     def _launch(self) -> subprocess.Popen:
-        from prefect.settings import get_current_settings
+        if self.full:
+            env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": self.api_url}
+            command = ["-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
+                       "--analytics-off"]
+        else:
+            from prefect.settings import get_current_settings
 
-        env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
-               "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+            env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+                   "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+            command = ["-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                       "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
         env.pop("PREFECT_API_URL", None)  # the server must not try to be a client of itself
-        return subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.errors)
+        return subprocess.Popen([sys.executable, *command], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=self.errors)
 
     def start(self, timeout: float) -> None:
         import httpx
@@ -119,7 +127,7 @@ class EmbeddedServer:
                 if self.process.poll() is not None:
                     self.errors.seek(0)
                     stderr = self.errors.read().decode(errors="replace")
-                    raise RuntimeError(f"the embedded Prefect server exited with code {self.process.returncode} "
+                    raise RuntimeError(f"the Prefect server exited with code {self.process.returncode} "
                                        f"before answering on port {self.port}:\n{stderr[-2000:]}")
                 try:
                     if client.get(f"{self.api_url}/health", timeout=2).status_code == 200:
@@ -128,20 +136,29 @@ class EmbeddedServer:
                     pass
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"the embedded Prefect server did not answer within {timeout:.0f} s on port {self.port}; "
+        raise RuntimeError(f"the Prefect server did not answer within {timeout:.0f} s on port {self.port}; "
                            "set PREFECT_API_URL to a running server instead")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         if self.process is None:
             return
         self.process.terminate()
         try:
-            self.process.wait(timeout=5)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
         self.process = None
         self.errors.close()
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def free_port() -> int:

@@ -7,6 +7,7 @@ resumable: a stage's stats file is written last and marks the stage done.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -36,6 +37,22 @@ def absolute(url: str) -> str:
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.exists(path)
+
+
+# The output's file system refusing a write for a reason the user must fix (space, quota,
+# permissions, a read-only mount): a failure to report, not a bug to trace.
+_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+_DUCKDB_REFUSED = ("No space left on device", "Permission denied", "Read-only file system", "Disk quota exceeded")
+
+
+def write_refused(exc: BaseException) -> str | None:
+    """'<cause>: <path>' when `exc` is a file system refusing a write (full, quota, permissions); else None."""
+    if isinstance(exc, OSError) and exc.errno in _REFUSED:
+        return f"{exc.strerror or os.strerror(exc.errno)}: {exc.filename or 'path not reported'}"
+    # DuckDB raises its own IOException, with the OS message and the path in its text.
+    if type(exc).__name__ == "IOException" and any(m in str(exc) for m in _DUCKDB_REFUSED):
+        return str(exc).replace("IO Error: ", "")
+    return None
 
 
 def makedirs(url: str) -> None:

@@ -129,11 +129,18 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
     run_id = str(flow_run.id or f"local-{int(time.time())}")
     # Two runs on one OUT would both do all the work and race to promote the release.
     try:
-        lock = runlock.acquire(out, run_id, cfg.execution.lock_wait_s, get_run_logger())
+        with runlock.acquire(out, run_id, cfg.execution.lock_wait_s, get_run_logger()):
+            return _curate(sources, out, cfg, run_id, allow_failures)
     except runlock.OutputLocked as exc:
         raise CurateFailed(str(exc)) from None
-    with lock:
-        return _curate(sources, out, cfg, run_id, allow_failures)
+    except Exception as exc:
+        refused = storage.write_refused(exc)
+        if refused is None:
+            raise
+        # A release is assembled in staging and promoted by one rename, so nothing partial was published.
+        raise CurateFailed(f"cannot write the run's output: {refused}. Nothing was published (a release already "
+                           f"in {storage.join(out, 'release')} stands). Free space or fix permissions, then rerun "
+                           "the same command: finished shards are kept.") from exc
 
 
 def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failures: bool) -> dict:
@@ -180,12 +187,14 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
     for index in range(len(specs)):
         submit(0, index)
     preloaded = not cfg.quality.enabled
+    first_error = None
     for (k, index), stats, error in executor.finished():
         if error is not None:
             stats = ShardStats.failure(chain[k].name, shards[index], error)
         recorder.add(stats)
         progress[chain[k].name].update(stats)
         if stats.error:
+            first_error = first_error or f"{chain[k].name} {shards[index].label}: {stats.error}"
             for later in chain[k + 1:]:
                 progress[later.name].total -= 1  # this shard never reaches them
             continue
@@ -202,7 +211,8 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
     recorder.flush()
     failed = sum(p.failed for p in progress.values())
     if failed:
-        message = f"{failed} shard(s) failed; finished shards are kept, rerun the same command to resume"
+        message = (f"{failed} shard(s) failed (first: {first_error}); finished shards are kept, rerun the same "
+                   "command to resume")
         manifest.finish_run(manifest_path, run_id, "failed", message)
         raise CurateFailed(message)
 

@@ -31,3 +31,23 @@ def run_curate(sources: list, out: Path, cfg: Config) -> dict:
 
     return curate.with_options(task_runner=task_runner_for(cfg))(
         sources=[str(s) for s in sources], out=str(out), config=cfg.model_dump(mode="json"))
+
+
+def ingest_sources(sources: list, image: dict | None = None, **ingest):
+    """Plan and ingest `sources` in this process (offline config): specs, planning notes, the kept rows
+    and the reject rows as tables (None when empty), and the counters."""
+    from facecap.stages.base import Counters
+    from facecap.stages.ingest import ingest_shard, plan_shards
+
+    cfg = offline_config(ingest=ingest, image=image or {})
+    specs, notes = plan_shards([str(s) for s in sources], cfg.ingest)
+    counters = Counters()
+    kept, rejected = [], []
+    for spec in specs:
+        for chunk in ingest_shard(spec, cfg.ingest, cfg.image, counters):
+            if chunk.kept is not None:
+                kept.append(chunk.kept)
+            if chunk.rejected is not None:
+                rejected.append(chunk.rejected)
+    return (specs, notes, pa.concat_tables(kept) if kept else None, pa.concat_tables(rejected) if rejected else None,
+            counters)

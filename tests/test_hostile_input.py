@@ -12,13 +12,11 @@ import tracemalloc
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from helpers import offline_config
+from helpers import ingest_sources, offline_config
 
 from facecap.example_data import astronaut, write_folder
 from facecap.records import OutputRef, ShardInput, record_columns
-from facecap.stages.base import Counters
-from facecap.stages.ingest import (MAX_MEMBER_NAME, MAX_TEXT_BYTES, Ingest, fingerprint_bytes, ingest_shard,
-                                   plan_shards, read_source)
+from facecap.stages.ingest import MAX_MEMBER_NAME, MAX_TEXT_BYTES, Ingest, fingerprint_bytes, plan_shards, read_source
 
 
 def _png(side: int = 64) -> bytes:
@@ -28,19 +26,8 @@ def _png(side: int = 64) -> bytes:
 
 
 def _ingest(sources, image=None, **ingest):
-    cfg = offline_config(ingest=ingest, image=image or {})
-    specs, notes = plan_shards([str(s) for s in sources], cfg.ingest)
-    counters = Counters()
-    kept, rejected = [], []
-    for spec in specs:
-        for chunk in ingest_shard(spec, cfg.ingest, cfg.image, counters):
-            if chunk.kept is not None:
-                kept.append(chunk.kept)
-            if chunk.rejected is not None:
-                rejected.append(chunk.rejected)
-    k = pa.concat_tables(kept).to_pylist() if kept else []
-    r = pa.concat_tables(rejected).to_pylist() if rejected else []
-    return specs, notes, k, r, counters
+    specs, notes, kept, rejects, counters = ingest_sources(sources, image, **ingest)
+    return specs, notes, kept.to_pylist() if kept else [], rejects.to_pylist() if rejects else [], counters
 
 
 def _add(tar: tarfile.TarFile, name: str, payload: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> None:

@@ -9,7 +9,7 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import offline_config
+from helpers import ingest_sources, offline_config
 
 from facecap.example_data import astronaut, bomb_png, write_folder, write_webdataset
 from facecap.stages.base import Counters
@@ -23,19 +23,8 @@ def _png() -> bytes:
 
 
 def _ingest(sources, **ingest) -> tuple[list[ShardSpec], pa.Table, pa.Table, Counters]:
-    cfg = offline_config(ingest=ingest)
-    specs, _ = plan_shards([str(s) for s in sources], cfg.ingest)
-    counters = Counters()
-    kept, rejected = [], []
-    for spec in specs:
-        for chunk in ingest_shard(spec, cfg.ingest, cfg.image, counters):
-            if chunk.kept is not None:
-                kept.append(chunk.kept)
-            if chunk.rejected is not None:
-                rejected.append(chunk.rejected)
-    k = pa.concat_tables(kept) if kept else None
-    r = pa.concat_tables(rejected) if rejected else None
-    return specs, k, r, counters
+    specs, _, kept, rejects, counters = ingest_sources(sources, **ingest)
+    return specs, kept, rejects, counters
 
 
 def _reasons(rejects: pa.Table) -> dict:

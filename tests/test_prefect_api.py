@@ -7,11 +7,11 @@ import socket
 import httpx
 import pytest
 
-from facecap.prefect_api import EmbeddedServer
+from facecap.prefect_api import PrefectServer
 
 
 def test_embedded_server_answers_and_stops():
-    server = EmbeddedServer()
+    server = PrefectServer()
     server.start(timeout=120)
     try:
         assert httpx.get(f"{server.api_url}/health", timeout=10).json() is True
@@ -25,7 +25,7 @@ def test_a_server_that_cannot_bind_reports_its_own_error():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        server = EmbeddedServer()
+        server = PrefectServer()
         server.port = taken.getsockname()[1]
         with pytest.raises(RuntimeError, match=r"(?s)exited with code .*(address already in use|bind)"):
             server.start(timeout=120)
