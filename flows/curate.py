@@ -33,7 +33,8 @@ from facecap.tasks.validate import validate_task
 
 
 class CurateFailed(RuntimeError):
-    """An expected failure, told in one line: shards failed (a rerun resumes), or OUT is in use by another run."""
+    """An expected failure, told in one line: shards failed (a rerun resumes), OUT is in use by another run, or
+    OUT's file system refused a write (full, read-only, no permission)."""
 
 
 def _duration(seconds: float) -> str:

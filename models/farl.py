@@ -57,7 +57,7 @@ from torch import nn
 
 from facecap.attributes import ATTRIBUTES
 
-from .retinaface_net import CheckpointError
+from .retinaface_net import CheckpointError, check_state_dict
 from .weights import WeightsError
 
 FARL_CELEBA_URL = "https://github.com/FacePerceiver/facer/releases/download/models-v1/face_attribute.farl.celeba.pt"
@@ -218,34 +218,6 @@ def _init_weights(module: nn.Module) -> None:
 
 # --- checkpoints -------------------------------------------------------------------------------
 
-_MAX_LISTED_KEYS = 12
-
-
-def _listing(keys: list[str]) -> str:
-    more = len(keys) - _MAX_LISTED_KEYS
-    return ", ".join(keys[:_MAX_LISTED_KEYS]) + (f", ... ({more} more)" if more > 0 else "")
-
-
-def check_farl_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, what: str) -> None:
-    """Raise CheckpointError naming missing, unexpected and mis-shaped keys, if there are any."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if not (missing or unexpected or misshaped):
-        return
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys: {_listing(unexpected)}")
-    if misshaped:
-        problems.append(f"{len(misshaped)} shape mismatches: {_listing(misshaped)}")
-    raise CheckpointError(f"{what} does not fit facer's FaRL CelebA-40 attribute layout "
-                          f"(backbone.* ViT-B/16 + head.*): " + "; ".join(problems))
-
-
 def _is_torchscript_archive(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
@@ -299,7 +271,7 @@ def load_farl_checkpoint(path: str | os.PathLike) -> FarlAttributeNet:
     """
     state = read_farl_state_dict(path)
     model = FarlAttributeNet(device="meta")  # no random init of 86M parameters that are overwritten next
-    check_farl_state_dict(state, model, str(path))
+    check_state_dict(state, model, str(path), "facer's FaRL CelebA-40 attribute layout (backbone.* ViT-B/16 + head.*)")
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

@@ -271,8 +271,12 @@ def _listing(keys: list[str]) -> str:
     return shown + (f", ... ({more} more)" if more > 0 else "")
 
 
-def check_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, what: str) -> None:
-    """Raise CheckpointError naming missing, unexpected and mis-shaped keys, if there are any."""
+def check_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, what: str,
+                     layout: str = "the biubug6 RetinaFace layout") -> None:
+    """Raise CheckpointError naming missing, unexpected and mis-shaped keys, if there are any.
+
+    `layout` names the published layout `model` follows, for the message.
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -287,7 +291,7 @@ def check_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, what: 
         problems.append(f"unexpected {len(unexpected)} keys: {_listing(unexpected)}")
     if misshaped:
         problems.append(f"{len(misshaped)} shape mismatches: {_listing(misshaped)}")
-    raise CheckpointError(f"{what} does not fit the biubug6 RetinaFace layout: " + "; ".join(problems))
+    raise CheckpointError(f"{what} does not fit {layout}: " + "; ".join(problems))
 
 
 def load_checkpoint(path: str | os.PathLike, backbone: str) -> RetinaFace:

@@ -61,6 +61,12 @@ def rejected(rows: list[dict]) -> pa.Table | None:
     return reject_rows(rows) if rows else None
 
 
+# How the LLM endpoint is reached, not what it answers: stages that call it leave these out of their key
+# (the model identity, temperature and prompts stay in), so moving the server re-runs nothing.
+LLM_TRANSPORT = frozenset({"llm.endpoint", "llm.api_key_env", "llm.concurrency", "llm.timeout_s", "llm.retries",
+                           "llm.backoff_s", "llm.max_backoff_s", "llm.cache_dir"})
+
+
 @dataclass(frozen=True)
 class StagePlan:
     """What the driver decided for one stage before any work."""

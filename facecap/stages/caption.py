@@ -30,7 +30,8 @@ import pyarrow as pa
 from facecap.attributes import ATTRIBUTES
 from facecap.config import CaptionSettings, ConfigError, LLMSettings
 from facecap.schema import CAPTION_FIELDS, Reason, keyed_schema
-from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, Stage, StagePlan, reject_row, rejected
+from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, Stage, StagePlan, reject_row,
+                                 rejected)
 from facecap.text.faithfulness import (CheckResult, Lexicon, check_caption, grammar_lexicon_mismatches,
                                        load_lexicon, shared_similarity)
 from facecap.text.grammar import CaptionGrammar, caption_seed, load_grammar
@@ -223,9 +224,7 @@ class Caption(Stage):
     keyed_sections = ("caption", "llm")
     # File contents (grammar, lexicon, prompt) are in the model identity, so their paths are not;
     # the LLM's transport settings and batch size change no text.
-    unkeyed = frozenset({"caption.grammar", "caption.lexicon", "caption.prompt", "caption.batch_size",
-                         "llm.endpoint", "llm.api_key_env", "llm.concurrency", "llm.timeout_s", "llm.retries",
-                         "llm.backoff_s", "llm.max_backoff_s", "llm.cache_dir"})
+    unkeyed = frozenset({"caption.grammar", "caption.lexicon", "caption.prompt", "caption.batch_size"}) | LLM_TRANSPORT
     priority = 3
     retries = 2  # the LLM endpoint may be briefly away
     retry_delay_seconds = (5, 30)

@@ -27,7 +27,8 @@ import pyarrow as pa
 
 from facecap.config import ConfigError, TextSettings
 from facecap.schema import TEXT_CAPTION_FIELD, TEXT_FIELDS, TEXT_FIELDS_NULL_WHEN_NOT_FACE, Reason, keyed_schema
-from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, Stage, StagePlan, reject_row, rejected
+from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, Stage, StagePlan, reject_row,
+                                 rejected)
 from facecap.text.clean import clean_text
 from facecap.text.keywords import KeywordMatcher
 
@@ -144,8 +145,7 @@ class Text(Stage):
     # File contents (keywords, classifier, prompt) are in the model identity; the LLM's
     # transport settings and batch size change nothing.
     unkeyed = frozenset({"text.keywords_file", "text.classifier", "text.encoder", "text.batch_size",
-                         "text.denoise_prompt", "llm.endpoint", "llm.api_key_env", "llm.concurrency",
-                         "llm.timeout_s", "llm.retries", "llm.backoff_s", "llm.max_backoff_s", "llm.cache_dir"})
+                         "text.denoise_prompt"}) | LLM_TRANSPORT
     priority = 3
     retries = 2  # the LLM endpoint may be briefly away
     retry_delay_seconds = (5, 30)
