@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +139,9 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
         refused = storage.write_refused(exc)
         if refused is None:
             raise
+        # Prefect keeps the failed run's exception until exit; its frames' locals (DuckDB connections
+        # among them) would live as long. The frames still format; only their variables go.
+        traceback.clear_frames(exc.__traceback__)
         # A release is assembled in staging and promoted by one rename, so nothing partial was published.
         raise CurateFailed(f"cannot write the run's output: {refused}. Nothing was published (a release already "
                            f"in {storage.join(out, 'release')} stands). Free space or fix permissions, then rerun "
