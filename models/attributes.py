@@ -48,7 +48,7 @@ import numpy as np
 from facecap.attributes import ATTRIBUTES
 from facecap.config import Config, ConfigError
 
-from .weights import WeightsError
+from .weights import WeightsError, file_sha256
 
 DEFAULT_ZERO_SHOT_MODEL = "openai/clip-vit-base-patch16"
 CALIBRATION_FILE = "attribute_calibration.json"
@@ -210,14 +210,6 @@ def _hub_snapshot(repo_id: str, cfg: Config) -> Path:
             "(attributes are then not annotated).") from exc
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @functools.lru_cache(maxsize=16)
 def _dir_digest(path: str, stamp: tuple) -> str:
     files = sorted(p for p in Path(path).iterdir()
@@ -228,7 +220,7 @@ def _dir_digest(path: str, stamp: tuple) -> str:
             "pickled .bin checkpoints are not loaded.")
     h = hashlib.sha256()
     for p in files:
-        h.update(f"{p.name}\0{_file_sha256(p)}\n".encode())
+        h.update(f"{p.name}\0{file_sha256(p)}\n".encode())
     return h.hexdigest()
 
 

