@@ -15,6 +15,7 @@ from facecap.config import Config, ConfigError
 from facecap.stages.annotate import Annotate
 from facecap.stages.base import Stage, StagePlan
 from facecap.stages.caption import Caption
+from facecap.stages.dedup import Dedup
 from facecap.stages.detect import Detect
 from facecap.stages.ingest import Ingest
 from facecap.stages.text import Text
@@ -22,6 +23,7 @@ from facecap.stages.text import Text
 STAGES: tuple[type[Stage], ...] = (
     Ingest,  # sources -> image records (references to local bytes; downloaded bytes)
     Detect,  # images -> aligned face crops
+    Dedup,  # crops -> perceptual hashes; near-duplicate clusters release-wide
     Annotate,  # crops -> 40 CelebA attributes
     Text,  # FLIP-80M path: alt-text filter and cleaning
     Caption,  # attributes -> grammar caption -> LLM rewrite

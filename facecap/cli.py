@@ -213,10 +213,13 @@ def _curate(args: argparse.Namespace) -> int:
     finally:
         cluster.close()
     print("\nFunnel (records per stage):")
+    width = max([8] + [len(row["stage"]) for row in result["funnel"]])
     for row in result["funnel"]:
         rejects = ", ".join(f"{k} {v}" for k, v in row["rejects"].items()) or "none"
-        print(f"  {row['stage']:<8} {row['rows_in']:>8,} in -> {row['rows_out']:>8,} out  "
-              f"({row['shards']} shards, {row['cached']} already done; rejects: {rejects})")
+        where = "over the whole release" if row.get("release_wide") else \
+            f"{row['shards']} shards, {row['cached']} already done"
+        print(f"  {row['stage']:<{width}} {row['rows_in']:>8,} in -> {row['rows_out']:>8,} out  "
+              f"({where}; rejects: {rejects})")
         chars = row.get("extra", {}).get("alt_text_chars")
         if chars:  # the FLIP-80M text path: how much of the alt-text cleaning removed (paper: 9.5 %)
             print(f"  {'':<8} cleaning removed {row['extra'].get('text_chars_removed', 0) / chars:.1%} of "

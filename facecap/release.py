@@ -26,15 +26,17 @@ import shutil
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from facecap import __version__, storage
 from facecap.config import Config, ConfigError
-from facecap.records import ShardInput, read_view, record_columns
+from facecap.records import SOURCE_IMAGE, ShardInput, read_view, record_columns
+from facecap.stages.base import ReleasePass
 
 SPLITS = ("train", "test")
 
@@ -128,8 +130,12 @@ class _SplitWriter:
         rows = {split: 0 for split in SPLITS}
         try:
             for table in tables:
+                if "_test" in table.column_names:  # a release pass grouped the faces for the split
+                    mask = table.column("_test")
+                    table = table.drop_columns(["_test"])
+                else:
+                    mask = pa.array(is_test(table.column("image_id").to_pylist(), test_fraction))
                 table = _image_as_struct(table)
-                mask = pa.array(is_test(table.column("image_id").to_pylist(), test_fraction))
                 for split, part in (("test", table.filter(mask)), ("train", table.filter(pc.invert(mask)))):
                     if not part.num_rows:
                         continue
@@ -155,25 +161,84 @@ class _SplitWriter:
         return rows
 
 
+def _fit_passes(shards: list[ShardInput], passes: list[ReleasePass]) -> None:
+    """Each release pass sees its columns of every face record, in release order (shards, then rows)."""
+    for p in passes:
+        parts = [t for shard in shards if shard.outputs[-1].rows
+                 for t in read_view(shard, p.reads, batch_rows=65_536)]
+        p.fit(pa.concat_tables(parts) if parts else _empty(p.reads))
+
+
+def _empty(columns: tuple[str, ...]) -> pa.Table:
+    from facecap.schema import FACE_SCHEMA
+
+    known = {f.name: f.type for f in FACE_SCHEMA}
+    return pa.table({c: pa.array([], known.get(c, pa.uint64())) for c in columns})
+
+
+def _through_passes(tables: Iterable[pa.Table], start: int, passes: list[ReleasePass],
+                    rejects: list[pa.Table]) -> Iterator[pa.Table]:
+    """The shard's record tables after every release pass; what the passes reject goes to `rejects`."""
+    position = start
+    for table in tables:
+        index = np.arange(position, position + table.num_rows)
+        position += table.num_rows
+        for p in passes:
+            table, index, rejected = p.apply(index, table)
+            if rejected is not None and rejected.num_rows:
+                rejects.append(rejected)
+            if not table.num_rows:
+                break
+        else:
+            yield table
+
+
 def assemble(out: str, run_id: str, shards: list[ShardInput], reject_files: list[tuple[str, int]], cfg: Config,
-             info: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Build the release in OUT/staging/<run id> from each shard's chain of outputs (plan order) and reject files."""
+             info: dict[str, Any], passes: list[ReleasePass] | None = None,
+             unreleased: tuple[str, ...] = ()) -> tuple[str, dict[str, Any]]:
+    """Build the release in OUT/staging/<run id> from each shard's chain of outputs (plan order) and reject files.
+
+    `passes` (release-wide work of stages, e.g. near-duplicate clusters) run over all records first;
+    `unreleased` columns stay out of the published records.
+    """
     check_output(out)
+    passes = passes or []
     staging = staging_dir(out, run_id)
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
+    _fit_passes(shards, passes)
     splitter, rows, split_rows = _SplitWriter(staging), 0, {split: 0 for split in SPLITS}
+    pass_rejects: list[pa.Table] = []
+    position = 0
     for shard in shards:
-        if shard.outputs[-1].rows:
-            records = read_view(shard, record_columns(shard), batch_rows=256)
-            for split, n in splitter.write_shard(records, cfg.quality.test_fraction).items():
-                split_rows[split] += n
-                rows += n
+        n = shard.outputs[-1].rows
+        if n:
+            records = read_view(shard, record_columns(shard, (SOURCE_IMAGE,) + tuple(unreleased)), batch_rows=256)
+            if passes:
+                records = _through_passes(records, position, passes, pass_rejects)
+            for split, count in splitter.write_shard(records, cfg.quality.test_fraction).items():
+                split_rows[split] += count
+                rows += count
+            position += n
+    if pass_rejects:
+        path = os.path.join(staging, "rejects", "release-passes.parquet")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        pq.write_table(pa.concat_tables(pass_rejects), path, compression="zstd")
+        reject_files = list(reject_files) + [(path, sum(t.num_rows for t in pass_rejects))]
+    if passes:
+        report_dir = os.path.join(staging, "report")
+        for p in passes:
+            p.write_gallery(report_dir)
+        info = {**info, "release_passes": {p.name: p.summary() for p in passes}}
+        info["funnel"] = list(info.get("funnel") or []) + [p.funnel_row() for p in passes]
     reject_names, rejects = [], 0
     for path, count in reject_files:
         if count:
             name = f"rejects/part-{len(reject_names):05d}.parquet"
-            storage.copy_file(path, os.path.join(staging, name))
+            if os.path.dirname(path) == os.path.join(staging, "rejects"):
+                os.replace(path, os.path.join(staging, name))  # written here by a release pass
+            else:
+                storage.copy_file(path, os.path.join(staging, name))
             reject_names.append(name)
             rejects += count
     manifest = {
@@ -184,7 +249,8 @@ def assemble(out: str, run_id: str, shards: list[ShardInput], reject_files: list
         "rejects": rejects,
         "data_files": splitter.files,
         "splits": {k: v for k, v in split_rows.items() if v},
-        "split_by": f"image_id (blake2b), test_fraction {cfg.quality.test_fraction}",
+        "split_by": next((p.split_by for p in passes if p.split_by), "image_id (blake2b)")
+        + f", test_fraction {cfg.quality.test_fraction}",
         "reject_files": reject_names,
         "published": False,
         "versions": versions(),

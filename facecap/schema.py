@@ -168,6 +168,8 @@ class Reason:
     # text (FLIP-80M path, issue 8)
     NO_CAPTION = "no_caption"  # empty alt-text after cleaning
     NOT_FACE_CAPTION = "not_face_caption"  # text classifier score not above text.threshold
+    # dedup (release-wide)
+    NEAR_DUPLICATE = "near_duplicate"  # within dedup.max_distance of a better face kept for its cluster
 
 
 def is_transient(reason: str) -> bool:

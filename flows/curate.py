@@ -234,14 +234,25 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
         return {"run_id": run_id, "release": storage.join(out, "release"), "records": current["records"],
                 "rejects": current["rejects"], "funnel": funnel, "validation": current.get("validation"),
                 "unchanged": True}
-    staged, _ = release.assemble(
+    stages = [stage(cfg, plan.stages[stage.name]) for stage in chain]
+    passes = [p for p in (s.release_pass() for s in stages) if p is not None]
+    if passes:
+        logger.info("release-wide: " + ", ".join(p.name for p in passes) + f" over {sum(s.outputs[-1].rows for s in shards):,} face records")
+    staged, staged_info = release.assemble(
         out, run_id, shards, reject_files, cfg,
         {"detector": plan.model("detect"), "content_key": key,
          "stages": {**plan.summary(), "validate": {"status": "off", "why": "quality.enabled is false"}},
          "sources": sources, "funnel": funnel,
          "shards": len(specs),
          "unreadable_sources": [{"source": s.source, "detail": s.detail} for s in unreadable]},
+        passes=passes, unreleased=tuple(c for s in stages for c in s.unreleased),
     )
+    funnel = staged_info["funnel"]
+    for name, found in (staged_info.get("release_passes") or {}).items():
+        if found.get("faces"):
+            logger.info(f"{name}: {found['faces']:,} faces in {found['clusters']:,} clusters "
+                        f"({found['clusters_with_duplicates']:,} with near-duplicates); {found['removed']:,} removed "
+                        f"(dedup.keep={found['keep']})")
     if cfg.quality.enabled:
         # The validate stage: the staged release is published only if its suites pass (or --allow-failures).
         verdict = validate_task(staged, None, allow_failures)

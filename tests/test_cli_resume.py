@@ -80,7 +80,8 @@ def many_images(tmp_path_factory) -> Path:
     return root
 
 
-CURATE_ARGS = ("--profile", "offline", "--shard-size", "1", "--workers", "2")
+# The images repeat one photo: keep every near-duplicate so the compared releases hold many faces.
+CURATE_ARGS = ("--profile", "offline", "--shard-size", "1", "--workers", "2", "--set", "dedup.keep=all")
 
 
 def test_killed_run_resumes_to_the_same_release(prefect_api_url, many_images, tmp_path):

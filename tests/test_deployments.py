@@ -46,8 +46,9 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
 
 
 # The recurate schedule is registered; its next run is days away, so nothing fires during the test.
+# The example photos are copies of one portrait: dedup.keep=all leaves the triggered training a batch of faces.
 SERVE_SETTINGS = ["ingest.shard_size=8", "execution.n_workers=1", "train.model_size=tiny", "train.steps=1",
-                  "train.batch_size=4", "train.num_workers=0",
+                  "train.batch_size=4", "train.num_workers=0", "dedup.keep=all",
                   "deploy.sources=[/nonexistent/sources]", "deploy.out=/nonexistent/out",
                   "deploy.recurate_cron=15 4 * * 2"]
 SERVE_SETTINGS_ARGS = [a for setting in SERVE_SETTINGS for a in ("--set", setting)]
@@ -126,15 +127,15 @@ def test_deployment_run_shows_state_artifacts_and_triggers_training(served, exam
     curate, train = deployments["curate"], deployments["train"]
     assert curate["tags"] == ["facecap", "curate"] and curate["parameters"]["profile"] == "offline"
 
-    # Three runs at once: one whose release fails its quality gate (the same photo twice: duplicate images),
+    # Three runs at once: one whose release fails its quality gate (no face in its images: an empty release),
     # one refused before any work (a relative output path), neither of which may trigger training, and one that
     # completes.
-    twins = tmp_path / "twins"
-    twins.mkdir()
-    for name in ("a.jpg", "b.jpg"):
-        (twins / name).write_bytes((example_dir / "folder" / "astronaut_tilted.jpg").read_bytes())
+    faceless = tmp_path / "faceless"
+    faceless.mkdir()
+    for name in ("coffee.png", "rocket.jpg"):
+        (faceless / name).write_bytes((example_dir / "folder" / name).read_bytes())
     gated_out = tmp_path / "gated"
-    gated = start_run(client, curate, {"sources": [str(twins)], "out": str(gated_out)})
+    gated = start_run(client, curate, {"sources": [str(faceless)], "out": str(gated_out)})
     refused = start_run(client, curate, {"sources": [str(example_dir / "folder")], "out": "relative/out"})
     out = tmp_path / "out"
     good = start_run(client, curate, {"sources": [str(example_dir / "folder"), str(example_dir / "parquet")],
@@ -143,7 +144,7 @@ def test_deployment_run_shows_state_artifacts_and_triggers_training(served, exam
     assert refused_run["state"]["type"] == "FAILED"
     assert "must be an absolute path" in refused_run["state"]["message"], refused_run["state"]
     gated_run = wait_final(client, gated, 420, log)
-    assert gated_run["state"]["type"] == "FAILED" and "duplicate_image_rate" in gated_run["state"]["message"], \
+    assert gated_run["state"]["type"] == "FAILED" and "min_face_records" in gated_run["state"]["message"], \
         gated_run["state"]
     assert not (gated_out / "release").exists()
     run = wait_final(client, good, 420, log)
@@ -162,12 +163,12 @@ def test_deployment_run_shows_state_artifacts_and_triggers_training(served, exam
     from helpers import read_release
 
     data, _ = read_release(out)
-    assert funnel["detect"]["records out"] == data.num_rows > 0
+    assert funnel["dedup (release-wide)"]["records out"] == funnel["detect"]["records out"] == data.num_rows > 0
     assert funnel["ingest"]["already done (skipped)"] == 0
     assert "quality suites passed" in by_key["curate-quality"]["data"]
     assert str(out / "release" / "report" / "index.html") in by_key["curate-quality"]["data"]
     blocked = [a for a in artifacts if a["key"] == "curate-quality" and str(gated_out) in a["data"]]
-    assert len(blocked) == 1 and "NOT published" in blocked[0]["data"] and "duplicate_image_rate" in blocked[0]["data"]
+    assert len(blocked) == 1 and "NOT published" in blocked[0]["data"] and "min_face_records" in blocked[0]["data"]
 
     # Task runs are named by stage and shard, and carry no tags (each tag costs a concurrency-slot lookup).
     # (the inner curate flow run has the deployment run's name, so this finds its task runs)

@@ -341,19 +341,21 @@ def test_models_fetch_fills_the_cache_then_list_says_cached(server, cache, mobil
     farl = serve(server, "/cli/face_attribute.farl.celeba.pt", farl_bytes)
     pin(monkeypatch, catalog.RESNET50_KEY, (r50,), mobilenet_pth)
     pin(monkeypatch, catalog.FARL_KEY, (farl,), None)  # no published hash: recorded on first download
+    facenet = serve(server, "/cli/20180402-114759-vggface2.pt", b"facenet stand-in" * 100)
+    pin(monkeypatch, catalog.FACENET_KEY, (facenet,), None)
     settings = ("--profile", "full", "--set", f"models.cache_dir={cache}",
                 "--set", 'models.allow_addresses=["127.0.0.1/32"]')
 
     assert cli("fetch", *settings) == 0
     out = capsys.readouterr().out
     farl_sha = hashlib.sha256(farl_bytes).hexdigest()
-    assert r50 in out and farl in out and "100 %" in out and f"recorded {farl_sha}" in out
+    assert r50 in out and farl in out and facenet in out and "100 %" in out and f"recorded {farl_sha}" in out
     assert (cache / RESNET50_CACHE_NAME).read_bytes() == mobilenet_pth
     assert (cache / "face_attribute.farl.celeba.pt.sha256").read_text().split()[0] == farl_sha
 
     assert cli("list", *settings) == 0
     out = capsys.readouterr().out
-    assert out.count("cached, verified") == 2 and "not cached" not in out and farl_sha in out
+    assert out.count("cached, verified") == 3 and "not cached" not in out and farl_sha in out
 
     server.requests.clear()
     assert cli("fetch", *settings) == 0  # already there: nothing downloaded
@@ -375,6 +377,7 @@ def test_models_fetch_failure_names_the_url_and_exits_1(cache, capsys, monkeypat
     url = closed_port_url("/x/face_attribute.farl.celeba.pt")
     pin(monkeypatch, catalog.FARL_KEY, (url,), None)
     pin(monkeypatch, catalog.RESNET50_KEY, (closed_port_url("/y/Resnet50_Final.pth"),), None)
+    pin(monkeypatch, catalog.FACENET_KEY, (closed_port_url("/z/20180402-114759-vggface2.pt"),), None)
     assert cli("fetch", "--profile", "full", "--set", f"models.cache_dir={cache}",
                "--set", 'models.allow_addresses=["127.0.0.1/32"]') == 1
     err = capsys.readouterr().err

@@ -24,6 +24,8 @@ from facecap.config import settings_hash
 from facecap.schema import reject_rows
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from facecap.config import Config
     from facecap.records import ShardInput
     from facecap.runner import ShardStats
@@ -102,6 +104,7 @@ class Stage:
     retries: ClassVar[int] = 0
     retry_delay_seconds: ClassVar[tuple[float, ...]] = ()
     batch_rows: ClassVar[int] = 64  # records per batch read from upstream
+    unreleased: ClassVar[tuple[str, ...]] = ()  # columns kept in the stage output but never published
 
     def __init__(self, cfg: "Config", plan: StagePlan | None = None, out: str | None = None):
         self.cfg = cfg
@@ -153,11 +156,48 @@ class Stage:
         """Records in (the columns in `reads`), chunks of kept rows and rejects out, in input order."""
         raise NotImplementedError
 
+    def release_pass(self) -> ReleasePass | None:
+        """Release-wide work this stage needs once all shards are done (None: none)."""
+        return None
+
     def check_loaded(self, what: str, loaded: str) -> None:
         """A worker must run the model the driver planned (and keyed the outputs by)."""
         if loaded != self.stage_plan.model:
             raise RuntimeError(f"worker loaded {what} {loaded}, the run planned {self.stage_plan.model}: the files "
                                "differ between the driver and this worker")
+
+
+class ReleasePass:
+    """Release-wide work of a stage: run by the driver once every shard is done, before the release is written.
+
+    `fit` sees the `reads` columns of every face record, in release order
+    (shards in order, rows in order); `apply` then gets the release's record
+    tables in the same order, with each row's position in it, and returns the
+    rows kept (with any columns the pass adds), their positions, and the rows
+    it rejects. A boolean ``_test`` column, when the pass adds one, decides
+    each row's split instead of its image_id.
+    """
+
+    name: str = ""
+    reads: tuple[str, ...] = ()
+    split_by: str | None = None  # how the pass's _test column groups faces, for release.json
+
+    def fit(self, records: pa.Table) -> None:
+        raise NotImplementedError
+
+    def apply(self, index: "np.ndarray", table: pa.Table) -> tuple[pa.Table, "np.ndarray", pa.Table | None]:
+        raise NotImplementedError
+
+    def write_gallery(self, folder: str) -> None:
+        """Files for the report, written into the staged release's report folder."""
+
+    def summary(self) -> dict[str, Any]:
+        """What the pass found, for release.json and the report."""
+        return {}
+
+    def funnel_row(self) -> dict[str, Any]:
+        """The pass as a row of the release's funnel (rows in and out, rejects by reason)."""
+        return {}
 
 
 def reject_row(stage: str, row: dict, reason: str, detail: str) -> dict:
