@@ -37,8 +37,7 @@ Loading never unpickles code: checkpoints are read with
 from __future__ import annotations
 
 import os
-import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .retinaface_net import CheckpointError, check_state_dict
+from .retinaface_net import check_state_dict, read_tensors
 from .weights import WeightsError, file_sha256
 
 FACENET_VGGFACE2_URL = (
@@ -197,10 +196,6 @@ class InceptionResnetV1(nn.Module):
 
 # --- checkpoints -------------------------------------------------------------------------------
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [""])[0][:300]
-
-
 def read_facenet_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a facenet checkpoint (a bare state dict), read without running any code from the file.
 
@@ -211,21 +206,7 @@ def read_facenet_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsError(
             f"FaceNet VGGFace2 weights not found at {path}. Download {FACENET_VGGFACE2_URL} on a machine "
             "with access and place it there.")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused to unpickle: a FaceNet checkpoint holds only tensors "
-            f"({_first_line(exc)})") from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(
-            f"{path} is not a readable torch checkpoint: {type(exc).__name__}: {_first_line(exc)}") from exc
-    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(loaded).__name__}")
-    state = {str(k): v for k, v in loaded.items()}
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
+    return read_tensors(path, "a FaceNet checkpoint")
 
 
 def load_facenet_checkpoint(path: str | os.PathLike) -> InceptionResnetV1:

@@ -43,10 +43,9 @@ from __future__ import annotations
 import functools
 import math
 import os
-import pickle
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +55,7 @@ from torch import nn
 
 from facecap.attributes import ATTRIBUTES
 
-from .retinaface_net import CheckpointError, check_state_dict
+from .retinaface_net import CheckpointError, check_state_dict, read_tensors
 from .weights import WeightsError, file_sha256
 
 FARL_CELEBA_URL = "https://github.com/FacePerceiver/facer/releases/download/models-v1/face_attribute.farl.celeba.pt"
@@ -242,24 +241,7 @@ def read_farl_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path} is a TorchScript archive. facer publishes {FARL_CELEBA_FILE} as a plain state dict "
             "(it loads it with torch.load + load_state_dict); TorchScript files carry code and are not loaded.")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused to unpickle: a FaRL attribute checkpoint holds only tensors "
-            f"({str(exc).splitlines()[0][:300]})") from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:300]}") from exc
-    for wrapper in ("state_dict", "model"):
-        if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
-            loaded = loaded[wrapper]
-    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(loaded).__name__}")
-    state = {str(k): v for k, v in loaded.items()}
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
+    return read_tensors(path, "a FaRL attribute checkpoint", wrappers=("state_dict", "model"))
 
 
 def load_farl_checkpoint(path: str | os.PathLike) -> FarlAttributeNet:

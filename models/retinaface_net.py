@@ -294,6 +294,36 @@ def check_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, what: 
     raise CheckpointError(f"{what} does not fit {layout}: " + "; ".join(problems))
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:300]
+
+
+def read_tensors(path: str | os.PathLike, what: str, wrappers: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The state dict in a ``torch.save`` file, read without running any code from it.
+
+    ``weights_only=True`` makes torch refuse any pickle that holds more than
+    tensors and plain containers. A training checkpoint that wraps the state
+    dict under one of `wrappers` is unwrapped; a DataParallel ``module.``
+    prefix on every key is removed. `what` names the checkpoint in errors.
+    """
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused to unpickle: {what} holds only tensors ({_first_line(exc)})") from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint: {type(exc).__name__}: {_first_line(exc)}") from exc
+    for wrapper in wrappers:
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(loaded).__name__}")
+    state = {str(k): v for k, v in loaded.items()}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def load_checkpoint(path: str | os.PathLike, backbone: str) -> RetinaFace:
     """Load a biubug6-layout RetinaFace state dict (``.pth``) into a new model, strictly.
 
@@ -305,15 +335,7 @@ def load_checkpoint(path: str | os.PathLike, backbone: str) -> RetinaFace:
     (PyTorch < 0.4.1 did not save them, and inference never reads them).
     """
     model = build_retinaface(backbone)
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused to unpickle: a RetinaFace checkpoint holds only tensors ({exc})"
-        ) from exc
-    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(loaded).__name__}")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in loaded.items()}
+    state = read_tensors(path, "a RetinaFace checkpoint")
     for key, buffer in model.state_dict().items():
         if key.endswith(".num_batches_tracked") and key not in state:
             state[key] = buffer

@@ -55,3 +55,17 @@ def ingest_sources(sources: list, image: dict | None = None, **ingest):
                 rejected.append(chunk.rejected)
     return (specs, notes, pa.concat_tables(kept) if kept else None, pa.concat_tables(rejected) if rejected else None,
             counters)
+
+
+def published_layout(keys_file: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(key, shape) per line of a facecap/data/*_keys.txt list: a published checkpoint's state-dict layout."""
+    from importlib import resources
+
+    layout = []
+    for line in resources.files("facecap.data").joinpath(keys_file).read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, _, shape = line.partition("\t")
+        layout.append((name.strip(), tuple(int(d) for d in shape.split(",") if d.strip())))
+    return layout
+

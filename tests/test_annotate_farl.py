@@ -18,7 +18,6 @@ import io
 import json
 import math
 import shutil
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from attribute_helpers import tiny_clip_dir, write_calibration
-from helpers import offline_config
+from helpers import offline_config,  published_layout
 from PIL import Image
 
 from facecap.chain import plan_run
@@ -44,13 +43,7 @@ from facecap.stages.ingest import plan_shards
 
 
 def _published_layout() -> list[tuple[str, tuple[int, ...]]]:
-    text = resources.files("facecap.data").joinpath("farl_celeba_keys.txt").read_text()
-    layout = []
-    for line in text.splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, _, shape = line.partition("\t")
-            layout.append((name.strip(), tuple(int(d) for d in shape.split(",") if d.strip())))
-    return layout
+    return published_layout("farl_celeba_keys.txt")
 
 
 @pytest.fixture(scope="module")

