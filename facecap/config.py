@@ -386,10 +386,10 @@ class DedupSettings(_Section):
                             "the others are near_duplicate rejects. all: keep every face, record the clusters.")
     max_distance: int = Field(
         8, ge=0, le=32, description="Faces whose 64-bit pHashes (either orientation) differ in at most this many "
-                                    "bits are near-duplicates (measured: bench/README.md, 'Near-duplicates').")
+                                    "bits are near-duplicates (why 8: README, 'Near-duplicates and leak-free splits').")
     exact_max_faces: int = Field(
-        20_000, ge=0, description="Releases with at most this many faces compare all pairs (exact, ~3 s at 20,000 on 2 cores); "
-                                  "larger ones find candidate pairs by LSH (recall: bench/README.md).")
+        20_000, ge=0, description="Releases with at most this many faces compare all pairs (exact, ~3 s at 20,000 "
+                                  "on 2 cores); larger ones find candidate pairs by LSH (recall: bench/README.md).")
     lsh_tables: int = Field(20, ge=1, le=200, description="LSH tables: more find more of the pairs near "
                                                           "max_distance, at proportional cost.")
     lsh_bits: int = Field(24, ge=8, le=32, description="Hash bits one LSH table keys on: fewer find more pairs but "

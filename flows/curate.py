@@ -237,7 +237,8 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
     stages = [stage(cfg, plan.stages[stage.name]) for stage in chain]
     passes = [p for p in (s.release_pass() for s in stages) if p is not None]
     if passes:
-        logger.info("release-wide: " + ", ".join(p.name for p in passes) + f" over {sum(s.outputs[-1].rows for s in shards):,} face records")
+        faces = sum(s.outputs[-1].rows for s in shards)
+        logger.info(f"release-wide: {', '.join(p.name for p in passes)} over {faces:,} face records")
     staged, staged_info = release.assemble(
         out, run_id, shards, reject_files, cfg,
         {"detector": plan.model("detect"), "content_key": key,

@@ -101,7 +101,8 @@ CATALOG: dict[str, ModelEntry] = {e.key: e for e in (
         cache_name="face_attribute.farl.celeba.pt", note="no published hash: SHA-256 recorded on first download",
     ),
     ModelEntry(
-        key=FACENET_KEY, stage="dedup (split by identity)", model="FaceNet InceptionResnetV1, VGGFace2 (facenet-pytorch)",
+        key=FACENET_KEY, stage="dedup (split by identity)",
+        model="FaceNet InceptionResnetV1, VGGFace2 (facenet-pytorch)",
         profiles=("full",),
         urls=("https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt",),
         licence="facenet-pytorch code: MIT; weights from davidsandberg/facenet (MIT), trained on VGGFace2",

@@ -52,8 +52,8 @@ def plan_identity(cfg: Config) -> tuple[str | None, str | None]:
     if not path.is_file():
         raise WeightsError(
             f"FaceNet VGGFace2 weights (dedup.identity={mode}) not found at {path} (dedup.identity_weights). On a "
-            f"connected host run `facecap models fetch --profile full` (or download {FACENET_VGGFACE2_URL}) and place the "
-            f"file at {path}; or set dedup.identity=off, or run with --profile offline.")
+            f"connected host run `facecap models fetch --profile full` (or download {FACENET_VGGFACE2_URL}) and "
+            f"place the file at {path}; or set dedup.identity=off, or run with --profile offline.")
     return _identity_of(path), None
 
 

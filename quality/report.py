@@ -337,19 +337,22 @@ def _near_duplicates_html(found: dict | None) -> str:
         return ""
     faces = found.get("faces") or 0
     removed = found.get("removed") or 0
+    keep = escape(str(found.get("keep")))
     out = ["<h2>Near-duplicates</h2>",
-           f"<p>{faces:,} faces in {found.get('clusters', 0):,} clusters; {found.get('clusters_with_duplicates', 0):,} "
-           f"clusters hold {found.get('faces_in_duplicate_clusters', 0):,} faces with near-duplicates (64-bit pHash "
-           f"of the crop or its mirror within {found.get('max_distance')} bits). dedup.keep={escape(str(found.get('keep')))}: "
+           f"<p>{faces:,} faces in {found.get('clusters', 0):,} clusters; "
+           f"{found.get('clusters_with_duplicates', 0):,} clusters hold {found.get('faces_in_duplicate_clusters', 0):,} "
+           f"faces with near-duplicates (64-bit pHash of the crop or its mirror within {found.get('max_distance')} "
+           f"bits). dedup.keep={keep}: "
            f"<b>{removed:,} faces removed ({removed / faces if faces else 0:.1%})</b>. Splits keep every cluster "
            "and every source image on one side.</p>",
-           _table(["cluster size", "clusters"], [[k, f"{v:,}"] for k, v in (found.get("cluster_sizes") or {}).items()])]
+           _table(["cluster size", "clusters"],
+                  [[k, f"{v:,}"] for k, v in (found.get("cluster_sizes") or {}).items()])]
     for cluster in found.get("gallery") or []:
         cards = "".join(f'<div class="card" style="width:110px"><img src="{escape(f["file"])}" alt="face">'
                         f'<code>{escape(f["sample_id"])}</code>{" <b>kept</b>" if f["kept"] else ""}</div>'
                         for f in cluster["faces"])
-        out.append(f"<p>Cluster of {cluster['size']:,} faces (kept: <code>{escape(cluster['kept'])}</code>"
-                   f"{', first ' + str(len(cluster['faces'])) + ' shown' if cluster['size'] > len(cluster['faces']) else ''})"
+        shown = f", first {len(cluster['faces'])} shown" if cluster["size"] > len(cluster["faces"]) else ""
+        out.append(f"<p>Cluster of {cluster['size']:,} faces (kept: <code>{escape(cluster['kept'])}</code>{shown})"
                    f"</p><div class=\"grid\">{cards}</div>")
     return "".join(out)
 

@@ -45,7 +45,8 @@ def lfw_faces(n: int) -> list[Image.Image]:
 
     faces = []
     for face in data.lfw_subset()[:n]:
-        img = Image.fromarray((face * 255).astype(np.uint8)).convert("RGB").resize((200, 200), Image.Resampling.BICUBIC)
+        img = Image.fromarray((face * 255).astype(np.uint8)).convert("RGB")
+        img = img.resize((200, 200), Image.Resampling.BICUBIC)
         canvas = Image.new("RGB", (400, 400), (128, 128, 128))
         canvas.paste(img, (100, 100))
         faces.append(canvas)

@@ -318,20 +318,19 @@ def same_value_links(values: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np
     return order[:-1][same], order[1:][same]
 
 
-def test_split_by_group(groups: np.ndarray, image_ids: pa.Array, test_fraction: float) -> np.ndarray:
+def split_test_flags(groups: np.ndarray, image_ids: pa.ChunkedArray | pa.Array, test_fraction: float) -> np.ndarray:
     """Test-split flag per face: a group goes where its smallest image_id goes (blake2b, as before groups)."""
     from facecap.release import is_test
 
-    ids = image_ids.to_numpy(zero_copy_only=False).astype(object)
     if not len(groups):
         return np.zeros(0, bool)
-    order = np.lexsort((ids.astype(str), groups))
+    order = pc.sort_indices(pa.table({"group": groups, "image_id": image_ids}),
+                            [("group", "ascending"), ("image_id", "ascending")]).to_numpy()
     first = np.r_[True, groups[order][1:] != groups[order][:-1]]
-    leaders = order[first]  # per group (in group order): the face with the smallest image_id
-    group_ids = groups[leaders]
-    flags = np.asarray(is_test([str(ids[i]) for i in leaders], test_fraction), bool)
-    by_group = np.zeros(int(groups.max(initial=-1)) + 1, bool)
-    by_group[group_ids] = flags
+    leaders = order[first]  # per group: the face with the smallest image_id
+    flags = np.asarray(is_test(pc.take(image_ids, pa.array(leaders)).to_pylist(), test_fraction), bool)
+    by_group = np.zeros(int(groups.max()) + 1, bool)
+    by_group[groups[leaders]] = flags
     return by_group[groups]
 
 
@@ -392,9 +391,9 @@ class Dedup(Stage):
     reads = FACE_REJECT_COLUMNS + ("image",)
     keyed_sections = ("dedup", "image")
     # What is decided release-wide changes no hash: only the identity model (by its identity) keys the outputs.
-    unkeyed = frozenset({"dedup.keep", "dedup.max_distance", "dedup.lsh_tables", "dedup.lsh_bits", "dedup.exact_max_faces",
-                         "dedup.max_bucket", "dedup.identity_max_distance", "dedup.identity_weights",
-                         "dedup.device", "dedup.gallery_clusters", "dedup.enabled"})
+    unkeyed = frozenset({"dedup.keep", "dedup.max_distance", "dedup.lsh_tables", "dedup.lsh_bits",
+                         "dedup.exact_max_faces", "dedup.max_bucket", "dedup.identity_max_distance",
+                         "dedup.identity_weights", "dedup.device", "dedup.gallery_clusters", "dedup.enabled"})
     priority = 2
     device_section = "dedup"
     unreleased = ("identity_hash",)
@@ -407,7 +406,6 @@ class Dedup(Stage):
                                         "and the split is by source image only")
         info: dict[str, Any] = {"keep": s.keep, "max_distance": s.max_distance, "hash": "pHash 64-bit + mirror",
                                 "lsh": f"{s.lsh_tables} tables x {s.lsh_bits} bits"}
-        identity = None
         from facecap.models.identity import plan_identity
 
         identity, why = plan_identity(cfg)
@@ -467,7 +465,7 @@ class NearDuplicates(ReleasePass):
     def __post_init__(self) -> None:
         if self.identity:
             self.reads = self.reads + ("identity_hash",)
-            self.split_by = self.split_by.replace("or a shared source image", ", a shared source image or a likely "
+            self.split_by = self.split_by.replace(" or a shared source image", ", a shared source image or a likely "
                                                   "shared identity (FaceNet)")
 
     def fit(self, records: pa.Table) -> None:
@@ -491,7 +489,7 @@ class NearDuplicates(ReleasePass):
             links.append((same.left, same.right))
             identity_links = len(same.left)
         groups = components(n, links)
-        self.test = test_split_by_group(groups, records.column("image_id"), self.test_fraction)
+        self.test = split_test_flags(groups, records.column("image_id"), self.test_fraction)
         is_kept = self.kept_index == np.arange(n)
         multi = is_kept & (self.sizes > 1)
         self.removed = int((~is_kept).sum()) if s.keep == "best" else 0
@@ -506,7 +504,8 @@ class NearDuplicates(ReleasePass):
             "keep": s.keep, "max_distance": s.max_distance, "cluster_sizes": _size_histogram(self.sizes[is_kept]),
             "candidate_pairs": clusters.pairs.candidates, "near_duplicate_pairs": len(clusters.pairs.left),
             "oversized_buckets": clusters.pairs.oversized_buckets,
-            "split_groups": int(groups.max(initial=-1)) + 1, "identity_links": identity_links if self.identity else None,
+            "split_groups": int(groups.max(initial=-1)) + 1,
+            "identity_links": identity_links if self.identity else None,
             "largest": [{"kept": self.sample_ids[int(k)].as_py(), "size": int(self.sizes[k])} for k in big],
         }
 
@@ -533,7 +532,8 @@ class NearDuplicates(ReleasePass):
                 "dedup", row, Reason.NEAR_DUPLICATE,
                 f"near-duplicate of {self.sample_ids[int(self.kept_index[g])].as_py()}, kept for a cluster of "
                 f"{int(self.sizes[g])} faces linked by pHash distances <= dedup.max_distance="
-                f"{self.settings.max_distance} (this face is {int(self.distance[g])} of 64 bits from the kept one{how})"))
+                f"{self.settings.max_distance} (this face is {int(self.distance[g])} of 64 bits from the kept "
+                f"one{how})"))
         return table.filter(pa.array(~drop)), index[~drop], reject_table(rejects)
 
     def write_gallery(self, folder: str) -> None:
