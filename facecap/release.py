@@ -176,8 +176,26 @@ def _empty(columns: tuple[str, ...]) -> pa.Table:
     return pa.table({c: pa.array([], known.get(c, pa.uint64())) for c in columns})
 
 
+class _RejectWriter:
+    """Streams the release passes' rejects to one Parquet file (millions of rows at web scale)."""
+
+    def __init__(self, path: str):
+        self.path, self.rows, self.writer = path, 0, None
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
+        self.writer.write_table(table)
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def _through_passes(tables: Iterable[pa.Table], start: int, passes: list[ReleasePass],
-                    rejects: list[pa.Table]) -> Iterator[pa.Table]:
+                    rejects: _RejectWriter) -> Iterator[pa.Table]:
     """The shard's record tables after every release pass; what the passes reject goes to `rejects`."""
     position = start
     for table in tables:
@@ -186,7 +204,7 @@ def _through_passes(tables: Iterable[pa.Table], start: int, passes: list[Release
         for p in passes:
             table, index, rejected = p.apply(index, table)
             if rejected is not None and rejected.num_rows:
-                rejects.append(rejected)
+                rejects.write(rejected)
             if not table.num_rows:
                 break
         else:
@@ -208,23 +226,24 @@ def assemble(out: str, run_id: str, shards: list[ShardInput], reject_files: list
     os.makedirs(staging)
     _fit_passes(shards, passes)
     splitter, rows, split_rows = _SplitWriter(staging), 0, {split: 0 for split in SPLITS}
-    pass_rejects: list[pa.Table] = []
+    pass_rejects = _RejectWriter(os.path.join(staging, "rejects", "release-passes.parquet"))
     position = 0
-    for shard in shards:
-        n = shard.outputs[-1].rows
-        if n:
-            records = read_view(shard, record_columns(shard, (SOURCE_IMAGE,) + tuple(unreleased)), batch_rows=256)
-            if passes:
-                records = _through_passes(records, position, passes, pass_rejects)
-            for split, count in splitter.write_shard(records, cfg.quality.test_fraction).items():
-                split_rows[split] += count
-                rows += count
-            position += n
-    if pass_rejects:
-        path = os.path.join(staging, "rejects", "release-passes.parquet")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        pq.write_table(pa.concat_tables(pass_rejects), path, compression="zstd")
-        reject_files = list(reject_files) + [(path, sum(t.num_rows for t in pass_rejects))]
+    try:
+        for shard in shards:
+            n = shard.outputs[-1].rows
+            if n:
+                columns = record_columns(shard, (SOURCE_IMAGE,) + tuple(unreleased))
+                records = read_view(shard, columns, batch_rows=256)
+                if passes:
+                    records = _through_passes(records, position, passes, pass_rejects)
+                for split, count in splitter.write_shard(records, cfg.quality.test_fraction).items():
+                    split_rows[split] += count
+                    rows += count
+                position += n
+    finally:
+        pass_rejects.close()
+    if pass_rejects.rows:
+        reject_files = list(reject_files) + [(pass_rejects.path, pass_rejects.rows)]
     if passes:
         report_dir = os.path.join(staging, "report")
         for p in passes:
