@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
             changed source or setting recomputes only what it affects.
             OUT/manifest.duckdb records every shard x stage: rows, rejects, seconds.
 
+            Near-duplicate faces (resized, re-encoded, re-cropped or mirrored
+            copies) are clustered over the whole release: one face per cluster
+            is kept (--set dedup.keep=all keeps every face), and no cluster or
+            source image straddles the train/test split.
+
             Prefect: uses PREFECT_API_URL if set, otherwise starts one embedded
             server for the run. Dask: a local cluster, or --dask-address."""),
         epilog=EPILOG)
