@@ -189,8 +189,9 @@ def test_killing_a_worker_mid_run_loses_and_duplicates_nothing(prefect_api_url, 
             client.wait_for_workers(2, timeout=120)
         out = root / "out"
         run = subprocess.Popen(
+            # dedup.keep=all, as offline_config (the clean run below): the images repeat one photo.
             [sys.executable, "-m", "facecap", "curate", str(busy_images), "--out", str(out), "--profile", "offline",
-             "--shard-size", "4", "--dask-address", procs.address],
+             "--shard-size", "4", "--dask-address", procs.address, "--set", "dedup.keep=all"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env(prefect_api_url))
         detect_dir = out / "shards" / "detect"
         deadline = time.time() + 300
