@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from facecap.config import DedupSettings, ImageLimits
-from facecap.schema import Reason, keyed_schema
+from facecap.schema import Reason, image_bytes, keyed_schema
 from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, ReleasePass, Stage, StagePlan, reject_row
 from facecap.stages.base import rejected as reject_table
 from facecap.stages.images import decode_rgb
@@ -517,7 +517,7 @@ class NearDuplicates(ReleasePass):
                 members = self.gallery_members[int(kept_of[i])]
                 if len(members) < 7 or index[i] == kept_of[i]:  # the kept face always shows
                     members.append((int(index[i] != kept_of[i]), table.column("sample_id")[int(i)].as_py(),
-                                    _image_bytes(table.column("image")[int(i)].as_py())))
+                                    image_bytes(table.column("image")[int(i)].as_py())))
         table = table.append_column(CLUSTER_FIELDS[0], self.sample_ids.take(pa.array(kept_of)))
         table = table.append_column(CLUSTER_FIELDS[1], pa.array(self.sizes[index].astype(np.int32)))
         table = table.append_column("_test", pa.array(self.test[index]))
@@ -557,10 +557,6 @@ class NearDuplicates(ReleasePass):
                 "rows_in": n,
                 "rows_out": n - self.removed, "rejects": {Reason.NEAR_DUPLICATE: self.removed} if self.removed else {},
                 "extra": {"clusters_with_duplicates": self.stats.get("clusters_with_duplicates", 0)}}
-
-
-def _image_bytes(value) -> bytes | None:
-    return value.get("bytes") if isinstance(value, dict) else value
 
 
 def _write_thumbnail(data: bytes, path: str, side: int = 96) -> bool:
