@@ -46,9 +46,11 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
 
 
 # The recurate schedule is registered; its next run is days away, so nothing fires during the test.
-# The example photos are copies of one portrait: dedup.keep=all leaves the triggered training a batch of faces.
+# The example photos are copies of one portrait: dedup.keep=all leaves the triggered training a batch of faces, and
+# quality.test_fraction=0 keeps them in train (as one near-duplicate cluster they share one split).
 SERVE_SETTINGS = ["ingest.shard_size=8", "execution.n_workers=1", "train.model_size=tiny", "train.steps=1",
                   "train.batch_size=4", "train.num_workers=0", "dedup.keep=all",
+                  "quality.test_fraction=0",
                   "deploy.sources=[/nonexistent/sources]", "deploy.out=/nonexistent/out",
                   "deploy.recurate_cron=15 4 * * 2"]
 SERVE_SETTINGS_ARGS = [a for setting in SERVE_SETTINGS for a in ("--set", setting)]

@@ -62,9 +62,10 @@ def test_user_errors_exit_2_with_a_message(prefect_api_url, tmp_path, capsys):
 
 def test_curate_then_train_trains_on_the_new_release(prefect_api_url, example_dir, tmp_path):
     out = tmp_path / "run"
-    # The example folder repeats one portrait: dedup.keep=all leaves the training a batch of faces.
+    # The example folder repeats one portrait: dedup.keep=all leaves the training a batch of faces, and
+    # quality.test_fraction=0 keeps them in train (as one near-duplicate cluster they share one split).
     code = main(["curate", str(example_dir / "folder"), "--out", str(out), "--workers", "1", "--then-train",
-                 "--set", "dedup.keep=all",
+                 "--set", "dedup.keep=all", "--set", "quality.test_fraction=0",
                  "--set", "train.steps=1", "--set", "train.batch_size=2", "--set", "train.model_size=tiny",
                  "--profile", "offline", *TINY[6:]])
     assert code == 0

@@ -144,8 +144,15 @@ def test_a_new_release_in_the_same_out_starts_its_own_run(release, tmp_path):
 
 def test_a_too_small_train_split_or_a_hub_id_offline_is_a_clear_error(tmp_path):
     write_synthetic_release(str(tmp_path / "r"), train_per_class=1)
-    with pytest.raises(ConfigError, match="one batch needs 64"):
+    with pytest.raises(ConfigError, match="one batch needs 64") as small:
         train(str(tmp_path / "r"), str(tmp_path / "out"), config(batch_size=64), log=lambda _: None)
+    assert "test split holds" not in str(small.value)  # 64 would not fit in the test split either
+    # Every face in the test split (a release of one near-duplicate cluster can be): the error says why and what to do.
+    write_synthetic_release(str(tmp_path / "t"), train_per_class=1)
+    (tmp_path / "t" / "data" / "train-00000.parquet").unlink()
+    with pytest.raises(ConfigError, match="has 0 captioned faces") as all_test:
+        train(str(tmp_path / "t"), str(tmp_path / "out"), config(batch_size=2), log=lambda _: None)
+    assert "test split holds 8" in str(all_test.value) and "quality.test_fraction=0" in str(all_test.value)
     with pytest.raises(ConfigError, match="offline profile downloads nothing"):
         train(str(tmp_path / "r"), str(tmp_path / "out"), config(batch_size=8, text_init="bert-base-uncased"),
               log=lambda _: None)

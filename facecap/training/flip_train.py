@@ -167,9 +167,13 @@ def train(release_dir: str, out: str, cfg: Config, log: Callable[[str], None] = 
     stats = split.count()
     needed = settings.batch_size * dist.world_size
     if stats.rows < needed:
+        held_out = ReleaseSplit(release_dir, "test", cfg.quality.test_fraction).count().rows
+        why = (f" The test split holds {held_out}: a release puts each near-duplicate cluster and each source image "
+               "wholly in one split, so a release of a few distinct faces can land in test; curate with "
+               "quality.test_fraction=0 to keep every face in train." if held_out >= needed else "")
         raise ConfigError(f"the train split of {release_dir} has {stats.rows} captioned faces ({stats.no_text} "
                           f"without text skipped; split from {stats.split_source}); one batch needs {needed}. "
-                          "Lower train.batch_size or curate more data.")
+                          f"Lower train.batch_size or curate more data.{why}")
     check_init_refs(cfg)
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
