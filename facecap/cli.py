@@ -209,7 +209,7 @@ def _curate(args: argparse.Namespace) -> int:
         runner.append(cluster.enter_context(started_task_runner(cfg)))
 
     try:
-        with prefect_api(meanwhile=start_up), cluster:
+        with prefect_api(meanwhile=start_up, idle_minutes=cfg.execution.api_idle_minutes), cluster:
             from facecap.flows.curate import curate
 
             result = curate.with_options(task_runner=runner[0]())(

@@ -108,6 +108,11 @@ class ExecutionSettings(_Section):
     lock_wait_s: float = Field(
         0, ge=0, description="When another run holds the output directory's lock (OUT/.lock): wait up to this many "
                              "seconds for it before refusing; 0 refuses at once.")
+    api_idle_minutes: float = Field(
+        10, ge=0, description="With no PREFECT_API_URL: the local Prefect API a run starts stays up, in the "
+                              "background, until this many minutes pass without a run, so the next run uses it at "
+                              "once instead of booting one (seconds of CPU); 0 stops it with the run. "
+                              "`facecap api status|stop` shows or stops it.")
 
 
 class ModelSettings(_Section):

@@ -27,6 +27,16 @@ from prefect.logging.configuration import setup_logging  # noqa: E402
 setup_logging()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_the_local_api():
+    """Runs of the command line without PREFECT_API_URL leave the shared local API up for later runs; the
+    session's PREFECT_HOME is temporary, so stop it with the session."""
+    yield
+    from facecap.prefect_api import SharedApi
+
+    SharedApi().stop()
+
+
 @pytest.fixture(scope="session")
 def prefect_api_url() -> str:
     """A real Prefect API server (Prefect's test harness) for the whole session."""
