@@ -1,3 +1,3 @@
-from facecap.cli import main
-import sys
-sys.exit(main())
+from facecap.cli import run
+
+run()

@@ -17,7 +17,7 @@ it, in a session of its own, and the next run on this machine uses it at once:
     meanwhile waits for it to go and then starts a new one;
   - runs find it through <key>.json (port and pid), found or started under the
     exclusive <key>.lock so that two runs never start two servers;
-  - <key> is this Python and Prefect version: another environment gets its own.
+  - <key> is this environment (sys.prefix) and Prefect version: another gets its own.
 
 `idle_minutes=0` gives the old behaviour: the server is the run's child and stops
 with it. `facecap api status|stop` shows or stops the shared one.
@@ -256,7 +256,7 @@ class SharedApi:
             from prefect.settings import PREFECT_HOME
 
             self.home = Path(PREFECT_HOME.value()).expanduser()
-        key = hashlib.blake2b(f"{sys.executable}|{version('prefect')}".encode(), digest_size=6).hexdigest()
+        key = hashlib.blake2b(f"{sys.prefix}|{version('prefect')}".encode(), digest_size=6).hexdigest()
         self.dir = self.home / "facecap-api"
         self.state_path = self.dir / f"{key}.json"
         self.lease_path = self.dir / f"{key}.lease"

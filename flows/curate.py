@@ -22,15 +22,14 @@ from prefect.runtime import flow_run
 from facecap import manifest, release, runlock, storage
 from facecap.chain import plan_run
 from facecap.config import Config
-from facecap.flows.executor import ShardExecutor, local_workers, task_runner_for  # noqa: F401 (re-exported)
+from facecap.flows.executor import ShardExecutor, scale_local_cluster, task_runner_for  # noqa: F401 (re-exported)
 from facecap.flows.run_artifacts import publish_curate_artifacts
 from facecap.quality.validate import ReleaseBlocked, blocked_message
 from facecap.records import ShardInput
 from facecap.runner import ShardStats
 from facecap.stages.ingest import plan_shards
 from facecap.tasks.stages import stage_task
-from facecap.tasks.validate import preload as preload_validation
-from facecap.tasks.validate import validate_task
+from facecap.tasks.validate import validate_task, validation_ahead
 
 
 class CurateFailed(RuntimeError):
@@ -131,7 +130,8 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
     run_id = str(flow_run.id or f"local-{int(time.time())}")
     # Two runs on one OUT would both do all the work and race to promote the release.
     try:
-        with runlock.acquire(out, run_id, cfg.execution.lock_wait_s, get_run_logger()):
+        with runlock.acquire(out, run_id, cfg.execution.lock_wait_s, get_run_logger()), \
+                validation_ahead(cfg.quality.enabled):
             return _curate(sources, out, cfg, run_id, allow_failures)
     except runlock.OutputLocked as exc:
         raise CurateFailed(str(exc)) from None
@@ -150,13 +150,14 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
 
 def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failures: bool) -> dict:
     logger = get_run_logger()
-    if cfg.detect.threads is None and not cfg.execution.dask_address:
-        # Share the machine's cores between local workers instead of oversubscribing them.
-        cfg.detect.threads = max(1, (os.cpu_count() or 1) // local_workers(cfg))
-
     plan = plan_run(cfg)  # fails here, before any work, if a model a stage needs is missing
     chain = plan.chain
     specs, notes = plan_shards(sources, cfg.ingest)
+    workers = scale_local_cluster(cfg, len(specs))
+    if workers:  # share the machine's cores between the local workers instead of oversubscribing them
+        cores = max(1, (os.cpu_count() or 1) // workers)
+        cfg.detect.threads = cfg.detect.threads or cores
+        cfg.attributes.threads = cfg.attributes.threads or cores
     for note in notes:
         logger.warning(note)
     unreadable = [s for s in specs if s.kind == "unreadable"]
@@ -191,7 +192,6 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
 
     for index in range(len(specs)):
         submit(0, index)
-    preloaded = not cfg.quality.enabled
     first_error = None
     for (k, index), stats, error in executor.finished():
         if error is not None:
@@ -207,11 +207,6 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
         shards[index] = shards[index].then(stats.ref)
         if k + 1 < len(chain):
             submit(k + 1, index)
-        if not preloaded and not stats.cached:
-            # Work is being done, so a release will be validated: load the suites while workers
-            # compute. A fully cached rerun skips this: its unchanged release is not validated again.
-            preloaded = True
-            preload_validation()
 
     recorder.flush()
     failed = sum(p.failed for p in progress.values())

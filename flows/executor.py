@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import dask
-from distributed import as_completed
+from distributed import WorkerPlugin, as_completed
 from prefect.context import FlowRunContext
 from prefect_dask import DaskTaskRunner
 
@@ -35,7 +35,12 @@ def local_workers(cfg: Config) -> int:
     return cfg.execution.n_workers or max(1, os.cpu_count() or 1)
 
 
-def _local_cluster_kwargs(cfg: Config) -> dict[str, Any]:
+# The local cluster `started_task_runner` started in this process: it starts with one worker and grows to
+# as many as the run has shards (`scale_local_cluster`), since a worker without a shard only costs start-up.
+_started: list[Any] = []
+
+
+def _local_cluster_kwargs(cfg: Config, n_workers: int | None = None) -> dict[str, Any]:
     # Dask's nannies export MALLOC_TRIM_THRESHOLD_=65536 to workers. Setting it
     # at all turns off glibc's adaptive mmap threshold, so every decoded image
     # and crop is a fresh mmap and page faults: detect ran 15-20 % slower in a
@@ -45,7 +50,7 @@ def _local_cluster_kwargs(cfg: Config) -> dict[str, Any]:
     dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
     slots = cfg.execution.threads_per_worker
     return {
-        "n_workers": local_workers(cfg),
+        "n_workers": n_workers or local_workers(cfg),
         "threads_per_worker": slots + cfg.execution.io_threads,
         "resources": {CPU: slots, IO: cfg.execution.io_threads},
         "processes": True,
@@ -73,14 +78,30 @@ def started_task_runner(cfg: Config) -> Iterator[Callable[[], DaskTaskRunner]]:
         return
     from distributed import Client, LocalCluster
 
-    with LocalCluster(**_local_cluster_kwargs(cfg)) as cluster, Client(cluster) as client:
-        client.run(_import_stage_code)  # in every worker now, not in each one's first task
+    with LocalCluster(**_local_cluster_kwargs(cfg, n_workers=1)) as cluster, Client(cluster) as client:
+        client.register_plugin(StageImports())  # in every worker as it starts, not in each one's first task
+        _started.append(cluster)
         try:
             yield lambda: DaskTaskRunner(address=cluster.scheduler_address)
         finally:
+            _started.remove(cluster)
             # Workers hold Prefect's log and event senders; flushed now, they exit when asked
             # instead of being killed after the nanny's 4 s grace.
             client.run(_flush_prefect, on_error="ignore")
+
+
+def scale_local_cluster(cfg: Config, shards: int) -> int | None:
+    """Workers for a run of `shards` shards: the local cluster this process started grows to
+    min(execution.n_workers or one per core, shards). Returns the local workers the run gets
+    (their cores are shared among them), or None on an existing cluster (execution.dask_address)."""
+    if cfg.execution.dask_address:
+        return None
+    wanted = max(1, min(local_workers(cfg), shards))
+    for cluster in _started:
+        if len(cluster.worker_spec) < wanted:
+            cluster.scale(wanted)
+        return max(wanted, len(cluster.worker_spec))
+    return local_workers(cfg)  # a cluster prefect-dask starts itself, with every worker
 
 
 def _flush_prefect() -> None:
@@ -95,11 +116,16 @@ def _flush_prefect() -> None:
     flushing.join()
 
 
-def _import_stage_code() -> None:
-    """What a worker's first stage task would import: Prefect's task engine and the stage code."""
-    import prefect.task_engine  # noqa: F401
+class StageImports(WorkerPlugin):
+    """What a worker's first stage task would import, done as the worker starts: Prefect's task engine and the
+    stage code."""
 
-    import facecap.tasks.stages  # noqa: F401
+    name = "facecap-stage-imports"
+
+    def setup(self, worker) -> None:
+        import prefect.task_engine  # noqa: F401
+
+        import facecap.tasks.stages  # noqa: F401
 
 
 def wants_gpu(stage: type[Stage], cfg: Config) -> bool:

@@ -31,17 +31,16 @@ def _identity_of(path: Path) -> str:
 def plan_identity(cfg: Config) -> tuple[str | None, str | None]:
     """(model identity, None) when identity grouping is on, else (None, why it is off).
 
-    On but without its weights fails the run before any work, saying what to place where.
+    On but without its weights fails the run before any work, saying what to place where. Off, it imports
+    nothing (the model's module imports torch: seconds of a run's start-up).
     """
-    from .facenet import FACENET_VGGFACE2_URL
-
     mode = cfg.dedup.identity
     if mode == "off":
         return None, "dedup.identity is off: the split keeps clusters and source images together, not persons"
-    path = identity_weights_path(cfg)
     if mode == "auto" and cfg.profile == "offline" and not cfg.dedup.identity_weights:
         return None, ("offline profile: no FaceNet VGGFace2 weights configured (dedup.identity_weights); one "
                       "person's different photos may land on both sides of the split")
+    path = identity_weights_path(cfg)
     if path.is_dir():
         raise ConfigError(f"dedup.identity_weights={str(path)!r} is a directory; it must be the .pt state dict file")
     if not cfg.dedup.identity_weights:
@@ -50,6 +49,8 @@ def plan_identity(cfg: Config) -> tuple[str | None, str | None]:
 
         path, _ = ensure_cached(CATALOG[FACENET_KEY], cfg)
     if not path.is_file():
+        from .facenet import FACENET_VGGFACE2_URL
+
         raise WeightsError(
             f"FaceNet VGGFace2 weights (dedup.identity={mode}) not found at {path} (dedup.identity_weights). On a "
             f"connected host run `facecap models fetch --profile full` (or download {FACENET_VGGFACE2_URL}) and "

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from facecap.quality.process import ChildUnavailable, start_ahead, stop_ahead, take_ahead
 from facecap.quality.validate import validate_release
 
 
@@ -12,20 +16,32 @@ from facecap.quality.validate import validate_release
 def validate_task(release_dir: str, overrides: list[str] | None = None, allow_failures: bool = False) -> dict:
     """Run the quality suites on a release, write its report and card, record the verdict.
 
-    Called directly in the flow's process (not submitted to Dask): the suites
-    are DuckDB aggregates over the release's Parquet files, one scan, driven
-    from where the release is written. No retries: the result is deterministic.
+    Runs on the flow's machine (not submitted to Dask): the suites are DuckDB
+    aggregates over the release's Parquet files, one scan, driven from where the
+    release is written. In the validation process the flow started ahead of need
+    when there is one (its log lines come here), else in this process. No
+    retries: the result is deterministic.
     """
     logger = get_run_logger()
+    child = take_ahead()
+    if child is not None:
+        try:
+            return child.validate(release_dir, overrides, allow_failures, log=logger.info)
+        except ChildUnavailable as exc:
+            logger.warning(f"{exc}\nvalidating in the flow's process instead")
+        finally:
+            child.close()
     return validate_release(release_dir, overrides, allow_failures, log=logger.info)
 
 
-def preload() -> None:
-    """Import the suites' heaviest library now (Great Expectations: seconds of imports).
-
-    The flow calls this in its own thread while workers compute shards, so the
-    import overlaps with their work instead of delaying the release after them.
-    Not in a background thread: importing alongside the flow's own imports
-    deadlocked once.
-    """
-    import great_expectations  # noqa: F401
+@contextmanager
+def validation_ahead(enabled: bool) -> Iterator[None]:
+    """Start the validation process now (unless the command line already did), so that its imports overlap
+    with the run's work; stop it at the end of the block if no validate_task took it (a run that fails, or
+    whose release stands unchanged)."""
+    if enabled:
+        start_ahead()
+    try:
+        yield
+    finally:
+        stop_ahead()

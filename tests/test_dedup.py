@@ -12,6 +12,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -395,3 +397,12 @@ def test_a_cluster_on_both_sides_of_the_split_fails_its_check(tmp_path):
     pq.write_table(pa.concat_tables([table.slice(0, row), table.slice(row + 1)]), source)
     verdict = validate_release(str(staged), log=lambda _: None)
     assert verdict["failed"] == ["clusters_in_one_split"]
+
+
+def test_the_offline_plan_does_not_import_torch():
+    """Identity is off offline, so planning the chain must not pay for importing the model's torch."""
+    code = ("import sys\nfrom facecap.config import Config\nfrom facecap.chain import plan_run\n"
+            "plan = plan_run(Config(profile='offline'))\n"
+            "assert plan.stages['dedup'].on and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -68,3 +68,36 @@ def test_cuda_without_a_cuda_runtime_is_a_clear_error():
     with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
         providers_for("cuda")
     assert providers_for("auto") == ["CPUExecutionProvider"]
+
+
+def _stage_code_loaded() -> bool:
+    import sys
+
+    return "facecap.tasks.stages" in sys.modules
+
+
+def test_the_local_cluster_starts_with_one_worker_and_grows_to_the_shards():
+    """A one-shard run pays for one worker's start-up, a bigger run gets every configured worker."""
+    import time
+
+    from distributed import Client
+
+    from facecap.flows import executor
+
+    cfg = offline_config(execution={"n_workers": 2})
+    with executor.started_task_runner(cfg):
+        client = Client(executor._started[0].scheduler_address)
+        try:
+            assert len(client.scheduler_info()["workers"]) == 1
+            assert executor.scale_local_cluster(cfg, 1) == 1
+            assert executor.scale_local_cluster(cfg, 5) == 2  # at most execution.n_workers
+            client.wait_for_workers(2, timeout=120)
+            deadline = time.monotonic() + 60  # the plugin's set-up may still be importing on the new worker
+            while not all((loaded := client.run(_stage_code_loaded)).values()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert len(loaded) == 2 and all(loaded.values()), "a worker started later imports the stage code too"
+        finally:
+            client.close()
+    # No cluster of this process's own: prefect-dask's, started with every worker.
+    assert executor.scale_local_cluster(cfg, 1) == 2
+    assert executor.scale_local_cluster(offline_config(execution={"dask_address": "tcp://10.0.0.1:8786"}), 1) is None
