@@ -10,7 +10,9 @@ even before the flow (`start_ahead`), as its own start-up leaves cores idle.
 
 Protocol: one JSON request line on the child's stdin; JSON lines back on its
 stdout: {"log": line} any number of times, then {"verdict": {...}} or {"error":
-traceback}. Anything else the libraries print goes to the child's stderr. A
+traceback} (with the errno of an OSError, or the class of a DuckDB error, so that
+the caller raises what it would have met in its own process). Anything else the
+libraries print goes to the child's stderr. A
 child that cannot answer (it died, or never started) raises `ChildUnavailable`,
 and the caller validates in its own process instead.
 
@@ -59,7 +61,7 @@ class ValidationProcess:
             elif "verdict" in message:
                 return message["verdict"]
             elif "error" in message:
-                raise ValidationFailed(f"validating {release_dir} failed:\n{message['error']}")
+                raise _rebuilt(message, release_dir)
         raise ChildUnavailable(self._exited("it ended without a verdict"))
 
     def _exited(self, what: str) -> str:
@@ -79,6 +81,26 @@ class ValidationProcess:
             except (BrokenPipeError, OSError):
                 pass
         self.errors.close()
+
+
+def _rebuilt(message: dict, release_dir: str) -> Exception:
+    """The child's exception as the flow would have met it in its own process: an OSError (a full disk, say)
+    or a DuckDB error stays one, so the flow reports it as it would; anything else is ValidationFailed. The
+    child's traceback rides along as a note."""
+    exc: Exception | None = None
+    if message.get("os_error"):
+        code, text, filename = message["os_error"]
+        exc = OSError(code, text, filename) if filename else OSError(code, text)
+    elif message.get("duckdb"):
+        import duckdb
+
+        cls = getattr(duckdb, message["duckdb"][0], None)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            exc = cls(message["duckdb"][1])
+    if exc is None:
+        return ValidationFailed(f"validating {release_dir} failed:\n{message['error']}")
+    exc.add_note(f"raised in the validation process:\n{message['error']}")
+    return exc
 
 
 # Started ahead of need in this process (`start_ahead`); the next validation takes it (`take_ahead`).
@@ -123,8 +145,13 @@ def _serve(nice: int) -> int:
     try:
         verdict = validate_release(request["release_dir"], request["overrides"], request["allow_failures"],
                                    log=lambda text: send({"log": text}))
-    except Exception:
-        send({"error": traceback.format_exc()})
+    except Exception as exc:
+        message: dict[str, Any] = {"error": traceback.format_exc()}
+        if isinstance(exc, OSError):
+            message["os_error"] = [exc.errno, exc.strerror, exc.filename]
+        elif type(exc).__module__.split(".")[0] in ("duckdb", "_duckdb"):
+            message["duckdb"] = [type(exc).__name__, str(exc)]
+        send(message)
         return 1
     send({"verdict": verdict})
     return 0
