@@ -79,8 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
             is kept (--set dedup.keep=all keeps every face), and no cluster or
             source image straddles the train/test split.
 
-            Prefect: uses PREFECT_API_URL if set, otherwise starts one embedded
-            server for the run. Dask: a local cluster, or --dask-address."""),
+            Prefect: uses PREFECT_API_URL if set, otherwise a local Prefect API
+            that the first run starts and later runs reuse; it stops after
+            execution.api_idle_minutes (10) without a run (`facecap api status|stop`).
+            Dask: a local cluster (one worker, grown to the run's shards), or
+            --dask-address."""),
         epilog=EPILOG)
     c.add_argument("sources", nargs="+", metavar="SOURCE", help="folders, tar shards or Parquet files (globs allowed)")
     c.add_argument("--out", required=True, metavar="DIR", help="output directory (shards, manifest, release)")
