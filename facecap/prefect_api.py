@@ -15,8 +15,9 @@ it, in a session of its own, and the next run on this machine uses it at once:
   - the server polls for that lock exclusively; once no run has held it for
     `idle_minutes`, it keeps the lock, shuts down and exits, so a run arriving
     meanwhile waits for it to go and then starts a new one;
-  - runs find it through <key>.json (port and pid), found or started under the
-    exclusive <key>.lock so that two runs never start two servers;
+  - runs find it through <key>.json (port and pid, written as it launches, so a
+    run killed while it boots leaves it to be waited for, not started twice),
+    found or started under the exclusive <key>.lock: two runs never start two;
   - <key> is this environment (sys.prefix) and Prefect version: another gets its own.
 
 `idle_minutes=0` gives the old behaviour: the server is the run's child and stops
@@ -85,16 +86,12 @@ def prefect_api(log: Callable[[str], None] = print, startup_timeout: int = 90,
             shared = SharedApi()
             stack.enter_context(shared.lease())
             with shared.start_lock():
-                server = shared.running_server()
+                server = shared.running_server(wait=startup_timeout)
                 if server is None:
                     server = shared.new_server(idle_minutes)
                     log(f"starting a local Prefect API at {server.api_url}; it stays up for later runs until "
                         f"{idle_minutes:g} minutes pass without one (set PREFECT_API_URL to use your own)")
-                    try:
-                        use(server, boot=True)
-                    finally:  # recorded once it answers, even if this run fails: the next one uses it
-                        if server.process is not None and server.process.poll() is None:
-                            shared.record(server, idle_minutes)
+                    use(server, boot=True)  # recorded as it launches: a run killed meanwhile leaves it findable
                     server = None
             if server is not None:
                 log(f"using the local Prefect API at {server.api_url}, started by an earlier run "
@@ -155,11 +152,13 @@ class PrefectServer:
     """
 
     def __init__(self, port: int | None = None, full: bool = False, idle_seconds: float = 0,
-                 lease_path: Path | None = None, log_path: Path | None = None) -> None:
+                 lease_path: Path | None = None, log_path: Path | None = None,
+                 on_launch: Callable[[PrefectServer], None] | None = None) -> None:
         self.port = port if port is not None and port_is_free(port) else free_port()
         self.full = full
         self.idle_seconds = idle_seconds
         self.lease_path = lease_path
+        self.on_launch = on_launch  # called once the process exists, before it answers
         self.process: subprocess.Popen | None = None
         # Its messages go to a file, not a pipe: a pipe nobody reads would block a chatty server.
         if log_path is None:
@@ -206,6 +205,8 @@ class PrefectServer:
         import httpx
 
         self.process = self._launch()
+        if self.on_launch is not None:
+            self.on_launch(self)
         deadline = time.monotonic() + timeout
         with httpx.Client() as client:
             while time.monotonic() < deadline:
@@ -274,14 +275,19 @@ class SharedApi:
         finally:
             os.close(fd)
 
-    def running(self) -> dict | None:
-        """The recorded server, if its process is alive and its API answers."""
+    def recorded(self) -> dict | None:
+        """The recorded server, if its process is alive (it may still be booting)."""
         try:
             state = json.loads(self.state_path.read_text())
             os.kill(state["pid"], 0)
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return state if answers(state["url"]) else None
+        return state
+
+    def running(self) -> dict | None:
+        """The recorded server, if its process is alive and its API answers."""
+        state = self.recorded()
+        return state if state is not None and answers(state["url"]) else None
 
     @contextmanager
     def start_lock(self) -> Iterator[None]:
@@ -294,16 +300,27 @@ class SharedApi:
         finally:
             os.close(fd)
 
-    def running_server(self) -> PrefectServer | None:
-        """A handle on the running server (not started, nor stopped, by this process), or None."""
-        state = self.running()
-        return None if state is None else PrefectServer.attached(state["port"])
+    def running_server(self, wait: float) -> PrefectServer | None:
+        """A handle on the running server (not started, nor stopped, by this process), or None.
+
+        A recorded server that is alive but not answering yet is booting (its starter may have been
+        killed meanwhile): it is waited for, up to `wait` seconds, rather than started twice."""
+        state = self.recorded()
+        deadline = time.monotonic() + wait
+        while state is not None:
+            if answers(state["url"]):
+                return PrefectServer.attached(state["port"])
+            if time.monotonic() > deadline or not _alive(state["pid"]):
+                return None
+            time.sleep(0.2)
+        return None
 
     def new_server(self, idle_minutes: float) -> PrefectServer:
-        return PrefectServer(idle_seconds=idle_minutes * 60, lease_path=self.lease_path, log_path=self.log_path)
+        return PrefectServer(idle_seconds=idle_minutes * 60, lease_path=self.lease_path, log_path=self.log_path,
+                             on_launch=lambda server: self.record(server, idle_minutes))
 
     def record(self, server: PrefectServer, idle_minutes: float) -> None:
-        """Write where the started server answers, for the runs after this one."""
+        """Write where the launched server will answer, for the runs after this one."""
         state = {"pid": server.process.pid, "port": server.port, "url": server.api_url,
                  "idle_minutes": idle_minutes, "started": time.time(), "log": str(self.log_path)}
         partial = self.state_path.with_suffix(".json.partial")

@@ -3,6 +3,7 @@ lives as long as runs use it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -113,3 +114,23 @@ def test_api_command_shows_and_stops_the_local_api(tmp_path):
     assert stopped.returncode == 0 and f"pid {pid}" in stopped.stdout
     assert _gone(pid, within=10) and not answers(url)
     assert "no local Prefect API is running" in api("stop").stdout
+
+
+def test_a_run_killed_while_the_api_boots_leaves_it_to_the_next_run(tmp_path):
+    """Recorded as it launches: the next run waits for the booting server instead of starting a second one
+    on the same database."""
+    home = tmp_path / "prefect-home"
+    shared = SharedApi(home=home)
+    first = _in_a_run(home, 0.1)
+    deadline = time.monotonic() + 60
+    while not shared.state_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    state = json.loads(shared.state_path.read_text())
+    assert not answers(state["url"]), "the server answered before the run could be killed while it booted"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    second = _in_a_run(home, 0.1)
+    assert second.stdout.readline().strip() == state["url"]
+    assert second.wait(timeout=120) == 0 and "using the local Prefect API" in second.stderr.read()
+    assert shared.running()["pid"] == state["pid"]
+    shared.stop()

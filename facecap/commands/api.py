@@ -19,7 +19,7 @@ def register(subparsers, add_config_args) -> None:
             run gives it a server of its own that stops with it. Its runs are kept in
             PREFECT_HOME's database, like any local Prefect server's.
 
-              status   where it answers, its process, its log (exit 1 if none runs)
+              status   where it answers, its process, its log (exit 1 if none answers)
               stop     stop it now (a run in progress would lose its API: wait for it)"""))
     p.add_argument("action", choices=("status", "stop"), help="status or stop")
     p.set_defaults(handler=run)
@@ -36,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     state = shared.running()
     if state is None:
+        booting = shared.recorded()
+        if booting is not None:
+            print(f"local Prefect API starting at {booting['url']}: pid {booting['pid']}, not answering yet; "
+                  f"log {booting['log']}")
+            return 1
         print(f"no local Prefect API is running (the next run starts one; state in {shared.dir})")
         return 1
     print(f"local Prefect API at {state['url']}: pid {state['pid']}, up {(time.time() - state['started']) / 60:.1f} "
