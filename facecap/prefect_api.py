@@ -75,10 +75,10 @@ def prefect_api(log: Callable[[str], None] = print, startup_timeout: int = 90,
     with contextlib.ExitStack() as stack:
         previous = os.environ.get("PREFECT_API_URL")
 
-        def use(server: PrefectServer, boot: bool) -> None:
-            os.environ["PREFECT_API_URL"] = server.api_url  # inherited by local Dask worker processes
-            if boot:
-                _boot_meanwhile(server, startup_timeout, meanwhile)
+        def use(url: str, booting: PrefectServer | None = None) -> None:
+            os.environ["PREFECT_API_URL"] = url  # inherited by local Dask worker processes
+            if booting is not None:
+                _boot_meanwhile(booting, startup_timeout, meanwhile)
             elif meanwhile is not None:
                 meanwhile()
 
@@ -86,22 +86,21 @@ def prefect_api(log: Callable[[str], None] = print, startup_timeout: int = 90,
             shared = SharedApi()
             stack.enter_context(shared.lease())
             with shared.start_lock():
-                server = shared.running_server(wait=startup_timeout)
-                if server is None:
+                found = shared.running_url(wait=startup_timeout)
+                if found is None:
                     server = shared.new_server(idle_minutes)
                     log(f"starting a local Prefect API at {server.api_url}; it stays up for later runs until "
                         f"{idle_minutes:g} minutes pass without one (set PREFECT_API_URL to use your own)")
-                    use(server, boot=True)  # recorded as it launches: a run killed meanwhile leaves it findable
-                    server = None
-            if server is not None:
-                log(f"using the local Prefect API at {server.api_url}, started by an earlier run "
+                    use(server.api_url, booting=server)  # recorded as it launches: findable if this run dies
+            if found is not None:
+                log(f"using the local Prefect API at {found}, started by an earlier run "
                     "(`facecap api stop` stops it; set PREFECT_API_URL to use your own)")
-                use(server, boot=False)
+                use(found)
         else:
             log("starting an embedded Prefect server for this run (set PREFECT_API_URL to use your own)")
             server = PrefectServer()
             stack.callback(server.stop)
-            use(server, boot=True)
+            use(server.api_url, booting=server)
         stack.callback(_restore_api_url, previous)
         stack.callback(drain_to_api)
         from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -167,13 +166,6 @@ class PrefectServer:
         else:
             self.errors = open(log_path, "ab+")
             self.errors_from = self.errors.seek(0, os.SEEK_END)
-
-    @classmethod
-    def attached(cls, port: int) -> PrefectServer:
-        """A server already answering on `port`, started by another process."""
-        server = cls.__new__(cls)
-        server.port, server.full, server.idle_seconds, server.process = port, False, 0, None
-        return server
 
     @property
     def api_url(self) -> str:
@@ -264,44 +256,30 @@ class SharedApi:
         self.lock_path = self.dir / f"{key}.lock"
         self.log_path = self.dir / f"{key}.log"
 
-    @contextmanager
-    def lease(self) -> Iterator[None]:
-        """Hold the run's shared lease: the server stays up while any run holds one."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lease_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a server that found itself idle shuts down
-            yield
-        finally:
-            os.close(fd)
+    def lease(self) -> contextlib.AbstractContextManager:
+        """Hold the run's shared lease: the server stays up while any run holds one. Taking it waits while a
+        server that found itself idle shuts down."""
+        return _flocked(self.lease_path, fcntl.LOCK_SH)
+
+    def start_lock(self) -> contextlib.AbstractContextManager:
+        """Held while a run looks for the server and, finding none, starts one: two runs never start two."""
+        return _flocked(self.lock_path, fcntl.LOCK_EX)
 
     def recorded(self) -> dict | None:
         """The recorded server, if its process is alive (it may still be booting)."""
         try:
             state = json.loads(self.state_path.read_text())
-            os.kill(state["pid"], 0)
+            return state if _alive(state["pid"]) else None
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return state
 
     def running(self) -> dict | None:
         """The recorded server, if its process is alive and its API answers."""
         state = self.recorded()
         return state if state is not None and answers(state["url"]) else None
 
-    @contextmanager
-    def start_lock(self) -> Iterator[None]:
-        """Held while a run looks for the server and, finding none, starts one: two runs never start two."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def running_server(self, wait: float) -> PrefectServer | None:
-        """A handle on the running server (not started, nor stopped, by this process), or None.
+    def running_url(self, wait: float) -> str | None:
+        """The running server's API URL (a server this process neither started nor stops), or None.
 
         A recorded server that is alive but not answering yet is booting (its starter may have been
         killed meanwhile): it is waited for, up to `wait` seconds, rather than started twice."""
@@ -309,7 +287,7 @@ class SharedApi:
         deadline = time.monotonic() + wait
         while state is not None:
             if answers(state["url"]):
-                return PrefectServer.attached(state["port"])
+                return state["url"]
             if time.monotonic() > deadline or not _alive(state["pid"]):
                 return None
             time.sleep(0.2)
@@ -340,6 +318,18 @@ class SharedApi:
             os.kill(state["pid"], signal.SIGKILL)
         self.state_path.unlink(missing_ok=True)
         return state
+
+
+@contextmanager
+def _flocked(path: Path, operation: int) -> Iterator[None]:
+    """Hold an flock on `path` (created if need be) for the block; the kernel drops it if the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, operation)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:

@@ -12,9 +12,9 @@ Protocol: one JSON request line on the child's stdin; JSON lines back on its
 stdout: {"log": line} any number of times, then {"verdict": {...}} or {"error":
 traceback} (with the errno of an OSError, or the class of a DuckDB error, so that
 the caller raises what it would have met in its own process). Anything else the
-libraries print goes to the child's stderr. A
-child that cannot answer (it died, or never started) raises `ChildUnavailable`,
-and the caller validates in its own process instead.
+libraries print goes to the child's stderr. A child that cannot answer (it died,
+or never started) raises `ChildUnavailable`, and the caller validates in its own
+process instead.
 
     python -m facecap.quality.process NICE     # the child (started by ValidationProcess)
 """
