@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -202,32 +201,16 @@ def _curate(args: argparse.Namespace) -> int:
     from facecap.prefect_api import prefect_api
 
     print(f"facecap {__version__}: profile {cfg.profile}, detector {detector_identity(cfg)}", flush=True)
-    if cfg.quality.enabled:  # its imports use the cores this process's start-up leaves idle; the flow stops it
-        from facecap.quality.process import start_ahead
 
-        start_ahead()
-    cluster = contextlib.ExitStack()  # closed before the Prefect server stops: workers may still report
-    runner = []
+    def start_up() -> None:  # the flow's imports, while a Prefect server that has to boot does
+        from facecap.flows.curate import curate  # noqa: F401
 
-    def start_up() -> None:  # while the embedded Prefect server boots
-        from facecap.flows.curate import curate  # noqa: F401 (the flow's imports, done meanwhile)
-        from facecap.flows.executor import started_task_runner
+    with prefect_api(meanwhile=start_up, idle_minutes=cfg.execution.api_idle_minutes):
+        from facecap.flows.curate import curate, task_runner_for
 
-        runner.append(cluster.enter_context(started_task_runner(cfg)))
-
-    try:
-        with prefect_api(meanwhile=start_up, idle_minutes=cfg.execution.api_idle_minutes), cluster:
-            from facecap.flows.curate import curate
-
-            result = curate.with_options(task_runner=runner[0]())(
-                sources=list(args.sources), out=args.out, config=cfg.model_dump(mode="json"),
-                allow_failures=args.allow_failures)
-    finally:
-        cluster.close()
-        if cfg.quality.enabled:
-            from facecap.quality.process import stop_ahead
-
-            stop_ahead()  # the flow took or stopped it, unless it never ran
+        result = curate.with_options(task_runner=task_runner_for(cfg))(
+            sources=list(args.sources), out=args.out, config=cfg.model_dump(mode="json"),
+            allow_failures=args.allow_failures)
     print("\nFunnel (records per stage):")
     width = max([8] + [len(row["stage"]) for row in result["funnel"]])
     for row in result["funnel"]:

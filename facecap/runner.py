@@ -190,20 +190,29 @@ def input_key(shard: ShardInput) -> str:
     return shard.outputs[-1].key if shard.outputs else settings_hash(shard.spec.key_material())
 
 
-def _read_cached(paths: ShardPaths) -> tuple[ShardStats | None, str | None]:
-    """The stats of an earlier run of this key, if its outputs are intact; else why not."""
+class _OverBudget(Exception):
+    """Verifying a cached output would read more bytes than the caller allowed."""
+
+
+def _read_cached(paths: ShardPaths, budget: list[int] | None = None) -> tuple[ShardStats | None, str | None]:
+    """The stats of an earlier run of this key, if its outputs are intact; else why not. With `budget` (bytes
+    left to read, decremented), raises _OverBudget instead of verifying more than that."""
     if not storage.exists(paths.stats):
         return None, None
     try:
         stats = ShardStats.from_json(storage.read_json(paths.stats))
     except (ValueError, TypeError) as exc:
         return None, f"{paths.stats} is unreadable ({type(exc).__name__}: {exc})"
+    if budget is not None:
+        size = sum(int(f.get("bytes", 0)) for f in stats.files.values() if isinstance(f, dict))
+        if size > budget[0]:
+            raise _OverBudget
+        budget[0] -= size
     problem = verify(stats)
     return (None, problem) if problem else (stats, None)
 
 
-def run_stage(stage: type[Stage], shard: ShardInput, out: str, cfg: Config, plan: StagePlan) -> ShardStats:
-    """Run `stage` on one shard unless its intact output exists; returns the shard's stats."""
+def _keyed_paths(stage: type[Stage], shard: ShardInput, out: str, cfg: Config, plan: StagePlan):
     settings = stage.settings_hash(cfg)
     base_input = input_key(shard)
 
@@ -211,16 +220,44 @@ def run_stage(stage: type[Stage], shard: ShardInput, out: str, cfg: Config, plan
         key_input = base_input if generation == 0 else f"{base_input}+retry{generation}"
         return ShardPaths(out, stage.name, stage_key(stage.name, stage.version, settings, plan.model, key_input))
 
+    return settings, base_input, paths
+
+
+def _latest(paths, budget: list[int] | None = None) -> tuple[ShardStats | None, int, str | None]:
+    """The latest intact generation of a finished shard (a stage may build next generations on one: ingest
+    re-downloading transient failures), its number, and why the generation after it cannot be reused."""
+    latest, problem = _read_cached(paths(0), budget)
+    generation = 0
+    while latest is not None:
+        later, problem = _read_cached(paths(generation + 1), budget)
+        if later is None:
+            break
+        latest, generation = later, generation + 1
+    return latest, generation, problem
+
+
+def reusable(stage: type[Stage], shard: ShardInput, out: str, cfg: Config, plan: StagePlan,
+             budget: list[int]) -> ShardStats | None:
+    """The stats `run_stage` would return without computing: the stage's finished, verified output on this
+    shard. None when it would compute (nothing finished, damaged, another pass) or when verifying would read
+    more than budget[0] bytes (decremented by what is read): running the stage then decides. Loads no model."""
+    try:
+        latest, _, problem = _latest(_keyed_paths(stage, shard, out, cfg, plan)[2], budget)
+    except _OverBudget:
+        return None
+    if latest is None or problem is not None or _instance(stage, cfg, plan, out).another_pass(latest):
+        return None
+    latest.cached = True
+    return latest
+
+
+def run_stage(stage: type[Stage], shard: ShardInput, out: str, cfg: Config, plan: StagePlan) -> ShardStats:
+    """Run `stage` on one shard unless its intact output exists; returns the shard's stats."""
+    settings, base_input, paths = _keyed_paths(stage, shard, out, cfg, plan)
     instance = _instance(stage, cfg, plan, out)
-    latest, problem = _read_cached(paths(0))
-    generation, previous = 0, None
+    latest, generation, problem = _latest(paths)
+    previous = None
     if latest is not None:
-        # A stage may build next generations on a finished shard (ingest re-downloading transient failures).
-        while True:
-            later, problem = _read_cached(paths(generation + 1))
-            if later is None:
-                break
-            latest, generation = later, generation + 1
         if problem is None and not instance.another_pass(latest):
             latest.cached = True
             return latest

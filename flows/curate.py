@@ -14,7 +14,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -22,14 +22,20 @@ from prefect.runtime import flow_run
 from facecap import manifest, release, runlock, storage
 from facecap.chain import plan_run
 from facecap.config import Config
-from facecap.flows.executor import ShardExecutor, scale_local_cluster, task_runner_for  # noqa: F401 (re-exported)
+from facecap.flows.executor import ShardExecutor, size_local_cluster, task_runner_for  # noqa: F401 (re-exported)
 from facecap.flows.run_artifacts import publish_curate_artifacts
 from facecap.quality.validate import ReleaseBlocked, blocked_message
 from facecap.records import ShardInput
-from facecap.runner import ShardStats
+from facecap.runner import ShardStats, reusable
 from facecap.stages.ingest import plan_shards
 from facecap.tasks.stages import stage_task
 from facecap.tasks.validate import validate_task, validation_ahead
+
+
+# Bytes of finished shard outputs the flow verifies itself (size and sha256) before deciding that a stage is
+# done on a shard, so a rerun of already done work runs no task and starts no worker. Past this, shards go to
+# the workers, which verify them in parallel: a resume of a large run does not hash terabytes in one process.
+DRIVER_VERIFY_BYTES = 256 << 20
 
 
 class CurateFailed(RuntimeError):
@@ -131,8 +137,8 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
     # Two runs on one OUT would both do all the work and race to promote the release.
     try:
         with runlock.acquire(out, run_id, cfg.execution.lock_wait_s, get_run_logger()), \
-                validation_ahead(cfg.quality.enabled):
-            return _curate(sources, out, cfg, run_id, allow_failures)
+                validation_ahead(cfg.quality.enabled) as validation_needed:
+            return _curate(sources, out, cfg, run_id, allow_failures, validation_needed)
     except runlock.OutputLocked as exc:
         raise CurateFailed(str(exc)) from None
     except Exception as exc:
@@ -148,12 +154,13 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
                            "the same command: finished shards are kept.") from exc
 
 
-def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failures: bool) -> dict:
+def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failures: bool,
+            validation_needed: Callable[[], None]) -> dict:
     logger = get_run_logger()
     plan = plan_run(cfg)  # fails here, before any work, if a model a stage needs is missing
     chain = plan.chain
     specs, notes = plan_shards(sources, cfg.ingest)
-    workers = scale_local_cluster(cfg, len(specs))
+    workers = size_local_cluster(cfg, len(specs))
     if workers:  # share the machine's cores between the local workers instead of oversubscribing them
         cores = max(1, (os.cpu_count() or 1) // workers)
         cfg.detect.threads = cfg.detect.threads or cores
@@ -184,11 +191,17 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
     shards = [ShardInput(spec, (), source_settings) for spec in specs]
     rejects: dict[tuple[int, int], tuple[str, int]] = {}  # (stage, shard) -> reject file, rows
     executor = ShardExecutor(cfg)
+    verify_budget = [DRIVER_VERIFY_BYTES]
 
     def submit(k: int, index: int) -> None:
         stage = chain[k]
-        executor.submit(stage_task(stage), stage, (k, index), stage.name, shards[index], out, cfg,
-                        plan.stages[stage.name])
+        args = (shards[index], out, cfg, plan.stages[stage.name])
+        done = reusable(stage, *args, verify_budget) if verify_budget[0] > 0 else None
+        if done is not None:
+            executor.done((k, index), done)
+            return
+        validation_needed()  # work to do: the release will likely change
+        executor.submit(stage_task(stage), stage, (k, index), stage.name, *args)
 
     for index in range(len(specs)):
         submit(0, index)

@@ -17,8 +17,9 @@ would never run).
 from __future__ import annotations
 
 import os
+from collections import deque
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import dask
 from distributed import WorkerPlugin, as_completed
@@ -35,12 +36,7 @@ def local_workers(cfg: Config) -> int:
     return cfg.execution.n_workers or max(1, os.cpu_count() or 1)
 
 
-# The local cluster `started_task_runner` started in this process: it starts with one worker and grows to
-# as many as the run has shards (`scale_local_cluster`), since a worker without a shard only costs start-up.
-_started: list[Any] = []
-
-
-def _local_cluster_kwargs(cfg: Config, n_workers: int | None = None) -> dict[str, Any]:
+def _local_cluster_kwargs(cfg: Config) -> dict[str, Any]:
     # Dask's nannies export MALLOC_TRIM_THRESHOLD_=65536 to workers. Setting it
     # at all turns off glibc's adaptive mmap threshold, so every decoded image
     # and crop is a fresh mmap and page faults: detect ran 15-20 % slower in a
@@ -50,7 +46,7 @@ def _local_cluster_kwargs(cfg: Config, n_workers: int | None = None) -> dict[str
     dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
     slots = cfg.execution.threads_per_worker
     return {
-        "n_workers": n_workers or local_workers(cfg),
+        "n_workers": local_workers(cfg),
         "threads_per_worker": slots + cfg.execution.io_threads,
         "resources": {CPU: slots, IO: cfg.execution.io_threads},
         "processes": True,
@@ -58,50 +54,50 @@ def _local_cluster_kwargs(cfg: Config, n_workers: int | None = None) -> dict[str
     }
 
 
-def task_runner_for(cfg: Config) -> DaskTaskRunner:
-    """An existing Dask scheduler if configured, else a local cluster of worker processes (started on first use)."""
-    if cfg.execution.dask_address:
-        return DaskTaskRunner(address=cfg.execution.dask_address)
-    return DaskTaskRunner(cluster_kwargs=_local_cluster_kwargs(cfg))
-
-
-@contextmanager
-def started_task_runner(cfg: Config) -> Iterator[Callable[[], DaskTaskRunner]]:
-    """Start the local cluster now (not on the flow's first task) and stop it at the end of the block.
-
-    Yields a factory of task runners bound to it, so the cluster's start-up
-    can overlap with other start-up work (the CLI runs it while the embedded
-    Prefect server boots). With execution.dask_address nothing is started.
-    """
-    if cfg.execution.dask_address:
-        yield lambda: task_runner_for(cfg)
-        return
+def local_cluster(**kwargs: Any):
+    """The local cluster of a run's task runner (its `cluster_class`), created on the run's first task: a run
+    whose every shard is already done starts no worker process at all."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(**_local_cluster_kwargs(cfg, n_workers=1)) as cluster, Client(cluster) as client:
-        client.register_plugin(StageImports())  # in every worker as it starts, not in each one's first task
-        _started.append(cluster)
-        try:
-            yield lambda: DaskTaskRunner(address=cluster.scheduler_address)
-        finally:
-            _started.remove(cluster)
-            # Workers hold Prefect's log and event senders; flushed now, they exit when asked
-            # instead of being killed after the nanny's 4 s grace.
-            client.run(_flush_prefect, on_error="ignore")
+    cluster = LocalCluster(**kwargs)
+    try:
+        with Client(cluster) as client:
+            client.register_plugin(StageImports())  # in every worker as it starts, not in each one's first task
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
 
 
-def scale_local_cluster(cfg: Config, shards: int) -> int | None:
-    """Workers for a run of `shards` shards: the local cluster this process started grows to
-    min(execution.n_workers or one per core, shards). Returns the local workers the run gets
-    (their cores are shared among them), or None on an existing cluster (execution.dask_address)."""
+def task_runner_for(cfg: Config) -> DaskTaskRunner:
+    """An existing Dask scheduler if configured, else a local cluster of worker processes, started when the run
+    submits its first task and sized by `size_local_cluster`."""
+    if cfg.execution.dask_address:
+        return DaskTaskRunner(address=cfg.execution.dask_address)
+    return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs=_local_cluster_kwargs(cfg))
+
+
+def _flow_task_runner() -> Any:
+    return getattr(FlowRunContext.get(), "task_runner", None)
+
+
+def _local_runner(runner: Any) -> bool:
+    return isinstance(runner, DaskTaskRunner) and runner.cluster_class is local_cluster
+
+
+def size_local_cluster(cfg: Config, shards: int) -> int | None:
+    """Workers for a run of `shards` shards, called by the flow before its first task: the local cluster it
+    will start gets min(execution.n_workers or one per core, shards) workers, since a worker without a shard
+    only costs start-up. Returns the local workers (their cores are shared among them), or None on an
+    existing cluster (execution.dask_address)."""
     if cfg.execution.dask_address:
         return None
     wanted = max(1, min(local_workers(cfg), shards))
-    for cluster in _started:
-        if len(cluster.worker_spec) < wanted:
-            cluster.scale(wanted)
-        return max(wanted, len(cluster.worker_spec))
-    return local_workers(cfg)  # a cluster prefect-dask starts itself, with every worker
+    runner = _flow_task_runner()
+    if _local_runner(runner) and runner._client is None:  # not started yet
+        runner.cluster_kwargs["n_workers"] = wanted
+        return wanted
+    return local_workers(cfg)
 
 
 def _flush_prefect() -> None:
@@ -155,8 +151,9 @@ def placement(stage: type[Stage], cfg: Config, slots: bool = False) -> Iterator[
 
 
 def _cluster_offers_slots() -> bool:
-    context = FlowRunContext.get()
-    runner = getattr(context, "task_runner", None)
+    runner = _flow_task_runner()
+    if _local_runner(runner):
+        return True  # its workers are started with both kinds of slot
     if not isinstance(runner, DaskTaskRunner):
         return False
     workers = runner.client.scheduler_info().get("workers", {}).values()
@@ -164,19 +161,26 @@ def _cluster_offers_slots() -> bool:
 
 
 class ShardExecutor:
-    """Submits stage tasks with their placement and yields them as they finish, in completion order."""
+    """Submits stage tasks with their placement and yields them as they finish, in completion order.
+
+    `done` hands in a result the flow already has (a shard whose output the driver found intact), yielded
+    like a finished task, before any task result: no task run and no worker for work that is done.
+    """
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.pending: dict[Any, tuple[Any, Any]] = {}  # dask future -> (tag, prefect future)
+        self.ready: deque[tuple[Any, Any]] = deque()
         self.completions: as_completed | None = None
         self.slots: bool | None = None
+        self.submitted = 0
 
     def submit(self, task, stage: type[Stage], tag: Any, *args) -> None:
         if self.slots is None:
             self.slots = _cluster_offers_slots()
         with placement(stage, self.cfg, self.slots):
             future = task.submit(*args)
+        self.submitted += 1
         inner = future.wrapped_future  # the distributed.Future behind Prefect's
         self.pending[inner] = (tag, future)
         if self.completions is None:
@@ -184,13 +188,25 @@ class ShardExecutor:
         else:
             self.completions.add(inner)
 
+    def done(self, tag: Any, result: Any) -> None:
+        self.ready.append((tag, result))
+
     def finished(self) -> Iterator[tuple[Any, Any, BaseException | None]]:
-        """(tag, result, error) for every submitted task, including those submitted while iterating."""
-        if self.completions is None:
-            return
-        for done in self.completions:
+        """(tag, result, error) for every submitted or handed-in result, including those added while iterating."""
+        while self.ready or self.pending:
+            while self.ready:
+                tag, result = self.ready.popleft()
+                yield tag, result, None
+            if not self.pending:
+                break
+            done = next(self.completions)
             tag, future = self.pending.pop(done)
             try:
                 yield tag, future.result(), None
             except Exception as exc:
                 yield tag, None, exc
+        runner = _flow_task_runner()
+        if self.submitted and _local_runner(runner):
+            # Workers hold Prefect's log and event senders; flushed now, they exit when the cluster closes
+            # instead of being killed after the nanny's 4 s grace.
+            runner.client.run(_flush_prefect, on_error="ignore")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -35,13 +35,19 @@ def validate_task(release_dir: str, overrides: list[str] | None = None, allow_fa
 
 
 @contextmanager
-def validation_ahead(enabled: bool) -> Iterator[None]:
-    """Start the validation process now (unless the command line already did), so that its imports overlap
-    with the run's work; stop it at the end of the block if no validate_task took it (a run that fails, or
+def validation_ahead(enabled: bool) -> Iterator[Callable[[], None]]:
+    """Yields `needed`: the flow calls it once it knows it has work to do (its first task), and the validation
+    process starts then (once), so that its imports overlap with the run's work. A run whose every shard is
+    done starts none. At the end of the block it is stopped if no validate_task took it (a run that fails, or
     whose release stands unchanged)."""
-    if enabled:
-        start_ahead()
+
+    def needed() -> None:
+        if enabled and not started:
+            start_ahead()
+            started.append(True)
+
+    started: list[bool] = []
     try:
-        yield
+        yield needed
     finally:
         stop_ahead()

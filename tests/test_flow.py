@@ -119,15 +119,35 @@ def test_tasks_ran_on_dask_workers_under_the_prefect_api(curated):
     assert all(t.state.is_completed() for t in tasks)
 
 
-def test_rerun_skips_finished_work_and_reproduces_the_release(curated, example_dir):
+def _task_run_names(run_id: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    return sorted(t.name for t in tasks)
+
+
+def test_rerun_skips_finished_work_and_reproduces_the_release(curated, example_dir, monkeypatch):
+    from facecap.flows import curate
+
     out, first, cfg = curated
     before, _ = read_release(out)
     files = {p.name: p.read_bytes() for p in (out / "release" / "data").glob("*.parquet")}
     second = run_curate(sources(example_dir), out, cfg)
     assert all(row["cached"] == row["shards"] for row in second["funnel"]), second["funnel"]
+    # The flow verified every finished output itself: no task ran, so no Dask worker was started.
+    assert second["unchanged"] and _task_run_names(second["run_id"]) == []
     after, _ = read_release(out)
     assert after.equals(before)
     assert files == {p.name: p.read_bytes() for p in (out / "release" / "data").glob("*.parquet")}
+
+    # Past the flow's verification budget, finished shards go to the workers, which find them done too.
+    monkeypatch.setattr(curate, "DRIVER_VERIFY_BYTES", 1)
+    third = run_curate(sources(example_dir), out, cfg)
+    assert all(row["cached"] == row["shards"] for row in third["funnel"]), third["funnel"]
+    names = _task_run_names(third["run_id"])
+    assert sum(n.startswith("ingest ") for n in names) == first["funnel"][0]["shards"] > 1
 
 
 def test_changed_settings_and_new_files_recompute_only_what_they_affect(prefect_api_url, example_dir, tmp_path):

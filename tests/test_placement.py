@@ -76,28 +76,33 @@ def _stage_code_loaded() -> bool:
     return "facecap.tasks.stages" in sys.modules
 
 
-def test_the_local_cluster_starts_with_one_worker_and_grows_to_the_shards():
-    """A one-shard run pays for one worker's start-up, a bigger run gets every configured worker."""
-    import time
+@task(cache_policy=NO_CACHE)
+def _worker_view() -> tuple[int, bool]:
+    from distributed import get_client
 
-    from distributed import Client
+    client = get_client()
+    return len(client.scheduler_info()["workers"]), all(client.run(_stage_code_loaded).values())
 
+
+@flow
+def sized_run(config: dict, shards: int, submit: bool) -> tuple[int | None, tuple[int, bool] | None]:
     from facecap.flows import executor
 
-    cfg = offline_config(execution={"n_workers": 2})
-    with executor.started_task_runner(cfg):
-        client = Client(executor._started[0].scheduler_address)
-        try:
-            assert len(client.scheduler_info()["workers"]) == 1
-            assert executor.scale_local_cluster(cfg, 1) == 1
-            assert executor.scale_local_cluster(cfg, 5) == 2  # at most execution.n_workers
-            client.wait_for_workers(2, timeout=120)
-            deadline = time.monotonic() + 60  # the plugin's set-up may still be importing on the new worker
-            while not all((loaded := client.run(_stage_code_loaded)).values()) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert len(loaded) == 2 and all(loaded.values()), "a worker started later imports the stage code too"
-        finally:
-            client.close()
-    # No cluster of this process's own: prefect-dask's, started with every worker.
-    assert executor.scale_local_cluster(cfg, 1) == 2
-    assert executor.scale_local_cluster(offline_config(execution={"dask_address": "tcp://10.0.0.1:8786"}), 1) is None
+    cfg = offline_config(**config)
+    workers = executor.size_local_cluster(cfg, shards)
+    return workers, (_worker_view.submit().result() if submit else None)
+
+
+def test_the_local_cluster_starts_on_the_first_task_with_a_worker_per_shard(prefect_api_url):
+    """No task, no worker; a one-shard run pays for one worker's start-up, a bigger run gets every configured
+    worker; each imports the stage code as it starts."""
+    from facecap.flows import executor
+
+    config = {"execution": {"n_workers": 2}}
+    cfg = offline_config(**config)
+    for shards, submit, expected in ((1, False, (1, None)), (1, True, (1, (1, True))), (5, True, (2, (2, True)))):
+        runner = executor.task_runner_for(cfg)
+        assert sized_run.with_options(task_runner=runner)(config, shards, submit) == expected
+    # Outside a flow with this process's local runner, it can only say what prefect-dask would start.
+    assert executor.size_local_cluster(cfg, 1) == 2
+    assert executor.size_local_cluster(offline_config(execution={"dask_address": "tcp://10.0.0.1:8786"}), 1) is None

@@ -54,7 +54,8 @@ def test_a_dead_child_says_so_and_the_task_validates_in_the_flow_instead(prefect
 
     @flow
     def validate_with_a_dead_child() -> dict:
-        with validation_ahead(True):
+        with validation_ahead(True) as needed:
+            needed()
             ahead = process._ahead[0]
             ahead.proc.kill()  # as an OOM kill would
             ahead.proc.wait()
