@@ -180,7 +180,7 @@ def quiet_expected_failures_on_console() -> None:
             handler.addFilter(ExpectedFailureFilter())
 
 
-def _curate(args: argparse.Namespace) -> int:
+def _curate(args: argparse.Namespace, warm_workers: bool = False) -> int:
     overrides = list(args.overrides)
     for flag, key in (("dask_address", "execution.dask_address"), ("workers", "execution.n_workers"),
                       ("shard_size", "ingest.shard_size"), ("min_score", "detect.min_score"),
@@ -196,6 +196,15 @@ def _curate(args: argparse.Namespace) -> int:
     from facecap.release import check_output
 
     check_output(args.out)
+    if warm_workers and not cfg.execution.dask_address:
+        from facecap.flows.warm_workers import start
+
+        start()  # local workers' code imports on an idle core while this process imports its own
+    if cfg.quality.enabled:  # its imports (seconds) run at a low priority on what the cores leave idle
+        from facecap.quality.process import start_ahead
+
+        start_ahead()
+    quiet_expected_failures_on_console()
 
     from facecap.models.registry import detector_identity
     from facecap.prefect_api import prefect_api
@@ -205,12 +214,21 @@ def _curate(args: argparse.Namespace) -> int:
     def start_up() -> None:  # the flow's imports, while a Prefect server that has to boot does
         from facecap.flows.curate import curate  # noqa: F401
 
-    with prefect_api(meanwhile=start_up, idle_minutes=cfg.execution.api_idle_minutes):
-        from facecap.flows.curate import curate, task_runner_for
+    try:
+        with prefect_api(meanwhile=start_up, idle_minutes=cfg.execution.api_idle_minutes):
+            from facecap.flows.curate import curate, task_runner_for
 
-        result = curate.with_options(task_runner=task_runner_for(cfg))(
-            sources=list(args.sources), out=args.out, config=cfg.model_dump(mode="json"),
-            allow_failures=args.allow_failures)
+            result = curate.with_options(task_runner=task_runner_for(cfg))(
+                sources=list(args.sources), out=args.out, config=cfg.model_dump(mode="json"),
+                allow_failures=args.allow_failures)
+    finally:
+        from facecap.quality.process import stop_ahead
+
+        stop_ahead()  # the flow took or stopped it, unless it never ran
+        if warm_workers:
+            from facecap.flows.warm_workers import stop
+
+            stop()
     print("\nFunnel (records per stage):")
     width = max([8] + [len(row["stage"]) for row in result["funnel"]])
     for row in result["funnel"]:
@@ -246,17 +264,19 @@ def _curate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, warm_workers: bool = False) -> int:
+    """Run one command; returns its exit code. `warm_workers`: fork local Dask workers from a server started
+    now (flows/warm_workers.py), for a process that runs this one command (`run`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
     try:
+        if args.command == "curate":
+            return _curate(args, warm_workers)
         if args.command in FLOW_COMMANDS:
             quiet_expected_failures_on_console()
-        if args.command == "curate":
-            return _curate(args)
         if args.command == "example-data":
             from facecap.example_data import write_example_data
 
@@ -300,7 +320,7 @@ def run() -> None:
     import atexit
     import threading
 
-    code = main()
+    code = main(warm_workers=True)
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()

@@ -57,16 +57,12 @@ def _local_cluster_kwargs(cfg: Config) -> dict[str, Any]:
 def local_cluster(**kwargs: Any):
     """The local cluster of a run's task runner (its `cluster_class`), created on the run's first task: a run
     whose every shard is already done starts no worker process at all."""
-    from distributed import Client, LocalCluster
+    from distributed import LocalCluster
 
-    cluster = LocalCluster(**kwargs)
-    try:
-        with Client(cluster) as client:
-            client.register_plugin(StageImports())  # in every worker as it starts, not in each one's first task
-    except BaseException:
-        cluster.close()
-        raise
-    return cluster
+    # Workers inherit the run's Prefect API URL, unless forked from a server started before it was chosen
+    # (flows/warm_workers.py): the nanny passes it, and StageImports has Prefect read it.
+    env = {"PREFECT_API_URL": os.environ["PREFECT_API_URL"]} if os.environ.get("PREFECT_API_URL") else {}
+    return LocalCluster(**kwargs, env=env, plugins=(StageImports(),))
 
 
 def task_runner_for(cfg: Config) -> DaskTaskRunner:
@@ -113,15 +109,19 @@ def _flush_prefect() -> None:
 
 
 class StageImports(WorkerPlugin):
-    """What a worker's first stage task would import, done as the worker starts: Prefect's task engine and the
-    stage code."""
+    """What a worker's first stage task would import, done as the worker starts (before it takes a task):
+    Prefect's task engine and the stage code; and Prefect's settings read again from the environment the nanny
+    gave the worker, for a worker forked from a process that imported Prefect before the run chose its API."""
 
     name = "facecap-stage-imports"
 
     def setup(self, worker) -> None:
         import prefect.task_engine  # noqa: F401
+        from prefect.context import refresh_global_settings_context
 
         import facecap.tasks.stages  # noqa: F401
+
+        refresh_global_settings_context()
 
 
 def wants_gpu(stage: type[Stage], cfg: Config) -> bool:

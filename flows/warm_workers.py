@@ -1,0 +1,65 @@
+"""Local Dask workers forked from a process that has already imported their code.
+
+A spawned worker process imports distributed, Prefect's task engine and the
+stage code before it can take a task: seconds of a core, paid after the flow
+has found that it needs a worker. The `facecap` command instead starts
+multiprocessing's fork server as its first step; the server imports that code
+on an idle core while the command imports its own, and the local cluster's
+nannies then fork every worker from it (the run's first, the ones it grows to,
+a restarted one), each ready in a fraction of a second.
+
+Only a process that runs one command does this: a fork server keeps the
+environment it was started with. What a worker needs that is decided later,
+the Prefect API URL of the run, its nanny passes to it, and the worker's
+`StageImports` plugin has Prefect read it as the worker starts.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.forkserver
+import os
+
+# What a local worker imports before its first task (see flows/executor.py, StageImports).
+PRELOAD = ("distributed", "prefect.task_engine", "facecap.tasks.stages", "facecap.flows.executor")
+
+
+def start() -> None:
+    """Start the fork server now and have this process's local Dask clusters fork their workers from it."""
+    import dask.config
+
+    # A nanny sets these in its own environment before it spawns a worker, which a forked worker would not
+    # see: they go into the server's environment instead (less MALLOC_TRIM_THRESHOLD_: see executor.py).
+    environ = {k: str(v) for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}).items()
+               if k != "MALLOC_TRIM_THRESHOLD_"}
+    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
+    saved = {k: os.environ.get(k) for k in environ}
+    os.environ.update(environ)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    import distributed.utils  # after the server's start: this process needs it later anyway
+
+    # distributed would otherwise import its own preload list (pandas among it) into this process, to set it on
+    # a server that is already running and would ignore it.
+    distributed.utils._forkserver_preload_set = True
+
+
+def stop() -> None:
+    """Stop the fork server at once (its workers are gone by now). Left to itself it exits when this process
+    does, but only after tearing down every module it imported: most of a second during which it still holds
+    the command's standard output open, so a pipe reading it would not see the end."""
+    import signal
+
+    pid = multiprocessing.forkserver._forkserver._forkserver_pid  # the server ensure_running started, if any
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
