@@ -225,10 +225,6 @@ def _curate(args: argparse.Namespace, warm_workers: bool = False) -> int:
         from facecap.quality.process import stop_ahead
 
         stop_ahead()  # the flow took or stopped it, unless it never ran
-        if warm_workers:
-            from facecap.flows.warm_workers import stop
-
-            stop()
     print("\nFunnel (records per stage):")
     width = max([8] + [len(row["stage"]) for row in result["funnel"]])
     for row in result["funnel"]:
@@ -320,7 +316,12 @@ def run() -> None:
     import atexit
     import threading
 
-    code = main(warm_workers=True)
+    from facecap.flows import warm_workers
+
+    try:
+        code = main(warm_workers=True)
+    finally:
+        warm_workers.stop()
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()

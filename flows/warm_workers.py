@@ -20,8 +20,9 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 
-# What a local worker imports before its first task (see flows/executor.py, StageImports).
-PRELOAD = ("distributed", "prefect.task_engine", "facecap.tasks.stages", "facecap.flows.executor")
+# What a local worker imports before its first task (see flows/executor.py, StageImports), and what its
+# first shard would: pyarrow builds tables from Python rows through pandas, detect runs on onnxruntime.
+PRELOAD = ("distributed", "prefect.task_engine", "facecap.tasks.stages", "facecap.flows.executor", "pandas", "onnxruntime")
 
 
 def start() -> None:
