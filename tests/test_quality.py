@@ -39,6 +39,18 @@ def test_a_clean_release_with_every_column_passes_every_check(clean):
     assert recorded["validation"]["passed"] is True and recorded["stages"]["validate"]["status"] == "on"
 
 
+def test_data_docs_pages_share_their_compiled_templates(clean):
+    """GX would compile its Data Docs templates again for every page; here once per process. If a GX upgrade
+    drops the hook this fails, rather than validation quietly getting a second slower."""
+    from facecap.quality.suites import share_compiled_templates
+
+    staged, verdict = clean
+    store = share_compiled_templates()
+    assert store and all(isinstance(code, bytes) and code for code in store.values())
+    pages = list((staged / "report" / "gx").rglob("*.html"))
+    assert len(pages) >= 4 and any("values must be" in p.read_text() for p in pages), "the pages render"
+
+
 @pytest.mark.parametrize("defect", sorted(DEFECTS))
 def test_each_injected_defect_fails_its_expectation_and_blocks_publication(defect, tmp_path):
     staged = write_synthetic_release(tmp_path, defect=defect)
