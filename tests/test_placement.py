@@ -85,12 +85,15 @@ def _worker_view() -> tuple[int, bool]:
 
 
 @flow
-def sized_run(config: dict, shards: int, submit: bool) -> tuple[int | None, tuple[int, bool] | None]:
+def sized_run(config: dict, shards: int, submit: bool) -> tuple[int | None, tuple[int, bool] | None, bool]:
+    from prefect.context import FlowRunContext
+
     from facecap.flows import executor
 
     cfg = offline_config(**config)
     workers = executor.size_local_cluster(cfg, shards)
-    return workers, (_worker_view.submit().result() if submit else None)
+    view = _worker_view.submit().result() if submit else None
+    return workers, view, FlowRunContext.get().task_runner._client is not None  # a cluster was created
 
 
 def test_the_local_cluster_starts_on_the_first_task_with_a_worker_per_shard(prefect_api_url):
@@ -100,7 +103,8 @@ def test_the_local_cluster_starts_on_the_first_task_with_a_worker_per_shard(pref
 
     config = {"execution": {"n_workers": 2}}
     cfg = offline_config(**config)
-    for shards, submit, expected in ((1, False, (1, None)), (1, True, (1, (1, True))), (5, True, (2, (2, True)))):
+    for shards, submit, expected in ((1, False, (1, None, False)), (1, True, (1, (1, True), True)),
+                                     (5, True, (2, (2, True), True))):
         runner = executor.task_runner_for(cfg)
         assert sized_run.with_options(task_runner=runner)(config, shards, submit) == expected
     # Outside a flow with this process's local runner, it can only say what prefect-dask would start.
