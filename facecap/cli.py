@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
             Prefect: uses PREFECT_API_URL if set, otherwise a local Prefect API
             that the first run starts and later runs reuse; it stops after
             execution.api_idle_minutes (10) without a run (`facecap api status|stop`).
-            Dask: a local cluster (one worker, grown to the run's shards), or
-            --dask-address."""),
+            Dask: a local cluster, started on the first task that has work to do
+            (one worker per shard, at most one per core or --workers), or
+            --dask-address. Shards already done are checked, not recomputed."""),
         epilog=EPILOG)
     c.add_argument("sources", nargs="+", metavar="SOURCE", help="folders, tar shards or Parquet files (globs allowed)")
     c.add_argument("--out", required=True, metavar="DIR", help="output directory (shards, manifest, release)")

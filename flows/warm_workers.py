@@ -5,8 +5,8 @@ stage code before it can take a task: seconds of a core, paid after the flow
 has found that it needs a worker. The `facecap` command instead starts
 multiprocessing's fork server as its first step; the server imports that code
 on an idle core while the command imports its own, and the local cluster's
-nannies then fork every worker from it (the run's first, the ones it grows to,
-a restarted one), each ready in a fraction of a second.
+nannies then fork every worker from it (each of the run's, and any restarted
+one), each ready in a fraction of a second.
 
 Only a process that runs one command does this: a fork server keeps the
 environment it was started with. What a worker needs that is decided later,
