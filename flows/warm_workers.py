@@ -22,17 +22,21 @@ import os
 
 # What a local worker imports before its first task (see flows/executor.py, StageImports), and what its
 # first shard would: pyarrow builds tables from Python rows through pandas, detect runs on onnxruntime.
-PRELOAD = ("distributed", "prefect.task_engine", "facecap.tasks.stages", "facecap.flows.executor", "pandas", "onnxruntime")
+PRELOAD = ("distributed", "prefect.task_engine", "facecap.tasks.stages", "facecap.flows.executor", "pandas",
+           "onnxruntime")
 
 
 def start() -> None:
-    """Start the fork server now and have this process's local Dask clusters fork their workers from it."""
+    """Start the fork server now and have this process's local Dask clusters fork their workers from it
+    (where the platform has one; elsewhere workers are spawned)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return
     import dask.config
 
     # A nanny sets these in its own environment before it spawns a worker, which a forked worker would not
     # see: they go into the server's environment instead (less MALLOC_TRIM_THRESHOLD_: see executor.py).
-    environ = {k: str(v) for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}).items()
-               if k != "MALLOC_TRIM_THRESHOLD_"}
+    spawn_environ = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    environ = {k: str(v) for k, v in spawn_environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
     dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
     saved = {k: os.environ.get(k) for k in environ}
