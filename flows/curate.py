@@ -155,7 +155,7 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
 
 
 def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failures: bool,
-            validation_needed: Callable[[], None]) -> dict:
+            validation_needed: Callable[[], object]) -> dict:
     logger = get_run_logger()
     plan = plan_run(cfg)  # fails here, before any work, if a model a stage needs is missing
     chain = plan.chain

@@ -27,6 +27,7 @@ from prefect.context import FlowRunContext
 from prefect_dask import DaskTaskRunner
 
 from facecap.config import Config
+from facecap.flows.warm_workers import nanny_environ
 from facecap.stages.base import Stage
 
 CPU, IO = "CPU", "IO"
@@ -37,13 +38,7 @@ def local_workers(cfg: Config) -> int:
 
 
 def _local_cluster_kwargs(cfg: Config) -> dict[str, Any]:
-    # Dask's nannies export MALLOC_TRIM_THRESHOLD_=65536 to workers. Setting it
-    # at all turns off glibc's adaptive mmap threshold, so every decoded image
-    # and crop is a fresh mmap and page faults: detect ran 15-20 % slower in a
-    # worker than in a plain process (bench/README.md). Local workers go without.
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
-    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
+    dask.config.set({"distributed.nanny.pre-spawn-environ": nanny_environ()})  # no MALLOC_TRIM_THRESHOLD_
     slots = cfg.execution.threads_per_worker
     return {
         "n_workers": local_workers(cfg),
@@ -173,14 +168,12 @@ class ShardExecutor:
         self.ready: deque[tuple[Any, Any]] = deque()
         self.completions: as_completed | None = None
         self.slots: bool | None = None
-        self.submitted = 0
 
     def submit(self, task, stage: type[Stage], tag: Any, *args) -> None:
         if self.slots is None:
             self.slots = _cluster_offers_slots()
         with placement(stage, self.cfg, self.slots):
             future = task.submit(*args)
-        self.submitted += 1
         inner = future.wrapped_future  # the distributed.Future behind Prefect's
         self.pending[inner] = (tag, future)
         if self.completions is None:
@@ -206,7 +199,7 @@ class ShardExecutor:
             except Exception as exc:
                 yield tag, None, exc
         runner = _flow_task_runner()
-        if self.submitted and _local_runner(runner):
+        if self.completions is not None and _local_runner(runner):  # tasks ran on its workers
             # Workers hold Prefect's log and event senders; flushed now, they exit when the cluster closes
             # instead of being killed after the nanny's 4 s grace.
             runner.client.run(_flush_prefect, on_error="ignore")

@@ -26,6 +26,20 @@ PRELOAD = ("distributed", "prefect.task_engine", "facecap.tasks.stages", "faceca
            "onnxruntime")
 
 
+def nanny_environ() -> dict[str, str]:
+    """What Dask's nannies set in a local worker's environment (distributed.nanny.pre-spawn-environ: one
+    thread for OpenMP, MKL and OpenBLAS), less MALLOC_TRIM_THRESHOLD_=65536.
+
+    Setting that at all turns off glibc's adaptive mmap threshold, so every decoded
+    image and crop is a fresh mmap and page faults: detect ran 15-20 % slower in a
+    worker than in a plain process (bench/README.md). Local workers go without.
+    """
+    import dask.config
+
+    spawn_environ = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    return {k: str(v) for k, v in spawn_environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
+
+
 def start() -> None:
     """Start the fork server now and have this process's local Dask clusters fork their workers from it
     (where the platform has one; elsewhere workers are spawned)."""
@@ -34,9 +48,8 @@ def start() -> None:
     import dask.config
 
     # A nanny sets these in its own environment before it spawns a worker, which a forked worker would not
-    # see: they go into the server's environment instead (less MALLOC_TRIM_THRESHOLD_: see executor.py).
-    spawn_environ = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
-    environ = {k: str(v) for k, v in spawn_environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
+    # see: they go into the server's environment instead.
+    environ = nanny_environ()
     dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
     saved = {k: os.environ.get(k) for k in environ}

@@ -35,19 +35,12 @@ def validate_task(release_dir: str, overrides: list[str] | None = None, allow_fa
 
 
 @contextmanager
-def validation_ahead(enabled: bool) -> Iterator[Callable[[], None]]:
-    """Yields `needed`: the flow calls it once it knows it has work to do (its first task), and the validation
-    process starts then (once), so that its imports overlap with the run's work. A run whose every shard is
-    done starts none. At the end of the block it is stopped if no validate_task took it (a run that fails, or
-    whose release stands unchanged)."""
-
-    def needed() -> None:
-        if enabled and not started:
-            start_ahead()
-            started.append(True)
-
-    started: list[bool] = []
+def validation_ahead(enabled: bool) -> Iterator[Callable[[], object]]:
+    """Yields `needed`: the flow calls it when it has work to do (each task it submits), and the validation
+    process starts at the first call (unless the command line started it), so that its imports overlap with
+    the run's work. A run whose every shard is done starts none. At the end of the block it is stopped if no
+    validate_task took it (a run that fails, or whose release stands unchanged)."""
     try:
-        yield needed
+        yield start_ahead if enabled else (lambda: None)
     finally:
         stop_ahead()
