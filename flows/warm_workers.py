@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import sys
 
 # What a local worker imports before its first task (see flows/executor.py, StageImports), and what its
 # first shard would: pyarrow builds tables from Python rows through pandas, detect runs on onnxruntime.
@@ -36,6 +37,14 @@ def nanny_environ() -> dict[str, str]:
     """
     import dask.config
 
+    if "distributed" not in sys.modules:  # its defaults, these among them, load as it is imported
+        import importlib.util
+
+        import yaml
+
+        package = importlib.util.find_spec("distributed").submodule_search_locations[0]
+        with open(os.path.join(package, "distributed.yaml")) as fh:  # without the second its import takes
+            dask.config.update_defaults(yaml.safe_load(fh))
     spawn_environ = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
     return {k: str(v) for k, v in spawn_environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
 
