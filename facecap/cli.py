@@ -181,7 +181,7 @@ def quiet_expected_failures_on_console() -> None:
             handler.addFilter(ExpectedFailureFilter())
 
 
-def _curate(args: argparse.Namespace, warm_workers: bool = False) -> int:
+def _curate(args: argparse.Namespace, warm_workers: bool = False, warm: bool = False) -> int:
     overrides = list(args.overrides)
     for flag, key in (("dask_address", "execution.dask_address"), ("workers", "execution.n_workers"),
                       ("shard_size", "ingest.shard_size"), ("min_score", "detect.min_score"),
@@ -210,7 +210,9 @@ def _curate(args: argparse.Namespace, warm_workers: bool = False) -> int:
     from facecap.models.registry import detector_identity
     from facecap.prefect_api import prefect_api
 
-    print(f"facecap {__version__}: profile {cfg.profile}, detector {detector_identity(cfg)}", flush=True)
+    print(f"facecap {__version__}: profile {cfg.profile}, detector {detector_identity(cfg)}"
+          + (f"; in a fork of the warm process {os.getppid()}, imports done (`facecap warm stop` stops it)"
+             if warm else ""), flush=True)
 
     def start_up() -> None:  # the flow's imports, while a Prefect server that has to boot does
         from facecap.flows.curate import curate  # noqa: F401
@@ -261,9 +263,10 @@ def _curate(args: argparse.Namespace, warm_workers: bool = False) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None, warm_workers: bool = False) -> int:
+def main(argv: list[str] | None = None, warm_workers: bool = False, warm: bool = False) -> int:
     """Run one command; returns its exit code. `warm_workers`: fork local Dask workers from a server started
-    now (flows/warm_workers.py), for a process that runs this one command (`run`)."""
+    now (flows/warm_workers.py), for a process that runs this one command (`run`). `warm`: this process is a
+    fork of the warm process (facecap/warm_process.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None, warm_workers: bool = False) -> int:
         return 2
     try:
         if args.command == "curate":
-            return _curate(args, warm_workers)
+            return _curate(args, warm_workers, warm)
         if args.command in FLOW_COMMANDS:
             quiet_expected_failures_on_console()
         if args.command == "example-data":
@@ -306,23 +309,42 @@ def main(argv: list[str] | None = None, warm_workers: bool = False) -> int:
 
 
 def run() -> None:
-    """The `facecap` command: main(), then an exit without the interpreter's teardown.
+    """The `facecap` command: main() in a fork of the warm process when one is up for this environment (a
+    curate command; facecap/warm_process.py), else here, leaving one behind for the next curate; then an exit
+    without the interpreter's teardown (`finish`). An unexpected exception still ends the usual way, with its
+    traceback."""
+    argv = sys.argv[1:]
+    environ = dict(os.environ)  # as the command found it: what a warm process for the next one must see
+    warm = _warm_process_for(argv, environ)
+    code = None
+    if warm is not None:
+        from facecap.warm_process import forward
+
+        code = forward(argv, warm[0])
+    if code is None:
+        from facecap.flows import warm_workers
+
+        try:
+            code = main(argv, warm_workers=True)
+        finally:
+            warm_workers.stop()
+        if warm is not None:
+            from facecap.warm_process import leave_behind
+
+            leave_behind(*warm, environ)
+    os._exit(finish(code))
+
+
+def finish(code: int) -> int:
+    """Wait for other threads that are not daemons, run the atexit handlers (Prefect's and logging's flushes
+    among them) and flush the standard streams: what an exit does, less the teardown.
 
     Tearing down frees every object of Prefect, Dask, Great Expectations and pandas
-    one by one: seconds after the work is done. Other threads that are not daemons
-    are waited for, the atexit handlers (Prefect's and logging's flushes among them)
-    run and the standard streams are flushed; only the teardown is skipped. An
-    unexpected exception still ends the usual way, with its traceback.
+    one by one: seconds after the work is done. Returns `code`, for os._exit.
     """
     import atexit
     import threading
 
-    from facecap.flows import warm_workers
-
-    try:
-        code = main(warm_workers=True)
-    finally:
-        warm_workers.stop()
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
@@ -332,7 +354,29 @@ def run() -> None:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe: nothing more can reach it
             pass
-    os._exit(code)
+    return code
+
+
+def _warm_process_for(argv: list[str], environ: dict[str, str]):
+    """(paths, idle minutes) of the warm process this command may run in, or None: not a curate command, warm
+    processes off (execution.warm_minutes=0) or unsupported here. Settings it cannot load are left to main()
+    to report."""
+    from facecap import warm_process
+
+    if not argv or argv[0] != "curate" or "-h" in argv or "--help" in argv or not warm_process.supported():
+        return None
+    args = build_parser().parse_args(argv)
+    try:
+        minutes = load_config(args.config, args.overrides, args.profile).execution.warm_minutes
+    except ConfigError:
+        return None
+    if minutes <= 0:
+        return None
+    try:
+        return warm_process.WarmPaths.for_key(warm_process.environment_key(environ)), minutes
+    except OSError as exc:
+        print(f"facecap: no warm process ({exc})", file=sys.stderr)
+        return None
 
 
 if __name__ == "__main__":

@@ -113,6 +113,13 @@ class ExecutionSettings(_Section):
                               "background, until this many minutes pass without a run, so the next run uses it at "
                               "once instead of booting one (seconds of CPU); 0 stops it with the run. "
                               "`facecap api status|stop` shows or stops it.")
+    warm_minutes: float = Field(
+        default_factory=lambda: float(os.environ.get("FACECAP_WARM_MINUTES", 10)), ge=0,
+        description="After a `facecap curate`, a process that has imported FaceCap's code (Prefect, Dask, the "
+                    "flow, Great Expectations: ~10 s of CPU, ~0.5 GB) stays in the background, and later curate "
+                    "commands in the same environment run in a fork of it, skipping those imports; it exits "
+                    "after this many minutes without one. 0: none (default from FACECAP_WARM_MINUTES, else 10). "
+                    "`facecap warm status|stop` shows or stops it.")
 
 
 class ModelSettings(_Section):

@@ -25,6 +25,7 @@ import sys
 # first shard would: pyarrow builds tables from Python rows through pandas, detect runs on onnxruntime.
 PRELOAD = ("distributed", "prefect.task_engine", "facecap.tasks.stages", "facecap.flows.executor", "pandas",
            "onnxruntime")
+_started: list[int] = []  # the fork server this process started (not one a fork inherited)
 
 
 def nanny_environ() -> dict[str, str]:
@@ -64,7 +65,10 @@ def start() -> None:
     saved = {k: os.environ.get(k) for k in environ}
     os.environ.update(environ)
     try:
+        before = _server_pid()
         multiprocessing.forkserver.ensure_running()
+        if _server_pid() != before:
+            _started.append(_server_pid())
     finally:
         for k, v in saved.items():
             if v is None:
@@ -78,15 +82,49 @@ def start() -> None:
     distributed.utils._forkserver_preload_set = True
 
 
+def inherit() -> None:
+    """In a process forked from one that started the fork server (facecap/warm_process.py): use that server.
+
+    The fork carries the server's address over, but multiprocessing checks that the
+    server is alive with waitpid, which works only in the process that started it,
+    so in a forked child every later start would fail. Here it is checked with a
+    signal 0 instead; if it has died, a server of this process's own is started.
+    """
+    server = multiprocessing.forkserver._forkserver
+    inherited = server._forkserver_pid
+    _started.clear()  # the warm process's: never this process's to stop
+    if inherited is None:
+        return
+    start_own = server.ensure_running
+
+    def ensure_running() -> None:
+        try:
+            os.kill(inherited, 0)
+        except ProcessLookupError:
+            server.ensure_running = multiprocessing.forkserver.ensure_running = start_own
+            server._forkserver_pid = None  # not this process's child: nothing of it to wait for or close
+            start_own()
+        else:
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()
+
+    server.ensure_running = multiprocessing.forkserver.ensure_running = ensure_running  # the method and its alias
+
+
 def stop() -> None:
-    """Stop the fork server at once (its workers are gone by now). Left to itself it exits when this process
-    does, but only after tearing down every module it imported: most of a second during which it still holds
-    the command's standard output open, so a pipe reading it would not see the end."""
+    """Stop the fork server this process started, at once (its workers are gone by now); one inherited from a
+    warm process stays, for that process's other commands. Left to itself it exits when this process does, but
+    only after tearing down every module it imported: most of a second during which it still holds the
+    command's standard output open, so a pipe reading it would not see the end."""
     import signal
 
-    pid = multiprocessing.forkserver._forkserver._forkserver_pid  # the server ensure_running started, if any
-    if pid is not None:
+    while _started:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(_started.pop(), signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _server_pid() -> int | None:
+    return multiprocessing.forkserver._forkserver._forkserver_pid  # the server ensure_running started, if any

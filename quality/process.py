@@ -105,13 +105,20 @@ def _rebuilt(message: dict, release_dir: str) -> Exception:
 
 # Started ahead of need in this process (`start_ahead`); the next validation takes it (`take_ahead`).
 _ahead: list[ValidationProcess] = []
+_imported_here: list[bool] = []
 
 
-def start_ahead() -> ValidationProcess:
-    """The validation process waiting in this process, started now if there is none."""
-    if not _ahead:
+def validate_in_this_process() -> None:
+    """This process has imported the suites' libraries already (a warm process, facecap/warm_process.py): a
+    child would only import them again, so none is started and validation runs here."""
+    _imported_here.append(True)
+
+
+def start_ahead() -> ValidationProcess | None:
+    """The validation process waiting in this process, started now if there is none (and none is needed)."""
+    if not _ahead and not _imported_here:
         _ahead.append(ValidationProcess())
-    return _ahead[0]
+    return _ahead[0] if _ahead else None
 
 
 def take_ahead() -> ValidationProcess | None:

@@ -10,6 +10,8 @@ import tempfile
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="facecap-prefect-home-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+# No warm process behind the command-line runs (tests/test_warm_process.py turns it on for its own).
+os.environ.setdefault("FACECAP_WARM_MINUTES", "0")
 
 from pathlib import Path  # noqa: E402
 

@@ -1,0 +1,476 @@
+"""A warm process that later `facecap curate` commands fork from.
+
+Every `facecap curate` first spends seconds of a core importing: Prefect, Dask,
+the flow and its stages (about 4 s here before the flow starts), then Great
+Expectations for the quality suites (about 6 s more). So after a run the command
+leaves behind, in a session of its own, a process that imports all of that once
+and then waits on a Unix socket. The next `facecap curate` in the same
+environment connects and hands over its arguments, working directory,
+environment and standard streams; the warm process forks a child that runs the
+command exactly as the command would have (same `main()`), with nothing left to
+import. The command stays in the foreground as the child's proxy: it passes on
+the signals it gets (Ctrl-C, SIGTERM, SIGHUP), exits with the child's status,
+and if it is killed, even by SIGKILL, the child and its process group are
+killed with it (the warm process sees the connection close). Local Dask workers
+fork from the warm process's own fork server (flows/warm_workers.py).
+
+- One per environment. The key hashes the Python executable and version,
+  FaceCap's source files (path, size, mtime), the site-packages directories'
+  mtimes (an install or upgrade changes them) and every environment variable,
+  so a child has imported exactly what a fresh command would have. Anything
+  else gets a warm process of its own; a stale one idles out.
+- It holds an exclusive flock on <key>.lock for its whole life, so one key never
+  has two, and it publishes its socket only once it has imported everything: a
+  command that finds no socket runs by itself at once rather than wait.
+- It exits once `execution.warm_minutes` pass without a command (0: no warm
+  process at all), and at most MAX_WARM run per user (each holds a few hundred
+  MB): starting another stops the least recently used. SIGTERM (`facecap warm
+  stop`) stops it accepting commands; it exits when its running ones finish.
+- Its files are in $TMPDIR/facecap-<uid>, a directory only this user can use,
+  and it serves only connections from processes of its own user.
+
+Only for curate, on platforms with fork and descriptor passing (Linux, macOS);
+elsewhere, and for every other command, `facecap` runs in its own process.
+
+    python -P -m facecap.warm_process KEY IDLE_SECONDS     # started by the command, not by hand
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_WARM = 2
+# What a curate run imports in its own process (the flow, its tasks and stages, the shared API's client, the
+# Dask cluster) and the quality suites' libraries, which a warm child uses in its own process.
+PRELOAD = ("facecap.cli", "facecap.flows.curate", "facecap.tasks.validate", "facecap.quality.validate",
+           "facecap.quality.suites", "facecap.stages.dedup", "facecap.models.registry", "facecap.prefect_api",
+           "facecap.release", "prefect.flow_engine", "prefect_dask", "distributed", "pandas", "scipy.sparse",
+           "PIL.Image", "httpx", "great_expectations", "great_expectations.expectations")
+# Variables a shell sets per command: they differ between two runs of one environment and nothing reads them.
+_PER_COMMAND_ENV = frozenset({"_", "PWD", "OLDPWD", "SHLVL"})
+_PACKAGES = ("facecap", "facecap.flows", "facecap.tasks", "facecap.models", "facecap.quality")
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+_HEADER = struct.Struct("!I")
+
+
+def supported() -> bool:
+    """Whether this platform can fork a warm child and hand it the command's streams."""
+    return hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "send_fds")
+
+
+def runtime_dir() -> Path:
+    """$TMPDIR/facecap-<uid>, created 0700; refused unless this user owns it and nobody else can use it."""
+    path = Path(tempfile.gettempdir()) / f"facecap-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = os.lstat(path)
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{path} must be a directory of this user's that nobody else can open (mode 0700); "
+                              "remove it and rerun")
+    return path
+
+
+def environment_key(environ: dict[str, str] | None = None) -> str:
+    """What a warm process must share with a command to run it: interpreter, code, installed packages and
+    environment variables (see the module docstring)."""
+    import importlib.util
+    import site
+
+    environ = os.environ if environ is None else environ
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{sys.executable}|{sys.version}|{os.getuid()}".encode())
+    for name in _PACKAGES:
+        spec = importlib.util.find_spec(name)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+                for filename in sorted(filenames):
+                    st = os.stat(os.path.join(dirpath, filename))
+                    h.update(f"{dirpath}/{filename}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for directory in [*site.getsitepackages(), site.getusersitepackages()]:
+        with contextlib.suppress(OSError):
+            h.update(f"{directory}|{os.stat(directory).st_mtime_ns}\n".encode())
+    for name in sorted(set(environ) - _PER_COMMAND_ENV):
+        h.update(f"{name}={environ[name]}\0".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class WarmPaths:
+    key: str
+    dir: Path
+
+    @classmethod
+    def for_key(cls, key: str) -> WarmPaths:
+        paths = cls(key, runtime_dir())
+        if len(os.fsencode(paths.partial_socket(2**22))) > 107:
+            raise OSError(f"{paths.dir} is too long a path for a Unix socket; set TMPDIR to a shorter one")
+        return paths
+
+    def partial_socket(self, pid: int) -> Path:
+        """Where the warm process `pid` binds its socket before it publishes it as `socket`."""
+        return self.dir / f"{self.key}.{pid}.sock"
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / f"{self.key}.sock"
+
+    @property
+    def lock(self) -> Path:
+        return self.dir / f"{self.key}.lock"
+
+    @property
+    def state(self) -> Path:
+        return self.dir / f"{self.key}.json"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / f"{self.key}.log"
+
+
+# --------------------------------------------------------------------------- the command's side
+
+
+def forward(argv: list[str], paths: WarmPaths) -> int | None:
+    """Run `facecap argv` in the warm process at `paths`; its exit code, or None if none took it (no warm
+    process answers, or it closed before starting a child): the caller then runs the command itself."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(paths.socket))
+    except OSError:
+        sock.close()
+        return None
+    with sock:
+        payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
+                              "umask": _umask()}).encode()
+        try:
+            socket.send_fds(sock, [_HEADER.pack(len(payload))], [0, 1, 2])
+            sock.sendall(payload)
+        except OSError:
+            return None
+        replies = sock.makefile("rb")
+        started = _reply(replies)
+        if started is None or "pid" not in started:
+            return None
+
+        def pass_on(signum, _frame) -> None:
+            with contextlib.suppress(OSError):
+                sock.sendall(json.dumps({"signal": signum}).encode() + b"\n")
+
+        for signum in _SIGNALS:
+            signal.signal(signum, pass_on)
+        ended = _reply(replies)
+    if ended is None or "status" not in ended:
+        print(f"facecap: the warm process (pid {started.get('server')}) ended before the command did, and the "
+              "command with it; rerun it (a curate run resumes where it stopped)", file=sys.stderr)
+        return 1
+    status = ended["status"]
+    return 128 - status if status < 0 else status  # a signal's death, as a shell reports it
+
+
+def _reply(replies) -> dict | None:
+    try:
+        line = replies.readline()
+    except OSError:
+        return None
+    return json.loads(line) if line else None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def leave_behind(paths: WarmPaths, idle_minutes: float, environ: dict[str, str]) -> bool:
+    """Start the warm process for `paths.key` (the key of `environ`, the environment it gets) in a session of
+    its own, unless one holds its lock (running, or still importing). Returns whether one was started."""
+    if _lock_held(paths.lock):
+        return False
+    import subprocess
+
+    with open(paths.log, "ab") as log:
+        # -P and cwd=/: nothing from the command's working directory shadows an installed module.
+        subprocess.Popen([sys.executable, "-P", "-m", "facecap.warm_process", paths.key, str(idle_minutes * 60)],
+                         cwd="/", env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                         start_new_session=True, close_fds=True)
+    return True
+
+
+def _lock_held(path: Path) -> bool:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def running() -> list[dict]:
+    """This user's warm processes that are alive: their recorded state, least recently used first."""
+    found = []
+    for state_path in runtime_dir().glob("*.json"):
+        try:
+            state = json.loads(state_path.read_text())
+            os.kill(state["pid"], 0)
+            state["last_used"] = state_path.stat().st_mtime
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.append(state)
+    return sorted(found, key=lambda s: s["last_used"])
+
+
+def stop(state: dict, timeout: float = 30.0) -> bool:
+    """Ask one warm process to stop (SIGTERM: it finishes the commands it runs); whether it has exited."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(state["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(state["pid"], 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# --------------------------------------------------------------------------- the warm process
+
+
+class _Server:
+    def __init__(self, paths: WarmPaths, idle_seconds: float) -> None:
+        self.paths = paths
+        self.idle_seconds = idle_seconds
+        self.listener: socket.socket | None = None
+        self.children: dict[int, socket.socket] = {}  # child pid -> its command's connection
+        self.stopping = False
+        self.last_active = time.monotonic()
+        self.pid = os.getpid()
+
+    def serve(self) -> int:
+        lock_fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # another one has this key
+        self.lock_fd = lock_fd
+        for older in running()[: max(0, len(running()) - (MAX_WARM - 1))]:
+            print(f"stopping the warm process {older['pid']} (least recently used; at most {MAX_WARM})",
+                  file=sys.stderr)
+            stop(older, timeout=0)
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        started = time.monotonic()
+        self._preload()
+        self._listen()
+        print(f"{time.strftime('%F %T')} warm process {os.getpid()} ready in {time.monotonic() - started:.1f} s",
+              file=sys.stderr, flush=True)
+        try:
+            self._loop()
+        finally:
+            self._unpublish()
+        return 0
+
+    def _preload(self) -> None:
+        import gc
+        import importlib
+
+        for name in PRELOAD:
+            importlib.import_module(name)
+        from facecap.flows import warm_workers
+        from facecap.quality import process
+
+        warm_workers.start()  # the local Dask workers' fork server, for every child
+        process.validate_in_this_process()  # the suites' libraries are imported here already
+        gc.freeze()  # what is imported stays untouched by the children's collections, so its pages stay shared
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+    def _listen(self) -> None:
+        partial = self.paths.partial_socket(os.getpid())
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(partial))
+        os.chmod(partial, 0o600)
+        self.listener.listen(16)
+        os.replace(partial, self.paths.socket)  # published only now that everything is imported
+        state = {"pid": os.getpid(), "key": self.paths.key, "started": time.time(),
+                 "idle_minutes": self.idle_seconds / 60, "log": str(self.paths.log), "executable": sys.executable}
+        self.paths.state.write_text(json.dumps(state))
+
+    def _unpublish(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.listener is not None:
+                self.listener.close()
+                self.listener = None
+                self.paths.socket.unlink()
+                self.paths.state.unlink()
+
+    def _loop(self) -> None:
+        connections = {}  # connection -> child pid
+        while True:
+            if self.stopping and self.listener is not None:
+                self._unpublish()
+            watched = list(connections) + ([self.listener] if self.listener is not None else [])
+            try:
+                readable, _, _ = select.select(watched, [], [], 0.5)
+            except InterruptedError:
+                readable = []
+            for ready in readable:
+                if ready is self.listener:
+                    taken = self._accept()
+                    if taken is not None:
+                        conn, request, fds = taken
+                        connections[conn] = self._fork(conn, request, fds, connections)
+                else:
+                    self._from_command(ready, connections[ready])
+            for conn, status in self._reap(connections):
+                with contextlib.suppress(OSError):
+                    conn.sendall(json.dumps({"status": status}).encode() + b"\n")
+                conn.close()
+                del connections[conn]
+            if connections:
+                self.last_active = time.monotonic()
+            elif self.stopping or time.monotonic() - self.last_active > self.idle_seconds:
+                return
+
+    def _accept(self) -> tuple[socket.socket, dict, list[int]] | None:
+        """The next command's connection, request and standard streams; None for one not taken."""
+        conn, _ = self.listener.accept()
+        _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+        if uid != os.getuid():
+            conn.close()
+            return None
+        conn.settimeout(10)  # a command sends its request at once; a silent peer is not waited for
+        fds: list[int] = []
+        try:
+            header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
+            if len(fds) != 3:
+                raise ConnectionError(f"expected 3 standard streams, got {len(fds)}")
+            (length,) = _HEADER.unpack(header)
+            payload = b""
+            while len(payload) < length:
+                chunk = conn.recv(length - len(payload))
+                if not chunk:
+                    raise ConnectionError("the command closed its request")
+                payload += chunk
+            request = json.loads(payload)
+        except (OSError, ValueError, struct.error) as exc:
+            print(f"{time.strftime('%F %T')} dropped a request: {exc}", file=sys.stderr, flush=True)
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            return None
+        conn.settimeout(None)
+        with contextlib.suppress(OSError):
+            os.utime(self.paths.state)  # last used: the least recently used goes first when there are too many
+        return conn, request, fds
+
+    def _fork(self, conn: socket.socket, request: dict, fds: list[int], connections: dict) -> int:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = self._child(conn, request, fds, connections)
+            except SystemExit as exc:  # argparse's errors, as a fresh process would exit with them
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException as exc:  # noqa: BLE001 - whatever it is, the command gets its traceback
+                import traceback
+
+                traceback.print_exc()
+                sys.stderr.flush()
+                if isinstance(exc, KeyboardInterrupt):  # ends as an interrupted fresh process does: by SIGINT
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    os.kill(os.getpid(), signal.SIGINT)
+            finally:
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(json.dumps({"pid": pid, "server": os.getpid()}).encode() + b"\n")
+        return pid
+
+    def _child(self, conn: socket.socket, request: dict, fds: list[int], connections: dict) -> int:
+        os.setsid()  # a process group of its own, which the warm process signals or kills as one
+        _die_with_parent(self.pid)
+        for other in [conn, *connections, *([self.listener] if self.listener is not None else [])]:
+            other.close()
+        os.close(self.lock_fd)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.umask(request["umask"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for stream in (sys.stdout, sys.stderr):  # as a fresh process would buffer for these streams
+            stream.reconfigure(line_buffering=stream is sys.stderr or os.isatty(stream.fileno()))
+        sys.argv = ["facecap", *request["argv"]]
+        from facecap.cli import finish, main
+        from facecap.flows import warm_workers
+
+        warm_workers.inherit()
+        try:
+            code = main(request["argv"], warm_workers=True, warm=True)
+        finally:
+            warm_workers.stop()
+        return finish(code)
+
+    def _from_command(self, conn: socket.socket, pid: int) -> None:
+        try:
+            data = conn.recv(4096)
+        except OSError:
+            data = b""
+        if not data:  # the command is gone (killed, even by SIGKILL): so is its run
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            return
+        for line in data.splitlines():
+            with contextlib.suppress(ValueError, KeyError, ProcessLookupError, TypeError):
+                os.killpg(pid, int(json.loads(line)["signal"]))
+
+    @staticmethod
+    def _reap(connections: dict) -> list[tuple[socket.socket, int]]:
+        ended = []
+        by_pid = {pid: conn for conn, pid in connections.items()}
+        for pid, conn in by_pid.items():
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 255 << 8
+            if done:
+                ended.append((conn, os.waitstatus_to_exitcode(status)))
+        return ended
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this process if the warm process dies first, so no run outlives its proxy."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before that took effect
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(_Server(WarmPaths.for_key(sys.argv[1]), float(sys.argv[2])).serve())
