@@ -15,19 +15,25 @@ splits the wall time into phases by the lines that mark them:
   shutdown   -> process exit (cluster stops, interpreter exit)
 
 With no PREFECT_API_URL the first run starts the shared local Prefect API and
-later runs use it (execution.api_idle_minutes). Runs, in a PREFECT_HOME of the
-bench's own: one image with a server of its own (api_idle_minutes=0, what every
-run paid before the API was shared); one image that starts the shared API; one
-image that finds it up; N images into a fresh OUT (fills the cache); the same N
-images again (every shard cached). It prints a table, then the figures as JSON
-on the last line of stdout, and stops the shared API.
+later runs use it (execution.api_idle_minutes); after a run the command leaves a
+warm process that later commands fork from (execution.warm_minutes). Runs, in a
+PREFECT_HOME and TMPDIR of the bench's own, first with no warm process
+(FACECAP_WARM_MINUTES=0): one image with a server of its own (api_idle_minutes=0,
+what every run paid before the API was shared); one image that starts the shared
+API; one image that finds it up; N images into a fresh OUT (fills the cache); the
+same N images again (every shard cached). Then with warm processes on: one image
+(it leaves the warm process; the bench waits until it is ready), one image in a
+fork of it, and the N images again, cached, in a fork of it. It prints a table,
+then the figures as JSON on the last line of stdout, and stops the warm process
+and the shared API.
 
     python bench/bench_startup.py [--images N] [--json FILE]
     python bench/bench_startup.py --smoke     # CI size: 8 images
 
-It exits 1 when a run fails, the cached rerun recomputed a shard or started a Dask
-cluster, or a later run started an API of its own, never because a time misses its
-target (the targets, 6 s and 5 s, are for an idle machine).
+It exits 1 when a run fails, a cached rerun recomputed a shard or started a Dask
+cluster, a later run started an API of its own or a run meant for the warm process
+ran without it, never because a time misses its target (the targets, 6 s and 5 s,
+are for an idle machine).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,16 +55,15 @@ from bench_detect import write_images  # noqa: E402
 from facecap.example_data import astronaut  # noqa: E402
 
 PHASES = ("start-up", "plan", "stages", "validate", "finish", "shutdown")
+WARM = "in a fork of the warm process"
 PROGRESS = re.compile(r"- (\w+): \d+/\d+ shards \((\d+) already done")
 
 
-def timed_run(sources: list[str], out: Path, home: Path, *args: str) -> tuple[float, dict[str, float], str]:
-    """Run `facecap curate` with PREFECT_HOME=home; return wall seconds, seconds per phase and the output."""
+def timed_run(sources: list[str], out: Path, env: dict[str, str], *args: str) -> tuple[float, dict[str, float], str]:
+    """Run `facecap curate` in `env`; return wall seconds, seconds per phase and the output."""
     # The generated set varies one portrait, so some crops repeat byte for byte: not what is measured here.
     cmd = [sys.executable, "-m", "facecap.cli", "curate", *sources, "--out", str(out), "--profile", "offline",
            "--set", "quality.max_duplicate_image_rate=1.0", "--set", "dedup.keep=all", *args]
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the default: a local API
-    env["PREFECT_HOME"] = str(home)
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     marks: dict[str, float] = {}
@@ -101,52 +107,82 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     n = 8 if args.smoke else args.images
     load_before = os.getloadavg()[0]
+    runtime = tempfile.mkdtemp(prefix="fcb")  # TMPDIR: the bench's warm process is its own; short for its socket
     with tempfile.TemporaryDirectory(prefix="facecap-bench-startup-") as tmp:
         root = Path(tmp)
-        one, many, home = root / "one", root / "many", root / "prefect-home"
+        one, many = root / "one", root / "many"
         one.mkdir()
         astronaut().save(one / "astronaut.jpg", quality=90)
         write_images(many, n, seed=2)
-        print(f"one image three times (a server of its own; starting the shared API; finding it up), then {n} "
-              f"images twice (the second run cached); load average {load_before:.2f}", flush=True)
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the default: a local API
+        env.update(PREFECT_HOME=str(root / "prefect-home"), TMPDIR=runtime)
+        cold, warm = {**env, "FACECAP_WARM_MINUTES": "0"}, {**env, "FACECAP_WARM_MINUTES": "10"}
+        print(f"no warm process: one image three times (a server of its own; starting the shared API; finding it "
+              f"up), then {n} images twice (the second run cached); then with a warm process: one image twice (the "
+              f"first leaves it), {n} images cached; load average {load_before:.2f}", flush=True)
         try:
-            own_wall, own_phases, _ = timed_run([str(one)], root / "out-own", home,
+            own_wall, own_phases, _ = timed_run([str(one)], root / "out-own", cold,
                                                 "--set", "execution.api_idle_minutes=0")
-            cold_wall, cold_phases, _ = timed_run([str(one)], root / "out-cold", home)
-            one_wall, one_phases, one_out = timed_run([str(one)], root / "out-one", home)
-            fill_wall, _, _ = timed_run([str(many)], root / "out-many", home)
-            cached_wall, cached_phases, cached_out = timed_run([str(many)], root / "out-many", home)
+            start_wall, start_phases, _ = timed_run([str(one)], root / "out-start", cold)
+            one_wall, one_phases, one_out = timed_run([str(one)], root / "out-one", cold)
+            fill_wall, _, _ = timed_run([str(many)], root / "out-many", cold)
+            cached_wall, cached_phases, cached_out = timed_run([str(many)], root / "out-many", cold)
+            timed_run([str(one)], root / "out-leaves", warm)
+            ready = wait_for_warm_process(warm)
+            warm_wall, warm_phases, warm_out = timed_run([str(one)], root / "out-warm", warm)
+            warm_cached_wall, warm_cached_phases, warm_cached_out = timed_run([str(many)], root / "out-many", warm)
         finally:
-            stop = subprocess.run([sys.executable, "-m", "facecap.cli", "api", "stop"], capture_output=True,
-                                  text=True, env={**os.environ, "PREFECT_HOME": str(home)})
-            print(stop.stdout.strip(), flush=True)
-    redone = recomputed(cached_out)
-    reused = "using the local Prefect API" in one_out and "using the local Prefect API" in cached_out
-    cluster = "Creating a new Dask cluster" in cached_out
+            for command in (("warm", "stop"), ("api", "stop")):
+                stop = subprocess.run([sys.executable, "-m", "facecap.cli", *command], capture_output=True,
+                                      text=True, env=env)
+                print(stop.stdout.strip(), flush=True)
+            shutil.rmtree(runtime, ignore_errors=True)
+    redone = recomputed(cached_out) + recomputed(warm_cached_out)
+    reused = all("using the local Prefect API" in out for out in (one_out, cached_out, warm_out, warm_cached_out))
+    cluster = "Creating a new Dask cluster" in cached_out + warm_cached_out
+    forked = all(WARM in out for out in (warm_out, warm_cached_out)) and WARM not in one_out + cached_out
 
-    columns = (("own server", own_phases, own_wall), ("starts API", cold_phases, cold_wall),
-               ("API up", one_phases, one_wall), ("cached rerun", cached_phases, cached_wall))
-    print(f"\n{'phase':<10}" + "".join(f" {name:>13}" for name, _, _ in columns))
-    print(f"{'':<10}" + "".join(f" {label:>13}" for label in ("one image", "one image", "one image",
-                                                              f"{n} images")))
+    columns = (("own server", own_phases, own_wall, "one image"), ("starts API", start_phases, start_wall, "one image"),
+               ("API up", one_phases, one_wall, "one image"), ("cached rerun", cached_phases, cached_wall, f"{n} images"),
+               ("warm", warm_phases, warm_wall, "one image"),
+               ("warm cached", warm_cached_phases, warm_cached_wall, f"{n} images"))
+    print(f"\n{'phase':<10}" + "".join(f" {name:>13}" for name, _, _, _ in columns))
+    print(f"{'':<10}" + "".join(f" {label:>13}" for _, _, _, label in columns))
     for phase in PHASES:
-        print(f"{phase:<10}" + "".join(f" {phases[phase]:>12.2f}s" for _, phases, _ in columns))
-    print(f"{'total':<10}" + "".join(f" {wall:>12.2f}s" for _, _, wall in columns))
-    print(f"targets on an idle machine: one image 6 s, cached rerun 5 s (with the API up: {one_wall:.1f} s, "
-          f"{cached_wall:.1f} s); one image with the API up / with a server of its own: {one_wall / own_wall:.2f}")
-    print(f"first run of {n} images: {fill_wall:.1f} s; shards recomputed on the rerun: {redone}; "
-          f"the rerun started a Dask cluster: {cluster}; later runs used the running API: {reused}")
-    figures = {"images": n, "one_image_s": round(one_wall, 2), "cached_rerun_s": round(cached_wall, 2),
-               "one_image_own_server_s": round(own_wall, 2), "one_image_starting_api_s": round(cold_wall, 2),
-               "fill_s": round(fill_wall, 2), "one_image_phases": {k: round(v, 2) for k, v in one_phases.items()},
+        print(f"{phase:<10}" + "".join(f" {phases[phase]:>12.2f}s" for _, phases, _, _ in columns))
+    print(f"{'total':<10}" + "".join(f" {wall:>12.2f}s" for _, _, wall, _ in columns))
+    print(f"targets on an idle machine: one image 6 s, cached rerun 5 s; in a fork of the warm process: "
+          f"{warm_wall:.1f} s, {warm_cached_wall:.1f} s (without one: {one_wall:.1f} s, {cached_wall:.1f} s); "
+          f"warm / without: {warm_wall / one_wall:.2f} and {warm_cached_wall / cached_wall:.2f}")
+    print(f"first run of {n} images: {fill_wall:.1f} s; warm process ready {ready:.1f} s after the run that left it; "
+          f"shards recomputed on the reruns: {redone}; a rerun started a Dask cluster: {cluster}; later runs used "
+          f"the running API: {reused}; the warm runs ran in its forks: {forked}")
+    figures = {"images": n, "one_image_s": round(warm_wall, 2), "cached_rerun_s": round(warm_cached_wall, 2),
+               "one_image_cold_s": round(one_wall, 2), "cached_rerun_cold_s": round(cached_wall, 2),
+               "one_image_own_server_s": round(own_wall, 2), "one_image_starting_api_s": round(start_wall, 2),
+               "fill_s": round(fill_wall, 2), "warm_ready_s": round(ready, 2),
+               "one_image_phases": {k: round(v, 2) for k, v in warm_phases.items()},
+               "cached_phases": {k: round(v, 2) for k, v in warm_cached_phases.items()},
+               "one_image_cold_phases": {k: round(v, 2) for k, v in one_phases.items()},
+               "cached_cold_phases": {k: round(v, 2) for k, v in cached_phases.items()},
                "own_server_phases": {k: round(v, 2) for k, v in own_phases.items()},
-               "cached_phases": {k: round(v, 2) for k, v in cached_phases.items()},
-               "recomputed_shards": redone, "rerun_started_cluster": cluster, "api_reused": reused, "load_before": round(load_before, 2),
-               "load_after": round(os.getloadavg()[0], 2)}
+               "recomputed_shards": redone, "rerun_started_cluster": cluster, "api_reused": reused,
+               "warm_forked": forked, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures))
-    return 1 if redone or cluster or not reused else 0
+    return 1 if redone or cluster or not reused or not forked else 0
+
+
+def wait_for_warm_process(env: dict[str, str], timeout: float = 180) -> float:
+    """Seconds until `facecap warm status` finds the warm process the last run left."""
+    started = time.perf_counter()
+    while subprocess.run([sys.executable, "-m", "facecap.cli", "warm", "status"], env=env,
+                         capture_output=True).returncode != 0:
+        if time.perf_counter() - started > timeout:
+            raise SystemExit(f"no warm process was ready {timeout:.0f} s after the run that should leave one")
+        time.sleep(0.5)
+    return time.perf_counter() - started
 
 
 if __name__ == "__main__":

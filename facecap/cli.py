@@ -14,7 +14,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 from facecap import __version__  # noqa: E402
-from facecap.config import PROFILES, ConfigError, load_config  # noqa: E402
+
+# facecap.config (pydantic: a third of a second) is imported where it is used, so that a command handed to
+# the warm process does not pay for it.
 
 EPILOG = """\
 Profiles:
@@ -35,6 +37,8 @@ default; change them in a YAML file (--config) or with --set section.key=value.
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
+    from facecap.config import PROFILES
+
     p.add_argument("--profile", choices=PROFILES, help="model profile (default: full, or the config file's)")
     p.add_argument("--config", metavar="FILE", help="YAML config file (sections: see `facecap config`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -193,8 +197,10 @@ def _curate(args: argparse.Namespace, warm_workers: bool = False, warm: bool = F
         overrides.append("download.allow_addresses=" + json.dumps(args.allow_addresses))
     if args.retry_failed:
         overrides.append("download.retry_failed=true")
-    cfg = load_config(args.config, overrides, args.profile)
+    from facecap.config import load_config
     from facecap.release import check_output
+
+    cfg = load_config(args.config, overrides, args.profile)
 
     check_output(args.out)
     if warm_workers and not cfg.execution.dask_address:
@@ -267,6 +273,8 @@ def main(argv: list[str] | None = None, warm_workers: bool = False, warm: bool =
     """Run one command; returns its exit code. `warm_workers`: fork local Dask workers from a server started
     now (flows/warm_workers.py), for a process that runs this one command (`run`). `warm`: this process is a
     fork of the warm process (facecap/warm_process.py)."""
+    from facecap.config import ConfigError, load_config
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -315,12 +323,12 @@ def run() -> None:
     traceback."""
     argv = sys.argv[1:]
     environ = dict(os.environ)  # as the command found it: what a warm process for the next one must see
-    warm = _warm_process_for(argv, environ)
+    paths = _warm_paths(argv, environ)
     code = None
-    if warm is not None:
+    if paths is not None:
         from facecap.warm_process import forward
 
-        code = forward(argv, warm[0])
+        code = forward(argv, paths)
     if code is None:
         from facecap.flows import warm_workers
 
@@ -328,10 +336,11 @@ def run() -> None:
             code = main(argv, warm_workers=True)
         finally:
             warm_workers.stop()
-        if warm is not None:
+        minutes = _warm_minutes(argv) if paths is not None else 0
+        if minutes > 0:
             from facecap.warm_process import leave_behind
 
-            leave_behind(*warm, environ)
+            leave_behind(paths, minutes, environ)
     os._exit(finish(code))
 
 
@@ -357,26 +366,39 @@ def finish(code: int) -> int:
     return code
 
 
-def _warm_process_for(argv: list[str], environ: dict[str, str]):
-    """(paths, idle minutes) of the warm process this command may run in, or None: not a curate command, warm
-    processes off (execution.warm_minutes=0) or unsupported here. Settings it cannot load are left to main()
-    to report."""
+def _warm_paths(argv: list[str], environ: dict[str, str]):
+    """Where this command's warm process is (facecap/warm_process.py), or None: not a curate command, warm
+    processes turned off by FACECAP_WARM_MINUTES=0 or --set execution.warm_minutes=0, or unsupported here.
+    Decided without loading the settings, which costs more than a warm run saves; a config file's
+    warm_minutes applies to the warm process a run leaves behind (`_warm_minutes`)."""
     from facecap import warm_process
 
     if not argv or argv[0] != "curate" or "-h" in argv or "--help" in argv or not warm_process.supported():
         return None
-    args = build_parser().parse_args(argv)
+    minutes = [environ.get("FACECAP_WARM_MINUTES", "")]
+    minutes += [b.split("=", 1)[1] for a, b in zip(argv, argv[1:]) if a == "--set" and
+                b.replace(" ", "").startswith("execution.warm_minutes=")]
     try:
-        minutes = load_config(args.config, args.overrides, args.profile).execution.warm_minutes
-    except ConfigError:
-        return None
-    if minutes <= 0:
+        if any(value.strip() and float(value) <= 0 for value in minutes):
+            return None
+    except ValueError:  # main() reports it
         return None
     try:
-        return warm_process.WarmPaths.for_key(warm_process.environment_key(environ)), minutes
+        return warm_process.WarmPaths.for_key(warm_process.environment_key(environ))
     except OSError as exc:
         print(f"facecap: no warm process ({exc})", file=sys.stderr)
         return None
+
+
+def _warm_minutes(argv: list[str]) -> float:
+    """execution.warm_minutes of this curate command's settings; 0 when they do not load (main() said why)."""
+    from facecap.config import ConfigError, load_config
+
+    try:
+        args = build_parser().parse_args(argv)
+        return load_config(args.config, args.overrides, args.profile).execution.warm_minutes
+    except (ConfigError, SystemExit):
+        return 0
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ fork from the warm process's own fork server (flows/warm_workers.py).
 
 - One per environment. The key hashes the Python executable and version,
   FaceCap's source files (path, size, mtime), the site-packages directories'
-  mtimes (an install or upgrade changes them) and every environment variable,
-  so a child has imported exactly what a fresh command would have. Anything
-  else gets a warm process of its own; a stale one idles out.
+  mtimes (an install or upgrade changes them), every environment variable, the
+  working directory and the settings files Prefect and Dask read as they are
+  imported (.env, prefect.toml, pyproject.toml there; Prefect's profiles; Dask's
+  YAML), so a child has imported exactly what a fresh command would have.
+  Anything else gets a warm process of its own; a stale one idles out. One
+  whose imports fail leaves <key>.failed, and none is started for that key again.
 - It holds an exclusive flock on <key>.lock for its whole life, so one key never
   has two, and it publishes its socket only once it has imported everything: a
   command that finds no socket runs by itself at once rather than wait.
@@ -53,12 +56,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAX_WARM = 2
-# What a curate run imports in its own process (the flow, its tasks and stages, the shared API's client, the
-# Dask cluster) and the quality suites' libraries, which a warm child uses in its own process.
+# What a curate run imports in its own process: the flow, its tasks and stages, the shared API's client, the
+# Dask cluster, and the quality suites' libraries, which a warm child uses in its own process. The second
+# half is what a run imports on its way (found by listing sys.modules after one): Prefect encodes the
+# flow's parameters with FastAPI's encoder, the Dask scheduler starts its HTTP routes, and so on. A name
+# a later version no longer has is skipped; the run then imports what it needs itself.
 PRELOAD = ("facecap.cli", "facecap.flows.curate", "facecap.tasks.validate", "facecap.quality.validate",
-           "facecap.quality.suites", "facecap.stages.dedup", "facecap.models.registry", "facecap.prefect_api",
+           "facecap.quality.suites", "facecap.stages.dedup", "facecap.models.registry", "facecap.models.attributes",
+           "facecap.models.identity", "facecap.text.denoise", "facecap.text.text_filter", "facecap.prefect_api",
            "facecap.release", "prefect.flow_engine", "prefect_dask", "distributed", "pandas", "scipy.sparse",
-           "PIL.Image", "httpx", "great_expectations", "great_expectations.expectations")
+           "PIL.Image", "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "httpx", "great_expectations",
+           "great_expectations.expectations",
+           "fastapi.encoders", "distributed.dashboard", "distributed.diagnostics.websocket", "distributed.http.health",
+           "distributed.http.proxy", "distributed.http.statics", "distributed.http.scheduler.info",
+           "distributed.http.scheduler.json", "distributed.http.scheduler.prometheus", "graphviz",
+           "opentelemetry.metrics", "opentelemetry._logs", "prometheus_client.core", "tornado.platform.asyncio",
+           "anyio._backends._asyncio", "anyio.streams.memory", "anyio.streams.stapled", "anyio.streams.tls",
+           "pyarrow.pandas_compat", "jinja2.ext", "rich._emoji_codes", "multiprocessing.popen_forkserver",
+           "multiprocessing.synchronize", "starlette.staticfiles", "tzdata.zoneinfo")
 # Variables a shell sets per command: they differ between two runs of one environment and nothing reads them.
 _PER_COMMAND_ENV = frozenset({"_", "PWD", "OLDPWD", "SHLVL"})
 _PACKAGES = ("facecap", "facecap.flows", "facecap.tasks", "facecap.models", "facecap.quality")
@@ -86,8 +101,9 @@ def runtime_dir() -> Path:
 
 
 def environment_key(environ: dict[str, str] | None = None) -> str:
-    """What a warm process must share with a command to run it: interpreter, code, installed packages and
-    environment variables (see the module docstring)."""
+    """What a warm process must share with a command to run it: interpreter, code, installed packages,
+    environment variables, working directory and the settings files read at import (see the module
+    docstring)."""
     import importlib.util
     import site
 
@@ -107,7 +123,28 @@ def environment_key(environ: dict[str, str] | None = None) -> str:
             h.update(f"{directory}|{os.stat(directory).st_mtime_ns}\n".encode())
     for name in sorted(set(environ) - _PER_COMMAND_ENV):
         h.update(f"{name}={environ[name]}\0".encode())
+    cwd = os.getcwd()
+    h.update(f"cwd={cwd}\n".encode())
+    for path in _settings_files(cwd, environ):
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+def _settings_files(cwd: str, environ: dict[str, str]) -> list[str]:
+    """Files Prefect and Dask read their settings from as they are imported: Prefect's .env, prefect.toml and
+    pyproject.toml in the working directory and its profiles file; Dask's YAML in its config directories."""
+    home = os.path.expanduser(environ.get("PREFECT_HOME", "~/.prefect"))
+    files = [os.path.join(cwd, name) for name in (".env", "prefect.toml", "pyproject.toml")]
+    files.append(os.path.expanduser(environ.get("PREFECT_PROFILES_PATH", os.path.join(home, "profiles.toml"))
+                                    .replace("$PREFECT_HOME", home)))
+    for directory in (environ.get("DASK_CONFIG", "~/.config/dask"), "/etc/dask", os.path.join(sys.prefix, "etc",
+                                                                                                "dask")):
+        directory = os.path.expanduser(directory)
+        with contextlib.suppress(OSError):
+            files += sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith((".yaml", ".yml")))
+    return files
 
 
 @dataclass(frozen=True)
@@ -142,6 +179,12 @@ class WarmPaths:
     def log(self) -> Path:
         return self.dir / f"{self.key}.log"
 
+    @property
+    def failed(self) -> Path:
+        """Written when the warm process for this key could not import what it preloads: none is started
+        again for it (a change of code or environment is a new key)."""
+        return self.dir / f"{self.key}.failed"
+
 
 # --------------------------------------------------------------------------- the command's side
 
@@ -156,9 +199,9 @@ def forward(argv: list[str], paths: WarmPaths) -> int | None:
         sock.close()
         return None
     with sock:
-        payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
-                              "umask": _umask()}).encode()
         try:
+            payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
+                                  "umask": _umask()}).encode()
             socket.send_fds(sock, [_HEADER.pack(len(payload))], [0, 1, 2])
             sock.sendall(payload)
         except OSError:
@@ -200,14 +243,15 @@ def _umask() -> int:
 def leave_behind(paths: WarmPaths, idle_minutes: float, environ: dict[str, str]) -> bool:
     """Start the warm process for `paths.key` (the key of `environ`, the environment it gets) in a session of
     its own, unless one holds its lock (running, or still importing). Returns whether one was started."""
-    if _lock_held(paths.lock):
+    if paths.failed.exists() or _lock_held(paths.lock):
         return False
     import subprocess
 
     with open(paths.log, "ab") as log:
-        # -P and cwd=/: nothing from the command's working directory shadows an installed module.
+        # In the command's working directory, where Prefect looks for settings files; -P: nothing in it
+        # shadows an installed module.
         subprocess.Popen([sys.executable, "-P", "-m", "facecap.warm_process", paths.key, str(idle_minutes * 60)],
-                         cwd="/", env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                         env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                          start_new_session=True, close_fds=True)
     return True
 
@@ -271,13 +315,20 @@ class _Server:
         except BlockingIOError:
             return 0  # another one has this key
         self.lock_fd = lock_fd
-        for older in running()[: max(0, len(running()) - (MAX_WARM - 1))]:
+        others = running()
+        for older in others[: max(0, len(others) - (MAX_WARM - 1))]:
             print(f"stopping the warm process {older['pid']} (least recently used; at most {MAX_WARM})",
                   file=sys.stderr)
             stop(older, timeout=0)
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         started = time.monotonic()
-        self._preload()
+        try:
+            self._preload()
+        except BaseException:
+            import traceback
+
+            self.paths.failed.write_text(traceback.format_exc())
+            raise
         self._listen()
         print(f"{time.strftime('%F %T')} warm process {os.getpid()} ready in {time.monotonic() - started:.1f} s",
               file=sys.stderr, flush=True)
@@ -292,11 +343,18 @@ class _Server:
         import importlib
 
         for name in PRELOAD:
-            importlib.import_module(name)
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                print(f"not preloaded: {name} ({exc})", file=sys.stderr)
+        from facecap.cli import build_parser
         from facecap.flows import warm_workers
+
+        build_parser()  # imports every command's module
         from facecap.quality import process
 
         warm_workers.start()  # the local Dask workers' fork server, for every child
+        warm_workers.wait_until_ready()  # it imports on its own: ready before a command counts on it
         process.validate_in_this_process()  # the suites' libraries are imported here already
         gc.freeze()  # what is imported stays untouched by the children's collections, so its pages stay shared
         sys.stdout.flush()
@@ -323,16 +381,21 @@ class _Server:
 
     def _loop(self) -> None:
         connections = {}  # connection -> child pid
+        # A child's exit (SIGCHLD) wakes the select below through this pipe: its status reaches the command at
+        # once, not at the next poll.
+        self.wakeup = os.pipe()
+        os.set_blocking(self.wakeup[1], False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self.wakeup[1], warn_on_full_buffer=False)
         while True:
             if self.stopping and self.listener is not None:
                 self._unpublish()
-            watched = list(connections) + ([self.listener] if self.listener is not None else [])
-            try:
-                readable, _, _ = select.select(watched, [], [], 0.5)
-            except InterruptedError:
-                readable = []
+            watched = [self.wakeup[0], *connections, *([self.listener] if self.listener is not None else [])]
+            readable, _, _ = select.select(watched, [], [], 1.0)
             for ready in readable:
-                if ready is self.listener:
+                if ready == self.wakeup[0]:
+                    os.read(self.wakeup[0], 512)
+                elif ready is self.listener:
                     taken = self._accept()
                     if taken is not None:
                         conn, request, fds = taken
@@ -408,6 +471,10 @@ class _Server:
     def _child(self, conn: socket.socket, request: dict, fds: list[int], connections: dict) -> int:
         os.setsid()  # a process group of its own, which the warm process signals or kills as one
         _die_with_parent(self.pid)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in self.wakeup:
+            os.close(fd)
         for other in [conn, *connections, *([self.listener] if self.listener is not None else [])]:
             other.close()
         os.close(self.lock_fd)
@@ -416,8 +483,13 @@ class _Server:
             os.close(fd)
         os.chdir(request["cwd"])
         os.umask(request["umask"])
-        os.environ.clear()
-        os.environ.update(request["env"])
+        # The rest is the command's already (the key covers it), with what the imports here added, as the
+        # command's own imports would have.
+        for name in _PER_COMMAND_ENV:
+            if name in request["env"]:
+                os.environ[name] = request["env"][name]
+            else:
+                os.environ.pop(name, None)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for stream in (sys.stdout, sys.stderr):  # as a fresh process would buffer for these streams
@@ -473,4 +545,6 @@ def _die_with_parent(parent: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_Server(WarmPaths.for_key(sys.argv[1]), float(sys.argv[2])).serve())
+    code = _Server(WarmPaths.for_key(sys.argv[1]), float(sys.argv[2])).serve()
+    sys.stderr.flush()
+    os._exit(code)  # without tearing down what it imported: seconds, and warnings nobody reads

@@ -82,6 +82,20 @@ def start() -> None:
     distributed.utils._forkserver_preload_set = True
 
 
+def wait_until_ready() -> None:
+    """Return once the fork server has imported its preload: it forks a process that exits at once, which it
+    can only do after those imports."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return
+    process = multiprocessing.get_context("forkserver").Process(target=_exit_at_once)
+    process.start()
+    process.join()
+
+
+def _exit_at_once() -> None:
+    pass
+
+
 def inherit() -> None:
     """In a process forked from one that started the fork server (facecap/warm_process.py): use that server.
 

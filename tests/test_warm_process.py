@@ -130,7 +130,9 @@ def test_a_warm_run_matches_a_fresh_one_and_ends_with_its_command(prefect_api_ur
     lines_until(proc, "detect: ", seen)
     proc.send_signal(signal.SIGINT)  # to the command alone, as the terminal's would reach its process group
     rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGINT, "".join(seen) + rest
+    # 130 when the interrupt reaches the top; 1 when Prefect turns it into a failed flow run first, as it does
+    # in a fresh process too, depending on where the signal lands.
+    assert proc.returncode in (1, 128 + signal.SIGINT) and "KeyboardInterrupt" in rest, "".join(seen) + rest
     wait_until(lambda: not runs_of(server), 10, "the interrupted run is still running")
 
     stopped = subprocess.run([sys.executable, "-m", "facecap", "warm", "stop"], env=env, capture_output=True,
