@@ -142,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     cluster = "Creating a new Dask cluster" in cached_out + warm_cached_out
     forked = all(WARM in out for out in (warm_out, warm_cached_out)) and WARM not in one_out + cached_out
 
-    columns = (("own server", own_phases, own_wall, "one image"), ("starts API", start_phases, start_wall, "one image"),
-               ("API up", one_phases, one_wall, "one image"), ("cached rerun", cached_phases, cached_wall, f"{n} images"),
+    columns = (("own server", own_phases, own_wall, "one image"),
+               ("starts API", start_phases, start_wall, "one image"),
+               ("API up", one_phases, one_wall, "one image"),
+               ("cached rerun", cached_phases, cached_wall, f"{n} images"),
                ("warm", warm_phases, warm_wall, "one image"),
                ("warm cached", warm_cached_phases, warm_cached_wall, f"{n} images"))
     print(f"\n{'phase':<10}" + "".join(f" {name:>13}" for name, _, _, _ in columns))

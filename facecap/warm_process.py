@@ -273,7 +273,8 @@ def running() -> list[dict]:
     for state_path in runtime_dir().glob("*.json"):
         try:
             state = json.loads(state_path.read_text())
-            os.kill(state["pid"], 0)
+            if not _is_warm_process(state["pid"], state["key"]):
+                continue
             state["last_used"] = state_path.stat().st_mtime
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -281,18 +282,31 @@ def running() -> list[dict]:
     return sorted(found, key=lambda s: s["last_used"])
 
 
+def _is_warm_process(pid: int, key: str) -> bool:
+    """Whether `pid` is alive and, where /proc tells, still the warm process for `key` (a state file left by
+    one that was killed may name a pid reused since)."""
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            command = fh.read().split(b"\0")
+    except OSError:
+        return not os.path.isdir("/proc")
+    return b"facecap.warm_process" in command and key.encode() in command
+
+
 def stop(state: dict, timeout: float = 30.0) -> bool:
     """Ask one warm process to stop (SIGTERM: it finishes the commands it runs); whether it has exited."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(state["pid"], signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(state["pid"], 0)
-        except ProcessLookupError:
-            return True
+    while _is_warm_process(state["pid"], state["key"]):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.1)
-    return False
+    return True
 
 
 # --------------------------------------------------------------------------- the warm process
@@ -303,7 +317,6 @@ class _Server:
         self.paths = paths
         self.idle_seconds = idle_seconds
         self.listener: socket.socket | None = None
-        self.children: dict[int, socket.socket] = {}  # child pid -> its command's connection
         self.stopping = False
         self.last_active = time.monotonic()
         self.pid = os.getpid()

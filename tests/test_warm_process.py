@@ -157,3 +157,19 @@ def test_no_warm_process_in_a_directory_others_can_use(tmp_path, monkeypatch):
     shared.chmod(0o700)
     paths = warm_process.WarmPaths.for_key("0" * 16)
     assert warm_process.forward(["curate"], paths) is None, "no warm process: the command runs by itself"
+
+
+def test_which_commands_go_to_a_warm_process(tmp_path, monkeypatch):
+    from facecap.cli import _warm_paths
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    env = {"PATH": "/usr/bin"}
+    paths = _warm_paths(["curate", "in", "--out", "out"], env)
+    assert paths is not None and paths.dir == tmp_path / f"facecap-{os.getuid()}"
+    assert _warm_paths(["curate", "--help"], env) is None
+    assert _warm_paths(["validate", "release"], env) is None
+    assert _warm_paths(["curate", "in", "--out", "out", "--set", "execution.warm_minutes=0"], env) is None
+    assert _warm_paths(["curate", "in", "--out", "out"], {**env, "FACECAP_WARM_MINUTES": "0"}) is None
+    # A key whose warm process could not import what it preloads gets no second one.
+    paths.failed.write_text("ImportError: ...")
+    assert warm_process.leave_behind(paths, 1, env) is False
