@@ -385,12 +385,12 @@ class _Server:
         self.paths.state.write_text(json.dumps(state))
 
     def _unpublish(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.listener is not None:
-                self.listener.close()
-                self.listener = None
-                self.paths.socket.unlink()
-                self.paths.state.unlink()
+        if self.listener is None:
+            return
+        self.listener.close()
+        self.listener = None
+        for path in (self.paths.socket, self.paths.state):
+            path.unlink(missing_ok=True)
 
     def _loop(self) -> None:
         connections = {}  # connection -> child pid
