@@ -116,7 +116,7 @@ class ExecutionSettings(_Section):
     warm_minutes: float = Field(
         default_factory=lambda: float(os.environ.get("FACECAP_WARM_MINUTES", 10)), ge=0,
         description="After a `facecap curate`, a process that has imported FaceCap's code (Prefect, Dask, the "
-                    "flow, Great Expectations: ~10 s of CPU, ~0.5 GB) stays in the background, and later curate "
+                    "flow, Great Expectations: ~10 s of CPU, ~0.35 GB) stays in the background, and later curate "
                     "commands in the same environment run in a fork of it, skipping those imports; it exits "
                     "after this many minutes without one. 0: a run leaves none, and with FACECAP_WARM_MINUTES=0 "
                     "or --set execution.warm_minutes=0 a command does not use one either (default from "

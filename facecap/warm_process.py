@@ -15,8 +15,9 @@ killed with it (the warm process sees the connection close). Local Dask workers
 fork from the warm process's own fork server (flows/warm_workers.py).
 
 - One per environment. The key hashes the Python executable and version,
-  FaceCap's source files (path, size, mtime), the site-packages directories'
-  mtimes (an install or upgrade changes them), every environment variable, the
+  FaceCap's source files (path, size, mtime), what the site-packages directories
+  hold (names: an install or upgrade changes them; reinstalling the same versions,
+  as the setup script does on every run, does not), every environment variable, the
   working directory and the settings files Prefect and Dask read as they are
   imported (.env, prefect.toml, pyproject.toml there; Prefect's profiles; Dask's
   YAML), so a child has imported exactly what a fresh command would have.
@@ -119,8 +120,8 @@ def environment_key(environ: dict[str, str] | None = None) -> str:
                     st = os.stat(os.path.join(dirpath, filename))
                     h.update(f"{dirpath}/{filename}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     for directory in [*site.getsitepackages(), site.getusersitepackages()]:
-        with contextlib.suppress(OSError):
-            h.update(f"{directory}|{os.stat(directory).st_mtime_ns}\n".encode())
+        with contextlib.suppress(OSError):  # an install or upgrade changes the names (<name>-<version>.dist-info)
+            h.update(f"{directory}|{'|'.join(sorted(os.listdir(directory)))}\n".encode())
     for name in sorted(set(environ) - _PER_COMMAND_ENV):
         h.update(f"{name}={environ[name]}\0".encode())
     cwd = os.getcwd()
