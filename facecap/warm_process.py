@@ -33,7 +33,7 @@ fork from the warm process's own fork server (flows/warm_workers.py).
 - Its files are in $TMPDIR/facecap-<uid>, a directory only this user can use,
   and it serves only connections from processes of its own user.
 
-Only for curate, on platforms with fork and descriptor passing (Linux, macOS);
+Only for curate, on Linux (fork, descriptor passing, peer credentials, /proc);
 elsewhere, and for every other command, `facecap` runs in its own process.
 
     python -P -m facecap.warm_process KEY IDLE_SECONDS     # started by the command, not by hand
@@ -83,8 +83,10 @@ _HEADER = struct.Struct("!I")
 
 
 def supported() -> bool:
-    """Whether this platform can fork a warm child and hand it the command's streams."""
-    return hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "send_fds")
+    """Whether this platform can fork a warm child, hand it the command's streams and tell who connects
+    (SO_PEERCRED): Linux. Elsewhere, untested here, every command runs in its own process."""
+    return (hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "send_fds")
+            and hasattr(socket, "SO_PEERCRED") and sys.platform.startswith("linux"))
 
 
 def runtime_dir() -> Path:
@@ -428,9 +430,13 @@ class _Server:
 
     def _accept(self) -> tuple[socket.socket, dict, list[int]] | None:
         """The next command's connection, request and standard streams; None for one not taken."""
-        conn, _ = self.listener.accept()
-        _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                        struct.calcsize("3i")))
+        try:
+            conn, _ = self.listener.accept()
+            _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))
+        except OSError as exc:  # out of descriptors, say: that command runs by itself, this process goes on
+            print(f"{time.strftime('%F %T')} could not take a command: {exc}", file=sys.stderr, flush=True)
+            return None
         if uid != os.getuid():
             conn.close()
             return None
@@ -479,7 +485,8 @@ class _Server:
                 os._exit(code)
         for fd in fds:
             os.close(fd)
-        conn.sendall(json.dumps({"pid": pid, "server": os.getpid()}).encode() + b"\n")
+        with contextlib.suppress(OSError):  # a command gone already: the loop sees its connection close
+            conn.sendall(json.dumps({"pid": pid, "server": os.getpid()}).encode() + b"\n")
         return pid
 
     def _child(self, conn: socket.socket, request: dict, fds: list[int], connections: dict) -> int:
