@@ -91,13 +91,17 @@ def test_killed_run_resumes_to_the_same_release(prefect_api_url, many_images, tm
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     detect_dir = out / "shards" / "detect"
+
+    def finished() -> int:  # stats files written: not the `.tmp-…` file one is being written to
+        return sum(1 for p in detect_dir.glob("*.json") if not p.name.startswith("."))
+
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and len(list(detect_dir.glob("*.json"))) < 3:
+    while time.time() < deadline and proc.poll() is None and finished() < 3:
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its Dask workers, everything in the session
     proc.wait()
-    done_when_killed = len(list(detect_dir.glob("*.json")))
+    done_when_killed = finished()
     assert 3 <= done_when_killed < 40 and not (out / "release").exists()
 
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
