@@ -259,14 +259,22 @@ def leave_behind(paths: WarmPaths, idle_minutes: float, environ: dict[str, str])
     return True
 
 
-def _lock_held(path: Path) -> bool:
+def _try_lock(path: Path) -> int | None:
+    """An open descriptor holding the exclusive flock on `path`, or None if another process holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return True
-    finally:
         os.close(fd)
+        return None
+    return fd
+
+
+def _lock_held(path: Path) -> bool:
+    fd = _try_lock(path)
+    if fd is None:
+        return True
+    os.close(fd)
     return False
 
 
@@ -325,12 +333,9 @@ class _Server:
         self.pid = os.getpid()
 
     def serve(self) -> int:
-        lock_fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        self.lock_fd = _try_lock(self.paths.lock)
+        if self.lock_fd is None:
             return 0  # another one has this key
-        self.lock_fd = lock_fd
         others = running()
         for older in others[: max(0, len(others) - (MAX_WARM - 1))]:
             print(f"stopping the warm process {older['pid']} (least recently used; at most {MAX_WARM})",
