@@ -22,8 +22,11 @@ import pytest
 from helpers import offline_config, read_release, run_curate
 from PIL import Image
 
+from facecap import storage
 from facecap.config import DedupSettings
 from facecap.example_data import astronaut
+from facecap.release import is_test
+from facecap.schema import image_id_for
 from facecap.stages.base import Counters
 from facecap.stages.dedup import (NearDuplicates, cluster_faces, face_hashes, grey_thumbnail, hamming, hash_faces,
                                   near_duplicate_pairs)
@@ -77,7 +80,7 @@ PHOTOS = {"astronaut": (astronaut, 8), "kafka": (kafka, 8), "cameraman": (camera
 @pytest.fixture(scope="module")
 def copies(tmp_path_factory) -> Path:
     """photo name -> several copies (files <photo>_<i>.jpg), and eight distinct LFW faces (lfw<i>_0.jpg)."""
-    folder = tmp_path_factory.mktemp("copies") / "src"
+    folder = folder_whose_photos_use_both_splits(tmp_path_factory.mktemp("copies"))
     folder.mkdir()
     rng = np.random.default_rng(7)
     for name, (load, n) in PHOTOS.items():
@@ -89,6 +92,22 @@ def copies(tmp_path_factory) -> Path:
         face.save(buf, format="JPEG", quality=92)
         (folder / f"lfw{i}_0.jpg").write_bytes(buf.getvalue())
     return folder
+
+
+def folder_whose_photos_use_both_splits(parent: Path) -> Path:
+    """A folder name for which the photos' clusters do not all fall in one split at test_fraction 0.5.
+
+    Ids hash the source's absolute path, which holds pytest's temporary directory, so the split of a
+    fixed name changes from run to run; with every cluster in one split the leak check could not fail.
+    A cluster goes where its smallest image_id goes (the dedup stage's rule), so the names can be
+    tried before any file is written."""
+    for attempt in range(64):
+        folder = parent / f"src{attempt}"
+        source = storage.absolute(str(folder))
+        leaders = [min(image_id_for(source, f"{name}_{i:02d}.jpg") for i in range(n)) for name, (_, n) in PHOTOS.items()]
+        if len(set(is_test(leaders, 0.5))) == 2:
+            return folder
+    raise AssertionError("no folder name in 64 gave both splits: has the split rule changed?")
 
 
 def photo_of(offset: str) -> str:
