@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import textwrap
+from typing import NoReturn
 
 # Must precede any Prefect import (see facecap.prefect_api).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -147,10 +149,37 @@ EXPECTED_FAILURES = (("facecap.config", "ConfigError"), ("facecap.models.weights
                      ("facecap.flows.curate", "CurateFailed"), ("facecap.quality.validate", "ReleaseBlocked"))
 
 
+class _interrupts:
+    """Whether a SIGINT (Ctrl-C) reached the running command. Python raises KeyboardInterrupt wherever the main
+    thread is, and a library may turn it into an error of its own: pydantic's serializer, inside Prefect's
+    task submission, raises PydanticSerializationError, which would end the command with that traceback and
+    status 1 instead of as interrupted."""
+
+    seen = False
+
+    @classmethod
+    def handler(cls, signum, frame) -> None:
+        cls.seen = True
+        signal.default_int_handler(signum, frame)
+
+
+def _watch_interrupts():
+    """Note SIGINTs in `_interrupts` (raising KeyboardInterrupt as before); returns the handler to put back, or
+    None: off the main thread, where Python allows no handler to be set, or where SIGINT is ignored."""
+    _interrupts.seen = False
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started so (a script's background job): it stays
+            return None
+        return signal.signal(signal.SIGINT, _interrupts.handler)
+    except ValueError:
+        return None
+
+
 def is_expected_failure(exc: BaseException | None) -> bool:
     # A class whose module was never imported cannot have been raised.
     kinds = tuple(getattr(sys.modules[module], name) for module, name in EXPECTED_FAILURES if module in sys.modules)
-    return exc is not None and isinstance(exc, kinds)
+    # An error raised while a Ctrl-C is stopping the run is the interrupt, which main() reports in one line.
+    return exc is not None and (isinstance(exc, kinds) or _interrupts.seen)
 
 
 class ExpectedFailureFilter:
@@ -166,6 +195,8 @@ class ExpectedFailureFilter:
             return not is_expected_failure(record.exc_info[1])
         if record.name.startswith("prefect.flow_runs") and isinstance(record.msg, str):
             failed = "Finished in state Failed('Flow run encountered an exception: "
+            if _interrupts.seen:  # whatever it wrapped the interrupt in
+                return not record.msg.startswith(failed)
             return not any(record.msg.startswith(f"{failed}{name}: ") for _, name in EXPECTED_FAILURES)
         return True
 
@@ -280,6 +311,7 @@ def main(argv: list[str] | None = None, warm_workers: bool = False, warm: bool =
     if not args.command:
         parser.print_help()
         return 2
+    previous = _watch_interrupts()
     try:
         if args.command == "curate":
             return _curate(args, warm_workers, warm)
@@ -296,10 +328,16 @@ def main(argv: list[str] | None = None, warm_workers: bool = False, warm: bool =
             return 0
         if getattr(args, "handler", None):
             return int(args.handler(args) or 0)
+    except KeyboardInterrupt:  # the caller ends the process as interrupted (`end_interrupted`)
+        _say_interrupted(args)
+        raise
     except ConfigError as exc:
         print(f"facecap: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        if _interrupts.seen:  # the interrupt, wrapped by a library on its way up
+            _say_interrupted(args)
+            raise KeyboardInterrupt from exc
         from facecap.flows.curate import CurateFailed
         from facecap.models.weights import WeightsError
 
@@ -312,8 +350,17 @@ def main(argv: list[str] | None = None, warm_workers: bool = False, warm: bool =
             print(f"facecap: {exc}", file=sys.stderr)
             return 1
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _say_interrupted(args: argparse.Namespace) -> None:
+    resume = (f"; the shards finished so far are kept in {os.path.join(args.out, 'shards')}, and the same "
+              "command resumes from them") if args.command == "curate" else ""
+    print(f"\nfacecap: interrupted{resume}", file=sys.stderr, flush=True)
 
 
 def run() -> None:
@@ -332,10 +379,16 @@ def run() -> None:
     if code is None:
         from facecap.flows import warm_workers
 
+        interrupted = False
         try:
             code = main(argv, warm_workers=True)
+        except KeyboardInterrupt:  # main() said so
+            interrupted = True
         finally:
             warm_workers.stop()
+        if interrupted:
+            finish(0)
+            end_interrupted()
         minutes = _warm_minutes(argv) if paths is not None else 0
         if minutes > 0:
             from facecap.warm_process import leave_behind
@@ -364,6 +417,14 @@ def finish(code: int) -> int:
         except (OSError, ValueError):  # a closed pipe: nothing more can reach it
             pass
     return code
+
+
+def end_interrupted() -> NoReturn:
+    """End as an interrupted process does: killed by SIGINT (status 130), which also tells a shell script
+    that ran the command to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    os._exit(128 + signal.SIGINT)  # not reached
 
 
 def _warm_paths(argv: list[str], environ: dict[str, str]):

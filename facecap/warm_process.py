@@ -219,7 +219,8 @@ def forward(argv: list[str], paths: WarmPaths) -> int | None:
                 sock.sendall(json.dumps({"signal": signum}).encode() + b"\n")
 
         for signum in _SIGNALS:
-            signal.signal(signum, pass_on)
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # one the command was started ignoring, it ignores
+                signal.signal(signum, pass_on)
         ended = _reply(replies)
     if ended is None or "status" not in ended:
         print(f"facecap: the warm process (pid {started.get('server')}) ended before the command did, and the "
@@ -478,14 +479,16 @@ class _Server:
                 code = self._child(conn, request, fds, connections)
             except SystemExit as exc:  # argparse's errors, as a fresh process would exit with them
                 code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException as exc:  # noqa: BLE001 - whatever it is, the command gets its traceback
+            except KeyboardInterrupt:  # ends as an interrupted fresh command does (main() said what it means)
+                from facecap.cli import end_interrupted, finish
+
+                finish(0)
+                end_interrupted()
+            except BaseException:  # noqa: BLE001 - whatever it is, the command gets its traceback
                 import traceback
 
                 traceback.print_exc()
                 sys.stderr.flush()
-                if isinstance(exc, KeyboardInterrupt):  # ends as an interrupted fresh process does: by SIGINT
-                    signal.signal(signal.SIGINT, signal.SIG_DFL)
-                    os.kill(os.getpid(), signal.SIGINT)
             finally:
                 os._exit(code)
         for fd in fds:

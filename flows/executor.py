@@ -57,7 +57,7 @@ def local_cluster(**kwargs: Any):
     # Workers inherit the run's Prefect API URL, unless forked from a server started before it was chosen
     # (flows/warm_workers.py): the nanny passes it, and StageImports has Prefect read it.
     env = {"PREFECT_API_URL": os.environ["PREFECT_API_URL"]} if os.environ.get("PREFECT_API_URL") else {}
-    return LocalCluster(**kwargs, env=env, plugins=(StageImports(),))
+    return LocalCluster(**kwargs, env=env, plugins=(StageImports(), LeaveInterruptsToTheCommand()))
 
 
 def task_runner_for(cfg: Config) -> DaskTaskRunner:
@@ -117,6 +117,22 @@ class StageImports(WorkerPlugin):
         import facecap.tasks.stages  # noqa: F401
 
         refresh_global_settings_context()
+
+
+class LeaveInterruptsToTheCommand(WorkerPlugin):
+    """A local worker ignores SIGINT. Ctrl-C at a terminal reaches the whole process group, the workers
+    included, and each of them printed a KeyboardInterrupt traceback of its own; the command that started
+    them, interrupted, closes its cluster, and the nannies stop their workers. Only local clusters get this:
+    a worker of an existing cluster (execution.dask_address) belongs to whoever started it."""
+
+    name = "facecap-leave-interrupts-to-the-command"
+
+    def setup(self, worker) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # where a nanny's worker runs its loop
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def wants_gpu(stage: type[Stage], cfg: Config) -> bool:

@@ -84,6 +84,42 @@ def many_images(tmp_path_factory) -> Path:
 CURATE_ARGS = ("--profile", "offline", "--shard-size", "1", "--workers", "2", "--set", "dedup.keep=all")
 
 
+def test_ctrl_c_ends_the_run_as_interrupted_in_one_line_and_the_rerun_resumes(prefect_api_url, many_images,
+                                                                              tmp_path):
+    """SIGINT to the command's whole process group, as a terminal's Ctrl-C sends it: the Dask workers too."""
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "facecap", "curate", str(many_images), "--out", str(out), *CURATE_ARGS]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "detect: " in line:  # a progress line: detect shards have finished, others are running
+            break
+    assert proc.poll() is None, "the run finished before it could be interrupted:\n" + "".join(seen)[-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    output = "".join(seen) + rest
+    # Killed by SIGINT (a shell's 130), as an interrupted process ends; one line says what it means. No
+    # traceback of the interrupt: not the command's, not its workers', not one a library wrapped it in
+    # (pydantic turns it into PydanticSerializationError when it lands in Prefect's task submission).
+    assert proc.returncode == -signal.SIGINT, output[-3000:]
+    assert f"facecap: interrupted; the shards finished so far are kept in {out / 'shards'}" in rest, output[-3000:]
+    assert "KeyboardInterrupt" not in output and "PydanticSerializationError" not in output, output[-3000:]
+    assert not (out / "release").exists()
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    con = duckdb.connect(str(out / "manifest.duckdb"), read_only=True)
+    cached = con.execute("SELECT count(*) FROM stage_runs WHERE stage = 'detect' AND status = 'cached'").fetchone()[0]
+    con.close()
+    assert cached >= 1, "detect shards finished before the interrupt must not be redone"
+    data, rejects = read_release(out)
+    accounted = set(data.column("image_id").to_pylist()) | set(rejects.column("image_id").to_pylist())
+    assert len(accounted) == 40
+
+
 def test_killed_run_resumes_to_the_same_release(prefect_api_url, many_images, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "facecap", "curate", str(many_images), "--out", str(out), *CURATE_ARGS]
