@@ -132,8 +132,14 @@ def _boot_meanwhile(server: PrefectServer, timeout: float, meanwhile: Callable[[
     try:
         if meanwhile is not None:
             meanwhile()
-    finally:
         booting.join()
+    except BaseException:
+        # Interrupted (or `meanwhile` failed): wait only until the server's process exists, not the seconds
+        # until it answers, so that the caller can stop a server of this run's own at once; a shared one
+        # boots on in its own session, for the next run.
+        while server.process is None and booting.is_alive():
+            time.sleep(0.01)
+        raise
     if failure:
         raise failure[0]
 

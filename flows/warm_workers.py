@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import signal
 import sys
 
 # What a local worker imports before its first task (see flows/executor.py, StageImports), and what its
@@ -64,12 +65,19 @@ def start() -> None:
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
     saved = {k: os.environ.get(k) for k in environ}
     os.environ.update(environ)
+    # Started ignoring SIGINT (a disposition that survives exec), the server keeps ignoring it while it imports
+    # its preload, and so does every worker it forks: Ctrl-C reaches the command's whole process group, and the
+    # command, interrupted, stops its cluster (see executor.LeaveInterruptsToTheCommand). Otherwise a server
+    # still importing printed a KeyboardInterrupt traceback.
+    interrupts = _ignore_interrupts()
     try:
         before = _server_pid()
         multiprocessing.forkserver.ensure_running()
         if _server_pid() != before:
             _started.append(_server_pid())
     finally:
+        if interrupts is not None:
+            signal.signal(signal.SIGINT, interrupts)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -80,6 +88,15 @@ def start() -> None:
     # distributed would otherwise import its own preload list (pandas among it) into this process, to set it on
     # a server that is already running and would ignore it.
     distributed.utils._forkserver_preload_set = True
+
+
+def _ignore_interrupts():
+    """Ignore SIGINT in this process; returns the handler to put back (None off the main thread, where Python
+    allows no handler to be set)."""
+    try:
+        return signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:
+        return None
 
 
 def wait_until_ready() -> None:
@@ -131,8 +148,6 @@ def stop() -> None:
     warm process stays, for that process's other commands. Left to itself it exits when this process does, but
     only after tearing down every module it imported: most of a second during which it still holds the
     command's standard output open, so a pipe reading it would not see the end."""
-    import signal
-
     while _started:
         try:
             os.kill(_started.pop(), signal.SIGKILL)
