@@ -387,7 +387,6 @@ def run() -> None:
         finally:
             warm_workers.stop()
         if interrupted:
-            finish(0)
             end_interrupted()
         minutes = _warm_minutes(argv) if paths is not None else 0
         if minutes > 0:
@@ -420,8 +419,9 @@ def finish(code: int) -> int:
 
 
 def end_interrupted() -> NoReturn:
-    """End as an interrupted process does: killed by SIGINT (status 130), which also tells a shell script
-    that ran the command to stop."""
+    """End as an interrupted process does, after what an exit does (`finish`): killed by SIGINT (status 130),
+    which also tells a shell script that ran the command to stop."""
+    finish(0)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGINT)
     os._exit(128 + signal.SIGINT)  # not reached

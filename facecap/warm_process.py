@@ -480,9 +480,8 @@ class _Server:
             except SystemExit as exc:  # argparse's errors, as a fresh process would exit with them
                 code = exc.code if isinstance(exc.code, int) else 1
             except KeyboardInterrupt:  # ends as an interrupted fresh command does (main() said what it means)
-                from facecap.cli import end_interrupted, finish
+                from facecap.cli import end_interrupted
 
-                finish(0)
                 end_interrupted()
             except BaseException:  # noqa: BLE001 - whatever it is, the command gets its traceback
                 import traceback
