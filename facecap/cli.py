@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import textwrap
-from typing import NoReturn
 
 # Must precede any Prefect import (see facecap.prefect_api).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -17,8 +16,8 @@ os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 from facecap import __version__  # noqa: E402
 
-# facecap.config (pydantic: a third of a second) is imported where it is used, so that a command handed to
-# the warm process does not pay for it.
+# Heavy modules (pydantic config, Prefect, Dask) are imported where they are used, so that `--help` and the
+# commands that need none of them answer at once.
 
 EPILOG = """\
 Profiles:
@@ -84,12 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
             is kept (--set dedup.keep=all keeps every face), and no cluster or
             source image straddles the train/test split.
 
-            Prefect: uses PREFECT_API_URL if set, otherwise a local Prefect API
-            that the first run starts and later runs reuse; it stops after
-            execution.api_idle_minutes (10) without a run (`facecap api status|stop`).
+            Prefect: uses PREFECT_API_URL if set, otherwise starts a Prefect server
+            for this run and stops it at the end (for a UI and run history that
+            last, run `prefect server start --background` and set PREFECT_API_URL).
             Dask: a local cluster, started on the first task that has work to do
             (one worker per shard, at most one per core or --workers), or
-            --dask-address. Shards already done are checked, not recomputed."""),
+            --dask-address (a long-lived `dask scheduler` with its workers keeps
+            them warm between runs). Shards already done are checked, not
+            recomputed."""),
         epilog=EPILOG)
     c.add_argument("sources", nargs="+", metavar="SOURCE", help="folders, tar shards or Parquet files (globs allowed)")
     c.add_argument("--out", required=True, metavar="DIR", help="output directory (shards, manifest, release)")
@@ -216,7 +217,7 @@ def quiet_expected_failures_on_console() -> None:
             handler.addFilter(ExpectedFailureFilter())
 
 
-def _curate(args: argparse.Namespace, warm_workers: bool = False, warm: bool = False) -> int:
+def _curate(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     for flag, key in (("dask_address", "execution.dask_address"), ("workers", "execution.n_workers"),
                       ("shard_size", "ingest.shard_size"), ("min_score", "detect.min_score"),
@@ -234,37 +235,18 @@ def _curate(args: argparse.Namespace, warm_workers: bool = False, warm: bool = F
     cfg = load_config(args.config, overrides, args.profile)
 
     check_output(args.out)
-    if warm_workers and not cfg.execution.dask_address:
-        from facecap.flows.warm_workers import start
-
-        start()  # local workers' code imports on an idle core while this process imports its own
-    if cfg.quality.enabled:  # its imports (seconds) run at a low priority on what the cores leave idle
-        from facecap.quality.process import start_ahead
-
-        start_ahead()
     quiet_expected_failures_on_console()
 
     from facecap.models.registry import detector_identity
     from facecap.prefect_api import prefect_api
 
-    print(f"facecap {__version__}: profile {cfg.profile}, detector {detector_identity(cfg)}"
-          + (f"; in a fork of the warm process {os.getppid()}, imports done (`facecap warm stop` stops it)"
-             if warm else ""), flush=True)
+    print(f"facecap {__version__}: profile {cfg.profile}, detector {detector_identity(cfg)}", flush=True)
+    with prefect_api():
+        from facecap.flows.curate import curate, task_runner_for
 
-    def start_up() -> None:  # the flow's imports, while a Prefect server that has to boot does
-        from facecap.flows.curate import curate  # noqa: F401
-
-    try:
-        with prefect_api(meanwhile=start_up, idle_minutes=cfg.execution.api_idle_minutes):
-            from facecap.flows.curate import curate, task_runner_for
-
-            result = curate.with_options(task_runner=task_runner_for(cfg))(
-                sources=list(args.sources), out=args.out, config=cfg.model_dump(mode="json"),
-                allow_failures=args.allow_failures)
-    finally:
-        from facecap.quality.process import stop_ahead
-
-        stop_ahead()  # the flow took or stopped it, unless it never ran
+        result = curate.with_options(task_runner=task_runner_for(cfg))(
+            sources=list(args.sources), out=args.out, config=cfg.model_dump(mode="json"),
+            allow_failures=args.allow_failures)
     print("\nFunnel (records per stage):")
     width = max([8] + [len(row["stage"]) for row in result["funnel"]])
     for row in result["funnel"]:
@@ -300,10 +282,8 @@ def _curate(args: argparse.Namespace, warm_workers: bool = False, warm: bool = F
     return 0
 
 
-def main(argv: list[str] | None = None, warm_workers: bool = False, warm: bool = False) -> int:
-    """Run one command; returns its exit code. `warm_workers`: fork local Dask workers from a server started
-    now (flows/warm_workers.py), for a process that runs this one command (`run`). `warm`: this process is a
-    fork of the warm process (facecap/warm_process.py)."""
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (a Ctrl-C raises KeyboardInterrupt after saying so)."""
     from facecap.config import ConfigError, load_config
 
     parser = build_parser()
@@ -314,7 +294,7 @@ def main(argv: list[str] | None = None, warm_workers: bool = False, warm: bool =
     previous = _watch_interrupts()
     try:
         if args.command == "curate":
-            return _curate(args, warm_workers, warm)
+            return _curate(args)
         if args.command in FLOW_COMMANDS:
             quiet_expected_failures_on_console()
         if args.command == "example-data":
@@ -328,7 +308,7 @@ def main(argv: list[str] | None = None, warm_workers: bool = False, warm: bool =
             return 0
         if getattr(args, "handler", None):
             return int(args.handler(args) or 0)
-    except KeyboardInterrupt:  # the caller ends the process as interrupted (`end_interrupted`)
+    except KeyboardInterrupt:  # run() ends the process as interrupted
         _say_interrupted(args)
         raise
     except ConfigError as exc:
@@ -364,102 +344,36 @@ def _say_interrupted(args: argparse.Namespace) -> None:
 
 
 def run() -> None:
-    """The `facecap` command: main() in a fork of the warm process when one is up for this environment (a
-    curate command; facecap/warm_process.py), else here, leaving one behind for the next curate; then an exit
-    without the interpreter's teardown (`finish`). An unexpected exception still ends the usual way, with its
-    traceback."""
-    argv = sys.argv[1:]
-    environ = dict(os.environ)  # as the command found it: what a warm process for the next one must see
-    paths = _warm_paths(argv, environ)
-    code = None
-    if paths is not None:
-        from facecap.warm_process import forward
-
-        code = forward(argv, paths)
-    if code is None:
-        from facecap.flows import warm_workers
-
-        interrupted = False
-        try:
-            code = main(argv, warm_workers=True)
-        except KeyboardInterrupt:  # main() said so
-            interrupted = True
-        finally:
-            warm_workers.stop()
-        if interrupted:
-            end_interrupted()
-        minutes = _warm_minutes(argv) if paths is not None else 0
-        if minutes > 0:
-            from facecap.warm_process import leave_behind
-
-            leave_behind(paths, minutes, environ)
-    os._exit(finish(code))
-
-
-def finish(code: int) -> int:
-    """Wait for other threads that are not daemons, run the atexit handlers (Prefect's and logging's flushes
-    among them) and flush the standard streams: what an exit does, less the teardown.
-
-    Tearing down frees every object of Prefect, Dask, Great Expectations and pandas
-    one by one: seconds after the work is done. Returns `code`, for os._exit.
-    """
+    """The `facecap` command: main(), then an exit with its status, or as killed by SIGINT after a Ctrl-C."""
     import atexit
-    import threading
 
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
+    # Registered before anything else imports: atexit runs its handlers last-in first-out, so this one runs
+    # after Prefect's and logging's flushes.
+    atexit.register(_end_as_interrupted_if_so)
+    try:
+        code = main(sys.argv[1:])
+    except KeyboardInterrupt:  # main() said so
+        _interrupted_exit.wanted = True
+        code = 130
+    sys.exit(code)
+
+
+class _interrupted_exit:
+    wanted = False
+
+
+def _end_as_interrupted_if_so() -> None:
+    """End killed by SIGINT (a shell's status 130) once an interrupted command's exit has flushed what it must:
+    that also tells a shell script that ran the command to stop."""
+    if not _interrupted_exit.wanted:
+        return
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe: nothing more can reach it
             pass
-    return code
-
-
-def end_interrupted() -> NoReturn:
-    """End as an interrupted process does, after what an exit does (`finish`): killed by SIGINT (status 130),
-    which also tells a shell script that ran the command to stop."""
-    finish(0)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGINT)
-    os._exit(128 + signal.SIGINT)  # not reached
-
-
-def _warm_paths(argv: list[str], environ: dict[str, str]):
-    """Where this command's warm process is (facecap/warm_process.py), or None: not a curate command, warm
-    processes turned off by FACECAP_WARM_MINUTES=0 or --set execution.warm_minutes=0, or unsupported here.
-    Decided without loading the settings, which costs more than a warm run saves; a config file's
-    warm_minutes applies to the warm process a run leaves behind (`_warm_minutes`)."""
-    from facecap import warm_process
-
-    if not argv or argv[0] != "curate" or "-h" in argv or "--help" in argv or not warm_process.supported():
-        return None
-    minutes = [environ.get("FACECAP_WARM_MINUTES", "")]
-    minutes += [b.split("=", 1)[1] for a, b in zip(argv, argv[1:]) if a == "--set" and
-                b.replace(" ", "").startswith("execution.warm_minutes=")]
-    try:
-        if any(value.strip() and float(value) <= 0 for value in minutes):
-            return None
-    except ValueError:  # main() reports it
-        return None
-    try:
-        return warm_process.WarmPaths.for_key(warm_process.environment_key(environ))
-    except OSError as exc:
-        print(f"facecap: no warm process ({exc})", file=sys.stderr)
-        return None
-
-
-def _warm_minutes(argv: list[str]) -> float:
-    """execution.warm_minutes of this curate command's settings; 0 when they do not load (main() said why)."""
-    from facecap.config import ConfigError, load_config
-
-    try:
-        args = build_parser().parse_args(argv)
-        return load_config(args.config, args.overrides, args.profile).execution.warm_minutes
-    except (ConfigError, SystemExit):
-        return 0
 
 
 if __name__ == "__main__":

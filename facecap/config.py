@@ -108,19 +108,6 @@ class ExecutionSettings(_Section):
     lock_wait_s: float = Field(
         0, ge=0, description="When another run holds the output directory's lock (OUT/.lock): wait up to this many "
                              "seconds for it before refusing; 0 refuses at once.")
-    api_idle_minutes: float = Field(
-        10, ge=0, description="With no PREFECT_API_URL: the local Prefect API a run starts stays up, in the "
-                              "background, until this many minutes pass without a run, so the next run uses it at "
-                              "once instead of booting one (seconds of CPU); 0 stops it with the run. "
-                              "`facecap api status|stop` shows or stops it.")
-    warm_minutes: float = Field(
-        default_factory=lambda: float(os.environ.get("FACECAP_WARM_MINUTES", 10)), ge=0,
-        description="After a `facecap curate`, a process that has imported FaceCap's code (Prefect, Dask, the "
-                    "flow, Great Expectations: ~10 s of CPU, ~0.35 GB) stays in the background, and later curate "
-                    "commands in the same environment run in a fork of it, skipping those imports; it exits "
-                    "after this many minutes without one. 0: a run leaves none, and with FACECAP_WARM_MINUTES=0 "
-                    "or --set execution.warm_minutes=0 a command does not use one either (default from "
-                    "FACECAP_WARM_MINUTES, else 10). `facecap warm status|stop` shows or stops it.")
 
 
 class ModelSettings(_Section):

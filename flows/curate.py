@@ -14,7 +14,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -29,7 +29,7 @@ from facecap.records import ShardInput
 from facecap.runner import ShardStats, reusable
 from facecap.stages.ingest import plan_shards
 from facecap.tasks.stages import stage_task
-from facecap.tasks.validate import validate_task, validation_ahead
+from facecap.tasks.validate import validate_task
 
 
 # Bytes of finished shard outputs the flow verifies itself (size and sha256) before deciding that a stage is
@@ -136,9 +136,8 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
     run_id = str(flow_run.id or f"local-{int(time.time())}")
     # Two runs on one OUT would both do all the work and race to promote the release.
     try:
-        with runlock.acquire(out, run_id, cfg.execution.lock_wait_s, get_run_logger()), \
-                validation_ahead(cfg.quality.enabled) as validation_needed:
-            return _curate(sources, out, cfg, run_id, allow_failures, validation_needed)
+        with runlock.acquire(out, run_id, cfg.execution.lock_wait_s, get_run_logger()):
+            return _curate(sources, out, cfg, run_id, allow_failures)
     except runlock.OutputLocked as exc:
         raise CurateFailed(str(exc)) from None
     except Exception as exc:
@@ -154,8 +153,7 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
                            "the same command: finished shards are kept.") from exc
 
 
-def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failures: bool,
-            validation_needed: Callable[[], object]) -> dict:
+def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failures: bool) -> dict:
     logger = get_run_logger()
     plan = plan_run(cfg)  # fails here, before any work, if a model a stage needs is missing
     chain = plan.chain
@@ -200,7 +198,6 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
         if done is not None:
             executor.done((k, index), done)
             return
-        validation_needed()  # work to do: the release will likely change
         executor.submit(stage_task(stage), stage, (k, index), stage.name, *args)
 
     for index in range(len(specs)):

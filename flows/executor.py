@@ -27,7 +27,6 @@ from prefect.context import FlowRunContext
 from prefect_dask import DaskTaskRunner
 
 from facecap.config import Config
-from facecap.flows.warm_workers import nanny_environ
 from facecap.stages.base import Stage
 
 CPU, IO = "CPU", "IO"
@@ -35,6 +34,18 @@ CPU, IO = "CPU", "IO"
 
 def local_workers(cfg: Config) -> int:
     return cfg.execution.n_workers or max(1, os.cpu_count() or 1)
+
+
+def nanny_environ() -> dict[str, str]:
+    """What Dask's nannies set in a local worker's environment (distributed.nanny.pre-spawn-environ: one
+    thread for OpenMP, MKL and OpenBLAS), less MALLOC_TRIM_THRESHOLD_=65536.
+
+    Setting that at all turns off glibc's adaptive mmap threshold, so every decoded
+    image and crop is a fresh mmap and page faults: detect ran 15-20 % slower in a
+    worker than in a plain process (bench/README.md). Local workers go without.
+    """
+    spawn_environ = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    return {k: str(v) for k, v in spawn_environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
 
 
 def _local_cluster_kwargs(cfg: Config) -> dict[str, Any]:
@@ -54,10 +65,8 @@ def local_cluster(**kwargs: Any):
     whose every shard is already done starts no worker process at all."""
     from distributed import LocalCluster
 
-    # Workers inherit the run's Prefect API URL, unless forked from a server started before it was chosen
-    # (flows/warm_workers.py): the nanny passes it, and StageImports has Prefect read it.
-    env = {"PREFECT_API_URL": os.environ["PREFECT_API_URL"]} if os.environ.get("PREFECT_API_URL") else {}
-    return LocalCluster(**kwargs, env=env, plugins=(StageImports(), LeaveInterruptsToTheCommand()))
+    # Workers inherit the run's PREFECT_API_URL from this process's environment (facecap.prefect_api).
+    return LocalCluster(**kwargs, plugins=(StageImports(), LeaveInterruptsToTheCommand()))
 
 
 def task_runner_for(cfg: Config) -> DaskTaskRunner:
@@ -105,18 +114,14 @@ def _flush_prefect() -> None:
 
 class StageImports(WorkerPlugin):
     """What a worker's first stage task would import, done as the worker starts (before it takes a task):
-    Prefect's task engine and the stage code; and Prefect's settings read again from the environment the nanny
-    gave the worker, for a worker forked from a process that imported Prefect before the run chose its API."""
+    Prefect's task engine and the stage code, so that the first shard's time is the stage's own."""
 
     name = "facecap-stage-imports"
 
     def setup(self, worker) -> None:
         import prefect.task_engine  # noqa: F401
-        from prefect.context import refresh_global_settings_context
 
         import facecap.tasks.stages  # noqa: F401
-
-        refresh_global_settings_context()
 
 
 class LeaveInterruptsToTheCommand(WorkerPlugin):

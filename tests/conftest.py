@@ -10,8 +10,6 @@ import tempfile
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="facecap-prefect-home-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-# No warm process behind the command-line runs (tests/test_warm_process.py turns it on for its own).
-os.environ.setdefault("FACECAP_WARM_MINUTES", "0")
 
 from pathlib import Path  # noqa: E402
 
@@ -27,16 +25,6 @@ from facecap.example_data import write_example_data  # noqa: E402
 from prefect.logging.configuration import setup_logging  # noqa: E402
 
 setup_logging()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _stop_the_local_api():
-    """Runs of the command line without PREFECT_API_URL leave the shared local API up for later runs; the
-    session's PREFECT_HOME is temporary, so stop it with the session."""
-    yield
-    from facecap.prefect_api import SharedApi
-
-    SharedApi().stop()
 
 
 @pytest.fixture(scope="session")

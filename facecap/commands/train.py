@@ -80,7 +80,7 @@ def run_train_flow(release: str, out: str, cfg) -> int:
     """Run the train-flip flow under the configured (or an embedded) Prefect API and print a summary."""
     from facecap.prefect_api import prefect_api
 
-    with prefect_api(idle_minutes=cfg.execution.api_idle_minutes):
+    with prefect_api():
         from facecap.flows.train_flip import train_flip
 
         result = train_flip(release_dir=release, out=out, config=cfg.model_dump(mode="json"))

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     celeba_layout(args.data)
     from facecap.prefect_api import prefect_api
 
-    with prefect_api(idle_minutes=cfg.execution.api_idle_minutes):
+    with prefect_api():
         from facecap.flows.train_attributes import train_attributes_flow
 
         result = train_attributes_flow(data=args.data, out=args.out, config=cfg.model_dump(mode="json"),
