@@ -99,18 +99,16 @@ def import_graph() -> dict[str, set[str]]:
     return {name: dependencies(name, path, modules) for name, path in modules.items()}
 
 
-def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """One cycle path (first module repeated at the end) per strongly connected component of several modules."""
+def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The groups of modules that import each other, directly or not (Tarjan's algorithm); only groups of several."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
     on_stack: set[str] = set()
     components: list[set[str]] = []
-    counter = [0]
 
-    def connect(v: str) -> None:  # Tarjan's algorithm
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
         stack.append(v)
         on_stack.add(v)
         for w in sorted(graph.get(v, ())):
@@ -133,12 +131,11 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     for v in sorted(graph):
         if v not in index:
             connect(v)
-    return [_cycle_in(component, graph) for component in components]
+    return components
 
 
-def _cycle_in(component: set[str], graph: dict[str, set[str]]) -> list[str]:
-    """A shortest cycle through the component's first module (breadth-first back to itself)."""
-    start = min(component)
+def shortest_cycle(start: str, component: set[str], graph: dict[str, set[str]]) -> list[str]:
+    """A shortest import path from `start` back to itself (breadth-first), `start` at both ends."""
     came_from: dict[str, str] = {}
     frontier = [start]
     while frontier:
@@ -154,7 +151,18 @@ def _cycle_in(component: set[str], graph: dict[str, set[str]]) -> list[str]:
                     came_from[w] = v
                     following.append(w)
         frontier = following
-    raise AssertionError(f"no cycle in the component {sorted(component)}")
+    raise AssertionError(f"{start} is in no cycle of {sorted(component)}")
+
+
+def find_cycles(graph: dict[str, set[str]], component: set[str]) -> list[list[str]]:
+    """A shortest cycle through each module of a group, each cycle once (starting at its first module by name)."""
+    cycles: dict[tuple[str, ...], None] = {}
+    for start in sorted(component):
+        cycle = shortest_cycle(start, component, graph)[:-1]
+        first = cycle.index(min(cycle))
+        cycle = cycle[first:] + cycle[:first]
+        cycles.setdefault((*cycle, cycle[0]), None)
+    return [list(c) for c in cycles]
 
 
 def test_walks_the_whole_package():
@@ -178,16 +186,18 @@ def test_counts_imports_inside_functions_and_resolves_submodules(tmp_path):
     assert dependencies("facecap.a.mod", src, modules) == {"facecap.storage", "facecap.a.b", "facecap.d.e"}
 
 
-def test_find_cycles_reports_the_path():
-    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
-    assert find_cycles(graph) == [["a", "b", "c", "a"]]
+def test_finds_every_cycle_with_its_path():
+    graph = {"a": {"b"}, "b": {"c", "d"}, "c": {"a"}, "d": {"b"}, "e": {"a"}}
+    (component,) = strongly_connected(graph)
+    assert component == {"a", "b", "c", "d"}
+    assert find_cycles(graph, component) == [["a", "b", "c", "a"], ["b", "d", "b"]]
 
 
 def test_no_import_cycles():
-    cycles = find_cycles(import_graph())
+    graph = import_graph()
     unexpected = []
-    for cycle in cycles:
-        if any(set(cycle) == modules for modules in EXPECTED.values()):
+    for component in strongly_connected(graph):
+        if component in EXPECTED.values():
             continue
-        unexpected.append(" -> ".join(cycle))
+        unexpected.extend(" -> ".join(cycle) for cycle in find_cycles(graph, component))
     assert not unexpected, "import cycles:\n" + "\n".join(unexpected)
