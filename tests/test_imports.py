@@ -201,3 +201,26 @@ def test_no_import_cycles():
             continue
         unexpected.extend(" -> ".join(cycle) for cycle in find_cycles(graph, component))
     assert not unexpected, "import cycles:\n" + "\n".join(unexpected)
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for w in graph[todo.pop()] - seen:
+            seen.add(w)
+            todo.append(w)
+    return seen
+
+
+def test_layers():
+    """Readers below records and stages, shard types a leaf, stages unaware of the runner that feeds them."""
+    graph = import_graph()
+    above_sources = ("facecap.stages", "facecap.runner", "facecap.records", "facecap.shards")
+    for name in graph:
+        if name == "facecap.sources" or name.startswith("facecap.sources."):
+            wrong = {m for m in _reachable(graph, name) if m.startswith(above_sources)}
+            assert not wrong, f"{name} imports {sorted(wrong)}"
+    assert _reachable(graph, "facecap.shards") <= {"facecap", "facecap.sources", "facecap.sources.spec",
+                                                   "facecap.storage"}
+    assert not {"facecap.runner", "facecap.records"} & _reachable(graph, "facecap.stages.base")
