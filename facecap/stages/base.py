@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from facecap.config import Config
+    from facecap.sources.batch import Batch
 
 
 @dataclass
@@ -57,6 +58,12 @@ class Counters:
         self.rows_out += chunk.kept.num_rows if chunk.kept is not None else 0
         self.add_rejects(chunk.rejected)
         return chunk
+
+    def count_batch(self, batch: "Batch") -> Chunk:
+        """A batch of image records read from a source as a chunk, counted with what reading it counted."""
+        self.rows_in += batch.rows_in
+        self.extra.update(batch.extra)
+        return self.count(Chunk(kept=batch.kept, rejected=batch.rejected))
 
 
 def rejected(rows: list[dict]) -> pa.Table | None:

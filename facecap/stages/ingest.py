@@ -24,7 +24,6 @@ from facecap.sources.reader import read_source
 from facecap.sources.spec import ShardSpec
 from facecap.stages import urllist
 from facecap.stages.base import Chunk, Counters, Stage
-from facecap.stages.urllist import counted
 
 
 def ingest_shard(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits, counters: Counters,
@@ -38,8 +37,8 @@ def ingest_shard(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits,
     for item in read_source(spec, settings, limits):
         batch.take(item)
         if batch.ready():
-            yield counted(batch.flush(), counters)
-    yield counted(batch.flush(), counters)
+            yield counters.count_batch(batch.flush())
+    yield counters.count_batch(batch.flush())
 
 
 class Ingest(Stage):

@@ -27,18 +27,11 @@ from facecap.config import Config
 from facecap.records import iter_parquet
 from facecap.schema import IMAGE_SCHEMA, Reason, is_transient
 from facecap.shards import ShardStats
-from facecap.sources.batch import Batch, ImageBatcher
+from facecap.sources.batch import ImageBatcher
 from facecap.sources.downloader import Downloader
 from facecap.sources.spec import ShardSpec
 from facecap.sources.urllist import URL_COLUMNS, Unreadable, caption_column, iter_rows, list_columns, url_column
 from facecap.stages.base import Chunk, Counters
-
-
-def counted(batch: Batch, counters: Counters) -> Chunk:
-    """A batch of image records as a chunk of the stage's output, its counts added to the shard's."""
-    counters.rows_in += batch.rows_in
-    counters.extra.update(batch.extra)
-    return counters.count(Chunk(kept=batch.kept, rejected=batch.rejected))
 
 
 class _UrlShard:
@@ -99,14 +92,14 @@ class _UrlShard:
             if fetched.attempts > 1:
                 self.counters.extra["retried_urls"] += 1
             if self.batch.ready():
-                yield counted(self.batch.flush(), self.counters)
-        yield counted(self.batch.flush(), self.counters)
+                yield self.counters.count_batch(self.batch.flush())
+        yield self.counters.count_batch(self.batch.flush())
 
     def _reject_all(self, only: set[str] | None, reason: str, detail: str) -> Iterator[Chunk]:
         offsets = sorted(only, key=int) if only is not None else (str(r) for r in range(self.spec.start, self.spec.stop))
         for offset in offsets:
             self.batch.reject(offset, reason, detail)
-        yield counted(self.batch.flush(), self.counters)
+        yield self.counters.count_batch(self.batch.flush())
 
 
 def download_shard(spec: ShardSpec, cfg: Config, counters: Counters) -> Iterator[Chunk]:
