@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_detect import write_images  # noqa: E402
 
 from facecap.config import Config  # noqa: E402
-from facecap.stages.images import decode_rgb  # noqa: E402
+from facecap.sources.images import decode_rgb  # noqa: E402
 
 TARGET_RATIO = 0.9
 SMOKE = {"images": 16, "workers": 1, "arch": "tiny", "shard_size": 8}

@@ -44,7 +44,7 @@ from PIL import Image  # noqa: E402
 from facecap.config import Config  # noqa: E402
 from facecap.example_data import astronaut, generated  # noqa: E402
 from facecap.models.registry import load_detector  # noqa: E402
-from facecap.stages.images import decode_rgb, letterbox  # noqa: E402
+from facecap.sources.images import decode_rgb, letterbox  # noqa: E402
 
 TARGET_RATIO = 0.9
 NON_FACE_SHARE = 0.2

@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from facecap.config import Config  # noqa: E402
 from facecap.runner import run_ingest  # noqa: E402
-from facecap.stages.download import Downloader  # noqa: E402
-from facecap.stages.ingest import plan_shards  # noqa: E402
+from facecap.sources.downloader import Downloader  # noqa: E402
+from facecap.sources.plan import plan_shards  # noqa: E402
 
 
 SMOKE = {"urls": 96, "latency": 0.05, "connections": "8,32"}

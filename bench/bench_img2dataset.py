@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from facecap.config import Config  # noqa: E402
-from facecap.stages.download import Downloader  # noqa: E402
+from facecap.sources.downloader import Downloader  # noqa: E402
 
 IMG2DATASET_VERSION = "1.47.0"
 DEFAULT_VENV = Path.home() / ".cache" / "facecap" / "bench" / "img2dataset-venv"

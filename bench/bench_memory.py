@@ -144,10 +144,10 @@ def run_worker(tar: str, out: str, threads: int, main_thread: bool = False) -> d
 
     from facecap.chain import plan_run
     from facecap.config import Config
-    from facecap.records import ShardInput
     from facecap.runner import run_ingest, run_stage
+    from facecap.shards import ShardInput
+    from facecap.sources.plan import plan_shards
     from facecap.stages.detect import Detect
-    from facecap.stages.ingest import plan_shards
 
     cfg = Config(profile="offline")
     cfg.ingest.shard_size = 1_000_000  # a tar is one shard whatever this says; set so the intent is plain

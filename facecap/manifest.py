@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import duckdb
 
 if TYPE_CHECKING:
-    from facecap.runner import ShardStats
+    from facecap.shards import ShardStats
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

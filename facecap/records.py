@@ -9,19 +9,20 @@ shard size, and nothing is sorted or hashed.
 
 Local sources are referenced, not copied: ingest records where each image
 lies and its fingerprint. Asking for ``source_image`` reads the bytes from the
-source again (facecap.stages.ingest.SourceBytes) and checks the fingerprint;
+source again (facecap.sources.reader.SourceBytes) and checks the fingerprint;
 ``source_problem`` then says why an image could not be had (null when fine).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facecap import storage
+from facecap.shards import OutputRef, ShardInput
+from facecap.sources.reader import SourceBytes
 
 SOURCE_IMAGE = "source_image"
 SOURCE_PROBLEM = "source_problem"
@@ -29,38 +30,6 @@ SOURCE_PROBLEM = "source_problem"
 
 class BrokenChain(RuntimeError):
     """An output does not hold the rows the next one says it extends: a cache made by other code or damaged."""
-
-
-@dataclass(frozen=True)
-class OutputRef:
-    """One stage's output for one shard: where it is and what it holds."""
-
-    stage: str
-    key: str
-    data: str  # Parquet path
-    key_column: str
-    columns: tuple[str, ...]
-    rows: int
-
-
-@dataclass(frozen=True)
-class ShardInput:
-    """What a stage task needs to read its shard: the source spec and the outputs of the stages before it."""
-
-    spec: Any  # facecap.stages.ingest.ShardSpec
-    outputs: tuple[OutputRef, ...] = ()
-    ingest_settings: dict = field(default_factory=dict, compare=False)  # to re-read the source's bytes
-
-    @property
-    def label(self) -> str:
-        return self.spec.label
-
-    def then(self, output: OutputRef) -> "ShardInput":
-        return ShardInput(self.spec, self.outputs + (output,), self.ingest_settings)
-
-    @property
-    def columns(self) -> set[str]:
-        return {c for o in self.outputs for c in o.columns}
 
 
 def iter_parquet(url: str, columns: list[str] | None = None, batch_rows: int = 64) -> Iterator[pa.Table]:
@@ -153,8 +122,6 @@ def read_view(shard: ShardInput, columns: list[str] | tuple[str, ...], batch_row
                     table = table.append_column(part.schema.field(name), part.column(name))
         if with_bytes:
             if resolver is None:
-                from facecap.stages.ingest import SourceBytes
-
                 resolver = SourceBytes(shard.spec, shard.ingest_settings)
             table = _with_source_bytes(table, resolver)
         yield table.select([c for c in columns])

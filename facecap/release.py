@@ -35,7 +35,8 @@ import pyarrow.parquet as pq
 
 from facecap import __version__, storage
 from facecap.config import Config, ConfigError
-from facecap.records import SOURCE_IMAGE, ShardInput, read_view, record_columns
+from facecap.records import SOURCE_IMAGE, read_view, record_columns
+from facecap.shards import ShardInput
 from facecap.stages.base import ReleasePass
 
 SPLITS = ("train", "test")

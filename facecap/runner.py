@@ -22,18 +22,20 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facecap import __version__, storage
 from facecap.config import Config, settings_hash
-from facecap.records import OutputRef, ShardInput
+from facecap.records import read_view
 from facecap.schema import REJECT_SCHEMA
+from facecap.shards import ShardInput, ShardStats
 from facecap.stages.base import Counters, Stage, StagePlan
+from facecap.stages.ingest import Ingest
 
 
 def stage_key(stage: str, stage_version: str, settings: str, model_id: str | None, input_key: str) -> str:
@@ -61,61 +63,6 @@ class ShardPaths:
     @property
     def stats(self) -> str:
         return self._path(".json")
-
-
-@dataclass
-class ShardStats:
-    """What one stage did to one shard. Written next to its outputs, returned to the flow, recorded in the manifest."""
-
-    stage: str
-    input: str  # human-readable shard label
-    source: str
-    key: str = ""
-    input_key: str = ""
-    kind: str = ""
-    stage_version: str = ""
-    settings_hash: str = ""
-    model: str | None = None
-    output: str = ""
-    rejects_output: str = ""
-    key_column: str = ""
-    columns: list[str] = field(default_factory=list)
-    extends: list[str] = field(default_factory=list)  # the outputs (stage:key) this one's rows join
-    rows_in: int = 0
-    rows_out: int = 0
-    rows_written: int = 0
-    rejects: dict[str, int] = field(default_factory=dict)
-    rejects_written: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
-    files: dict[str, dict] = field(default_factory=dict)  # data / rejects: bytes and sha256
-    retry_generation: int = 0
-    seconds: float = 0.0
-    started_at: str = ""
-    worker: str = ""
-    facecap_version: str = ""
-    cached: bool = False  # not stored: set when a rerun reuses the outputs
-    repaired: str | None = None  # not stored: why a cached output was recomputed
-    error: str | None = None  # a failed task's exception
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        for transient in ("cached", "repaired", "error"):
-            data.pop(transient)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ShardStats":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    @classmethod
-    def failure(cls, stage: str, shard: ShardInput, exc: BaseException) -> "ShardStats":
-        return cls(stage=stage, input=shard.label, source=shard.spec.source,
-                   error=f"{type(exc).__name__}: {exc}"[:2000])
-
-    @property
-    def ref(self) -> OutputRef:
-        return OutputRef(self.stage, self.key, self.output, self.key_column, tuple(self.columns), self.rows_written)
 
 
 def file_digest(url: str) -> dict[str, Any]:
@@ -277,6 +224,15 @@ def run_stage(stage: type[Stage], shard: ShardInput, out: str, cfg: Config, plan
     return stats
 
 
+def stage_records(stage: Stage, shard: ShardInput, previous: ShardStats | None = None) -> Iterable:
+    """What the stage's `process` reads: what it reads from the shard's source itself, or else the
+    columns in its `reads` from the shard's chain so far, joined."""
+    records = stage.source_records(shard, previous)
+    if records is None:
+        records = read_view(shard, stage.reads, stage.batch_rows)
+    return records
+
+
 def _compute(stage: Stage, shard: ShardInput, paths: ShardPaths, previous: ShardStats | None) -> ShardStats:
     started = time.time()
     counters = Counters()
@@ -284,7 +240,7 @@ def _compute(stage: Stage, shard: ShardInput, paths: ShardPaths, previous: Shard
     data = _StreamWriter(paths.data, schema)
     rejects = _StreamWriter(paths.rejects, REJECT_SCHEMA)
     try:
-        for chunk in stage.process(stage.records(shard, previous), counters):
+        for chunk in stage.process(stage_records(stage, shard, previous), counters):
             data.write(chunk.kept)
             rejects.write(chunk.rejected)
         data.commit()
@@ -309,7 +265,5 @@ def _compute(stage: Stage, shard: ShardInput, paths: ShardPaths, previous: Shard
 
 def run_ingest(spec, out: str, cfg: Config) -> ShardStats:
     """Ingest one source shard (the first stage, which needs no upstream output)."""
-    from facecap.stages.ingest import Ingest
-
     source_settings = {"ingest": cfg.ingest.model_dump(mode="json"), "image": cfg.image.model_dump(mode="json")}
     return run_stage(Ingest, ShardInput(spec, (), source_settings), out, cfg, StagePlan(True))

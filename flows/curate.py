@@ -25,9 +25,9 @@ from facecap.config import Config
 from facecap.flows.executor import ShardExecutor, size_local_cluster, task_runner_for  # noqa: F401 (re-exported)
 from facecap.flows.run_artifacts import publish_curate_artifacts
 from facecap.quality.validate import ReleaseBlocked, blocked_message
-from facecap.records import ShardInput
-from facecap.runner import ShardStats, reusable
-from facecap.stages.ingest import plan_shards
+from facecap.runner import reusable
+from facecap.shards import ShardInput, ShardStats
+from facecap.sources.plan import plan_shards
 from facecap.tasks.stages import stage_task
 from facecap.tasks.validate import validate_task
 

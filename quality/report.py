@@ -245,7 +245,7 @@ def _thumbnail(data: bytes, limits, box: list[float] | None = None) -> str | Non
     """A small JPEG data URI (decoded within the configured bounds), optionally of a region."""
     from PIL import Image
 
-    from facecap.stages.images import decode_rgb
+    from facecap.sources.images import decode_rgb
 
     rgb, _ = decode_rgb(data, limits)
     if rgb is None:

@@ -115,7 +115,7 @@ def decode_failures(db: ReleaseDB, sample: int) -> tuple[int, int]:
     """(undecodable, decoded) over a deterministic sample of image bytes."""
     from facecap.quality.release_db import data_files
     from facecap.schema import image_bytes
-    from facecap.stages.images import decode_rgb
+    from facecap.sources.images import decode_rgb
 
     if sample <= 0 or "image" not in db.columns:
         return 0, 0

@@ -17,8 +17,8 @@ from prefect.cache_policies import NO_CACHE
 
 from facecap.chain import BY_NAME
 from facecap.config import Config
-from facecap.records import ShardInput
-from facecap.runner import ShardStats, run_stage
+from facecap.runner import run_stage
+from facecap.shards import ShardInput, ShardStats
 from facecap.stages.base import Stage, StagePlan
 
 

@@ -40,8 +40,9 @@ def run_curate(sources: list, out: Path, cfg: Config) -> dict:
 def ingest_sources(sources: list, image: dict | None = None, **ingest):
     """Plan and ingest `sources` in this process (offline config): specs, planning notes, the kept rows
     and the reject rows as tables (None when empty), and the counters."""
+    from facecap.sources.plan import plan_shards
     from facecap.stages.base import Counters
-    from facecap.stages.ingest import ingest_shard, plan_shards
+    from facecap.stages.ingest import ingest_shard
 
     cfg = offline_config(ingest=ingest, image=image or {})
     specs, notes = plan_shards([str(s) for s in sources], cfg.ingest)

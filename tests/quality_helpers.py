@@ -22,11 +22,11 @@ from facecap import release
 from facecap.attributes import ATTRIBUTES
 from facecap.config import Config
 from facecap.example_data import astronaut
-from facecap.records import OutputRef, ShardInput
+from facecap.shards import OutputRef, ShardInput
 from facecap.schema import (ATTRIBUTE_FIELDS, CAPTION_FIELDS, FACE_SCHEMA, IMAGE_SCHEMA, extend_schema, image_id_for,
                             sample_id_for)
+from facecap.sources.spec import ShardSpec
 from facecap.stages.dedup import DEDUP_SCHEMA, NearDuplicates, face_hashes, grey_thumbnail
-from facecap.stages.ingest import ShardSpec
 
 # A release record: detect's face columns, then its source image's, attributes and captions.
 _SOURCE_FIELDS = [f for f in IMAGE_SCHEMA if f.name != "source_image"]

@@ -34,12 +34,12 @@ from facecap.example_data import astronaut, generated
 from facecap.models.attributes import load_attribute_model
 from facecap.models.farl import FARL_CELEBA_FILE, FARL_CELEBA_URL, FarlAttributes
 from facecap.models.weights import WeightsError
-from facecap.records import ShardInput
 from facecap.runner import run_ingest, run_stage
 from facecap.schema import Reason
+from facecap.shards import ShardInput
+from facecap.sources.plan import plan_shards
 from facecap.stages.annotate import Annotate
 from facecap.stages.detect import Detect
-from facecap.stages.ingest import plan_shards
 
 
 def _published_layout() -> list[tuple[str, tuple[int, ...]]]:

@@ -12,10 +12,10 @@ from PIL import Image
 
 from facecap.example_data import astronaut, bomb_png, exif_rotated, generated
 from facecap.schema import FACE_SCHEMA, IMAGE_SCHEMA, image_id_for
+from facecap.sources.images import decode_rgb, letterbox, probe
 from facecap.stages.align import eye_angle
 from facecap.stages.base import Counters
 from facecap.stages.detect import detect_faces
-from facecap.stages.images import decode_rgb, letterbox, probe
 
 
 def _jpeg(img: Image.Image) -> bytes:

@@ -28,8 +28,8 @@ import pytest
 
 from facecap.config import Config, DownloadSettings, ImageLimits
 from facecap.runner import run_ingest
-from facecap.stages.download import Downloader
-from facecap.stages.ingest import plan_shards
+from facecap.sources.downloader import Downloader
+from facecap.sources.plan import plan_shards
 
 sys.path.insert(0, str(Path(__file__).parent))
 from http_fixture_server import ServerThread, default_images  # noqa: E402
@@ -227,7 +227,7 @@ _KILLED_RUN = textwrap.dedent("""
     import sys
     from facecap.config import Config
     from facecap.runner import run_ingest
-    from facecap.stages.ingest import plan_shards
+    from facecap.sources.plan import plan_shards
     cfg = Config.model_validate({"profile": "offline", "download": {"allow_addresses": ["127.0.0.1/32"],
                                  "connections": 2, "timeout_s": 5}})
     specs, _ = plan_shards([sys.argv[1]], cfg.ingest)
@@ -293,9 +293,9 @@ def test_csv_and_jsonl_url_lists_and_img2dataset_output(tmp_path, server):
 
 
 def test_results_keep_input_order_under_a_tight_memory_budget(server, monkeypatch):
-    from facecap.stages import download
+    from facecap.sources import downloader
 
-    monkeypatch.setattr(download, "BUFFER_BYTES", 1)  # at most one finished body waits behind a slow URL
+    monkeypatch.setattr(downloader, "BUFFER_BYTES", 1)  # at most one finished body waits behind a slow URL
     paths = ["/slow/0.3/gen0.png?t=order"] + [f"/img/gen{i % 4}.png?t=order{i}" for i in range(12)]
     results = list(Downloader(DownloadSettings(**{**FAST, "timeout_s": 5}, allow_addresses=LOOPBACK),
                               ImageLimits(**LIMITS)).iter_fetch([server.url(p) for p in paths]))

@@ -38,7 +38,7 @@ from facecap.models.farl import (
 )
 from facecap.models.retinaface_net import CheckpointError
 from facecap.models.weights import WeightsError
-from facecap.stages.images import letterbox
+from facecap.sources.images import letterbox
 
 CANVAS = 640
 

@@ -15,8 +15,14 @@ import pyarrow.parquet as pq
 from helpers import ingest_sources, offline_config
 
 from facecap.example_data import astronaut, write_folder
-from facecap.records import OutputRef, ShardInput, record_columns
-from facecap.stages.ingest import MAX_MEMBER_NAME, MAX_TEXT_BYTES, Ingest, fingerprint_bytes, plan_shards, read_source
+from facecap.records import record_columns
+from facecap.shards import OutputRef, ShardInput
+from facecap.sources.captions import MAX_TEXT_BYTES
+from facecap.sources.plan import plan_shards
+from facecap.sources.raw import fingerprint_bytes
+from facecap.sources.reader import read_source
+from facecap.sources.tar import MAX_MEMBER_NAME
+from facecap.stages.ingest import Ingest
 
 
 def _png(side: int = 64) -> bytes:

@@ -12,8 +12,11 @@ import pytest
 from helpers import ingest_sources, offline_config
 
 from facecap.example_data import astronaut, bomb_png, write_folder, write_webdataset
+from facecap.sources.plan import chunk_names, plan_shards
+from facecap.sources.raw import fingerprint_bytes
+from facecap.sources.spec import ShardSpec
 from facecap.stages.base import Counters
-from facecap.stages.ingest import ShardSpec, chunk_names, fingerprint_bytes, ingest_shard, plan_shards
+from facecap.stages.ingest import ingest_shard
 
 
 def _png() -> bytes:

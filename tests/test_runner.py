@@ -18,11 +18,12 @@ from helpers import offline_config
 
 from facecap.chain import plan_run
 from facecap.example_data import astronaut, generated
-from facecap.records import ShardInput, read_view, record_columns
-from facecap.runner import ShardStats, run_ingest, run_stage
+from facecap.records import read_view, record_columns
+from facecap.runner import run_ingest, run_stage
 from facecap.schema import FACE_SCHEMA, IMAGE_SCHEMA, Reason
+from facecap.shards import ShardInput, ShardStats
+from facecap.sources.plan import plan_shards
 from facecap.stages.detect import Detect
-from facecap.stages.ingest import plan_shards
 
 
 def _jpeg(img) -> bytes:

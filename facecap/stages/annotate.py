@@ -28,7 +28,7 @@ from facecap.config import AttributeSettings, ImageLimits
 from facecap.records import SOURCE_IMAGE, SOURCE_PROBLEM
 from facecap.schema import ATTRIBUTE_FIELDS, Reason, keyed_schema
 from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, Stage, StagePlan, reject_row, rejected
-from facecap.stages.images import decode_rgb
+from facecap.sources.images import decode_rgb
 
 ANNOTATED_SCHEMA = keyed_schema(ATTRIBUTE_FIELDS)  # what annotate writes: sample_id + attribute columns
 

@@ -5,7 +5,8 @@ outputs, the model it needs and how it plans itself on or off, its Dask
 placement and retries, and ``process(records) -> chunks of kept + rejects``.
 It knows nothing of Prefect, Dask or storage: the generic shard runner
 (facecap.runner) feeds it the columns it reads and writes what it yields, so
-a stage can be unit-tested and benchmarked on in-memory tables.
+a stage can be unit-tested and benchmarked on in-memory tables. Nor does it
+know how outputs are read back: the runner builds the view of its `reads`.
 
 A stage's output holds only the columns it adds, keyed by ``sample_id`` (or
 ``image_id`` for ingest); readers join the outputs of a shard's chain
@@ -22,13 +23,13 @@ import pyarrow as pa
 
 from facecap.config import settings_hash
 from facecap.schema import reject_rows
+from facecap.shards import ShardInput, ShardStats
 
 if TYPE_CHECKING:
     import numpy as np
 
     from facecap.config import Config
-    from facecap.records import ShardInput
-    from facecap.runner import ShardStats
+    from facecap.sources.batch import Batch
 
 
 @dataclass
@@ -57,6 +58,12 @@ class Counters:
         self.rows_out += chunk.kept.num_rows if chunk.kept is not None else 0
         self.add_rejects(chunk.rejected)
         return chunk
+
+    def count_batch(self, batch: "Batch") -> Chunk:
+        """A batch of image records read from a source as a chunk, counted with what reading it counted."""
+        self.rows_in += batch.rows_in
+        self.extra.update(batch.extra)
+        return self.count(Chunk(kept=batch.kept, rejected=batch.rejected))
 
 
 def rejected(rows: list[dict]) -> pa.Table | None:
@@ -142,13 +149,13 @@ class Stage:
         """The columns this stage writes: its key column(s) and what it adds."""
         raise NotImplementedError
 
-    def records(self, shard: "ShardInput", previous: "ShardStats | None" = None) -> Iterable:
-        """What `process` reads: the columns in `reads` from the shard's chain so far."""
-        from facecap.records import read_view
+    def source_records(self, shard: ShardInput, previous: ShardStats | None = None) -> Iterable | None:
+        """What `process` reads when the stage reads the shard's source itself (ingest), not upstream
+        outputs. None (every other stage): the runner gives it the columns in `reads` from the shard's
+        chain so far, `batch_rows` at a time."""
+        return None
 
-        return read_view(shard, self.reads, self.batch_rows)
-
-    def another_pass(self, cached: "ShardStats") -> bool:
+    def another_pass(self, cached: ShardStats) -> bool:
         """Whether a finished shard gets a next generation (built on `cached`) instead of being reused."""
         return False
 

@@ -48,7 +48,7 @@ from facecap.config import DedupSettings, ImageLimits
 from facecap.schema import Reason, image_bytes, keyed_schema
 from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, ReleasePass, Stage, StagePlan, reject_row
 from facecap.stages.base import rejected as reject_table
-from facecap.stages.images import decode_rgb
+from facecap.sources.images import decode_rgb
 
 HASH_BITS = 64
 _HASH_SIDE = 8  # 8x8 lowest DCT frequencies -> 64 bits

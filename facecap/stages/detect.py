@@ -18,7 +18,7 @@ from facecap.schema import FACE_SCHEMA, Reason, sample_id_for
 from facecap.stages.align import aligned_crop, crop_side, real_extent
 from facecap.records import SOURCE_IMAGE, SOURCE_PROBLEM
 from facecap.stages.base import Chunk, Counters, Stage, StagePlan, rejected
-from facecap.stages.images import decode_rgb, encode_jpeg, letterbox
+from facecap.sources.images import decode_rgb, encode_jpeg, letterbox
 
 
 class FaceDetector(Protocol):

@@ -1,14 +1,8 @@
-"""URL-list sources (LAION-style metadata): plan, read, download into image shards.
+"""URL-list shards: download their rows into image records (generation 0), or download a finished
+shard's transient failures again (next generations).
 
-A URL list is a Parquet, CSV or JSONL file with a URL column (`URL`/`url`,
-or `ingest.image_column`), an optional caption (`TEXT`/`caption`/..., or
-`ingest.caption_column`) and any other columns (SAMPLE_ID, WIDTH, HEIGHT,
-NSFW, similarity, LICENSE...), which are kept verbatim in `source_meta`
-together with the URL. It is sharded by row range like a Parquet of bytes;
-a shard's ingest downloads its URLs (facecap.stages.download) and writes the
-normal image shard. Every row ends in the shard or in rejects with its
-download status, so the shard stats (and the manifest funnel) show the
-reachable share.
+Every row ends in the shard or in rejects with its download status, so the
+shard stats (and the manifest funnel) show the reachable share.
 
 Retry generations: a finished URL shard is never downloaded again, except
 with `download.retry_failed`: then a shard whose rejects include transient
@@ -18,146 +12,40 @@ permanent rejects and downloads only the transient failures again. Reruns
 always pick the latest generation, so retried records are neither lost nor
 duplicated, and shards without transient failures keep their key (and their
 downstream outputs).
-
-img2dataset output: its `NNNNN.parquet` next to `NNNNN.tar` lists what the
-tar holds (plus the failures); it is not a URL list of undone work. Such a
-sidecar is skipped with a note; the tar is the source.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from facecap import storage
-from facecap.config import Config, IngestSettings
-from facecap.schema import IMAGE_SCHEMA, Reason, is_transient
+from facecap.config import Config
 from facecap.records import iter_parquet
+from facecap.schema import IMAGE_SCHEMA, Reason, is_transient
+from facecap.shards import ShardStats
+from facecap.sources.batch import ImageBatcher
+from facecap.sources.downloader import Downloader
+from facecap.sources.spec import ShardSpec
+from facecap.sources.urllist import URL_COLUMNS, Unreadable, caption_column, iter_rows, list_columns, url_column
 from facecap.stages.base import Chunk, Counters
-from facecap.stages.download import Downloader
-
-URL_COLUMNS = ("url", "URL", "image_url", "img_url")
-LIST_ENDINGS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-IMG2DATASET_SIDECAR_COLUMNS = {"key", "status", "error_message"}
-
-
-def list_format(path: str) -> str | None:
-    """csv/tsv/jsonl for text URL lists (by file ending), else None."""
-    return next((fmt for end, fmt in LIST_ENDINGS.items() if path.lower().endswith(end)), None)
-
-
-def url_column(names: list[str], settings: IngestSettings) -> str | None:
-    """The URL column of a table, if it is a URL list (a configured image column counts only if URL-like)."""
-    if settings.image_column:
-        return settings.image_column if settings.image_column in names and settings.image_column in URL_COLUMNS \
-            else None
-    return next((c for c in URL_COLUMNS if c in names), None)
-
-
-def is_img2dataset_sidecar(fs, path: str, names: list[str]) -> bool:
-    """img2dataset's per-shard Parquet (key, status, error_message...) with its tar next to it."""
-    if not IMG2DATASET_SIDECAR_COLUMNS <= set(names):
-        return False
-    stem = path.rsplit(".", 1)[0]
-    return any(fs.exists(stem + end) for end in (".tar", ".tar.gz", ".tgz"))
-
-
-def read_table(fs, path: str, fmt: str) -> pa.Table:
-    """A CSV/TSV/JSONL URL list as a table (strings kept as strings)."""
-    with fs.open(path, "rb") as fh:
-        if fmt == "jsonl":
-            return pajson.read_json(fh)
-        delimiter = "\t" if fmt == "tsv" else ","
-        return pacsv.read_csv(fh, parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-                              convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-
-
-def _caption_column(names: list[str], settings: IngestSettings) -> str | None:
-    from facecap.stages.ingest import CAPTION_COLUMNS, _pick
-
-    return _pick(names, settings.caption_column, CAPTION_COLUMNS)
-
-
-# --------------------------------------------------------------------------- reading rows
-
-
-@dataclass(frozen=True)
-class Unreadable:
-    """Stands in for the URL of a row that could not be read."""
-
-    detail: str
-
-
-def iter_rows(spec, settings: IngestSettings, only: set[str] | None = None) -> Iterator[tuple[str, Any, dict]]:
-    """(offset, url, other columns) for the spec's rows (or only the given offsets), in order.
-
-    Raises on an unreadable file (the caller rejects its rows); a corrupt Parquet row group
-    gives its rows with an `Unreadable` in place of the URL.
-    """
-    fs, path = storage.filesystem(spec.source)
-    fmt = list_format(path)
-    if fmt is None:
-        with fs.open(path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            names = pf.schema_arrow.names
-            col = url_column(names, settings)
-            offset = 0
-            for rg in range(pf.num_row_groups):
-                n = pf.metadata.row_group(rg).num_rows
-                lo, hi = max(spec.start, offset), min(spec.stop, offset + n)
-                if lo < hi and (only is None or any(lo <= int(o) < hi for o in only)):
-                    try:
-                        table = pf.read_row_group(rg).slice(lo - offset, hi - lo)
-                    except Exception as exc:  # a corrupt page loses its row group's rows (as rejects), not the shard
-                        bad = Unreadable(f"row group {rg}: {type(exc).__name__}: {exc}"[:300])
-                        for row in range(lo, hi):
-                            if only is None or str(row) in only:
-                                yield str(row), bad, {}
-                    else:
-                        yield from _rows(table, lo, col, only)
-                offset += n
-                if offset >= spec.stop:
-                    break
-        return
-    table = read_table(fs, path, fmt)
-    col = url_column(table.column_names, settings)
-    yield from _rows(table.slice(spec.start, spec.stop - spec.start), spec.start, col, only)
-
-
-def _rows(table: pa.Table, first: int, col: str | None, only: set[str] | None) -> Iterator[tuple[str, Any, dict]]:
-    binary = {f.name for f in table.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)}
-    keep = [c for c in table.column_names if c not in binary]
-    for i, rec in enumerate(table.select(keep).to_pylist()):
-        offset = str(first + i)
-        if only is not None and offset not in only:
-            continue
-        yield offset, rec.get(col) if col else None, rec
-
-
-# --------------------------------------------------------------------------- the shard
 
 
 class _UrlShard:
     """Downloads one shard's rows into image records and rejects."""
 
-    def __init__(self, spec, cfg: Config, counters: Counters):
-        from facecap.stages.ingest import _Batcher
-
+    def __init__(self, spec: ShardSpec, cfg: Config, counters: Counters):
         self.spec, self.cfg = spec, cfg
-        self.batch = _Batcher(spec, cfg.image, counters, keep_bytes=True)  # downloads are the only copy
+        self.batch = ImageBatcher(spec, cfg.image, keep_bytes=True)  # downloads are the only copy
         self.counters = counters
 
     def download(self, only: set[str] | None = None) -> Iterator[Chunk]:
         settings = self.cfg.ingest
         try:
-            names = _columns(self.spec)
+            names = list_columns(self.spec)
         except Exception as exc:
             yield from self._reject_all(only, Reason.UNREADABLE_SOURCE, f"{type(exc).__name__}: {exc}"[:300])
             return
@@ -167,7 +55,7 @@ class _UrlShard:
             yield from self._reject_all(only, Reason.MISSING_COLUMNS,
                                         f"no URL column ({wanted}); columns are {names}. Set ingest.image_column.")
             return
-        caption_col = _caption_column(names, settings)
+        caption_col = caption_column(names, settings)
         rows: dict[str, tuple[str | None, str | None]] = {}  # offset -> (caption, meta) while in flight
         urls: list[tuple[str, str]] = []
 
@@ -204,35 +92,22 @@ class _UrlShard:
             if fetched.attempts > 1:
                 self.counters.extra["retried_urls"] += 1
             if self.batch.ready():
-                yield self.batch.flush()
-        yield self.batch.flush()
+                yield self.counters.count_batch(self.batch.flush())
+        yield self.counters.count_batch(self.batch.flush())
 
     def _reject_all(self, only: set[str] | None, reason: str, detail: str) -> Iterator[Chunk]:
         offsets = sorted(only, key=int) if only is not None else (str(r) for r in range(self.spec.start, self.spec.stop))
         for offset in offsets:
             self.batch.reject(offset, reason, detail)
-        yield self.batch.flush()
+        yield self.counters.count_batch(self.batch.flush())
 
 
-def _columns(spec) -> list[str]:
-    fs, path = storage.filesystem(spec.source)
-    fmt = list_format(path)
-    if fmt is None:
-        with fs.open(path, "rb") as fh:
-            return pq.ParquetFile(fh).schema_arrow.names
-    if fmt in ("csv", "tsv"):  # the header is enough
-        with fs.open(path, "rb") as fh:
-            options = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
-            return pacsv.open_csv(fh, parse_options=options).schema.names
-    return read_table(fs, path, fmt).column_names
-
-
-def download_shard(spec, cfg: Config, counters: Counters) -> Iterator[Chunk]:
+def download_shard(spec: ShardSpec, cfg: Config, counters: Counters) -> Iterator[Chunk]:
     """Generation 0 of a URL shard: download every row."""
     yield from _UrlShard(spec, cfg, counters).download()
 
 
-def retry_shard(spec, cfg: Config, previous, counters: Counters) -> Iterator[Chunk]:
+def retry_shard(spec: ShardSpec, cfg: Config, previous: ShardStats, counters: Counters) -> Iterator[Chunk]:
     """Next generation: keep the previous records and permanent rejects, download the transient failures again."""
     for table in iter_parquet(previous.output):
         table = table.cast(IMAGE_SCHEMA)
@@ -252,21 +127,3 @@ def retry_shard(spec, cfg: Config, previous, counters: Counters) -> Iterator[Chu
     counters.extra["retried_transient"] += len(again)
     if again:
         yield from _UrlShard(spec, cfg, counters).download(only=again)
-
-
-# --------------------------------------------------------------------------- planning
-
-
-def plan_url_list(uri: str, fs, path: str, settings: IngestSettings, fingerprint: str) -> list:
-    """Shards of a CSV/TSV/JSONL URL list; a text file without a URL column is not a source."""
-    from facecap.stages.ingest import ShardSpec
-
-    table = read_table(fs, path, list_format(path))
-    if url_column(table.column_names, settings) is None:
-        wanted = settings.image_column or f"one of {list(URL_COLUMNS)}"
-        return [ShardSpec("unreadable", uri, detail=(
-            f"not a folder, tar shard, Parquet file or image, and not a URL list: no URL column ({wanted}); "
-            f"columns are {table.column_names}. Set ingest.image_column."))]
-    rows = table.num_rows
-    return [ShardSpec("urls", uri, start=s, stop=min(s + settings.shard_size, rows), fingerprint=fingerprint)
-            for s in range(0, rows, settings.shard_size)]

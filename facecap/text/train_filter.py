@@ -37,8 +37,8 @@ def read_captions(path: str | Path, column: str | None = None) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     from facecap import storage
-    from facecap.stages.ingest import CAPTION_COLUMNS
-    from facecap.stages.urllist import list_format, read_table
+    from facecap.sources.captions import CAPTION_COLUMNS
+    from facecap.sources.urllist import list_format, read_table
 
     path = str(path)
     if path.lower().endswith(".txt"):

@@ -48,7 +48,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from facecap.attributes import ATTRIBUTES
 from facecap.config import ConfigError, ImageLimits
 from facecap.schema import image_bytes
-from facecap.stages.images import probe
+from facecap.sources.images import probe
 
 TEXT_COLUMNS = ("caption", "source_caption")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")

@@ -44,7 +44,7 @@ from PIL import Image, ImageOps
 from facecap import netguard
 from facecap.config import DownloadSettings, ImageLimits
 from facecap.schema import Reason
-from facecap.stages.images import probe
+from facecap.sources.images import probe
 
 OK = "ok"
 # Retried at once with backoff. DNS failures are not (NXDOMAIN rarely heals in
