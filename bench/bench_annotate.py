@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         crops = annotated_crops(out)
         if len(crops) != faces or not faces:
             raise SystemExit(f"bench: detect wrote {len(crops)} crops, annotate saw {faces} faces; "
-                             f"funnel {json.dumps(result['funnel'])}")
+                             f"funnel {json.dumps([row.to_dict() for row in result.funnel])}")
         print(f"bare loop: {cpus} torch threads, {len(crops)} faces", flush=True)
         bare_seconds, done = bare_loop(crops, cfg)
 
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {
         "model": str(args.model) if args.model else f"random ViT ({args.arch})", "backend": args.backend,
         "images": args.images, "faces": faces, "workers": args.workers, "shards": shards,
-        "release_records": result["records"],
+        "release_records": result.records,
         "batch_size": args.batch_size, "cpu_count": cpus, "load_avg_1min_before": round(load_before, 2),
         "bare_faces_s": round(bare_rate, 2), "flow_annotate_faces_s": round(flow_rate, 2),
         "flow_e2e_faces_s": round(e2e_rate, 2), "annotate_busy_seconds": round(busy, 3),
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print()
     print(f"{faces} faces from {args.images} images | model {figures['model']} | {args.workers} Dask workers, "
-          f"{shards} annotate shards | batch {args.batch_size} | release {result['records']} records")
+          f"{shards} annotate shards | batch {args.batch_size} | release {result.records} records")
     print(f"{'':<22} {'faces/s':>8} {'seconds':>8} {'vs bare':>8}")
     print(f"{'bare model loop':<22} {bare_rate:>8.1f} {bare_seconds:>8.2f} {1:>8.2f}")
     print(f"{'flow: annotate stage':<22} {flow_rate:>8.1f} {span:>8.2f} {flow_rate / bare_rate:>8.2f}")

@@ -186,14 +186,13 @@ def run_flow(folder: Path, out: Path, workers: int, shard_size: int) -> FlowResu
             sources=[str(folder)], out=str(out), config=cfg.model_dump(mode="json"))
         flow_seconds = time.perf_counter() - started
 
-    funnel = {row["stage"]: row for row in result["funnel"]}
-    cached = sum(row["cached"] for row in funnel.values())
+    cached = sum(row.cached for row in result.funnel)
     if cached:
         raise SystemExit(f"bench: {cached} shard(s) came from an earlier run in {out}; use a fresh --out")
     stats = _detect_stats(out)
-    if len(stats) != funnel["detect"]["shards"]:
+    if len(stats) != result.stage("detect").shards:
         raise SystemExit(f"bench: {len(stats)} detect stats files in {out}, the run reported "
-                         f"{funnel['detect']['shards']} shards")
+                         f"{result.stage('detect').shards} shards")
     starts = [datetime.fromisoformat(s["started_at"]).timestamp() for s in stats]
     ends = [start + s["seconds"] for start, s in zip(starts, stats)]
     return FlowResult(
@@ -207,8 +206,8 @@ def run_flow(folder: Path, out: Path, workers: int, shard_size: int) -> FlowResu
         detect_span_seconds=max(ends) - min(starts),
         detect_task_seconds=sum(s["seconds"] for s in stats),
         flow_seconds=flow_seconds,
-        records=result["records"],
-        rejects=result["rejects"],
+        records=result.records,
+        rejects=result.rejects,
     )
 
 

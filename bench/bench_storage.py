@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         other = {p.name: tree_bytes(p) if p.is_dir() else p.stat().st_size
                  for p in out.iterdir() if p.name not in ("shards", "release")}
 
-    funnel = {row["stage"]: row for row in result["funnel"]}
+    funnel = {row.stage: row.to_dict() for row in result.funnel}
     empty = [s for s in FACE_STAGES if not funnel.get(s, {}).get("rows_out")]
     ratio = intermediates / source_bytes
     figures = {
@@ -171,13 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         "release_bytes": release_bytes, "release_parts": release_parts,
         "ratio_release_vs_source": round(release_bytes / source_bytes, 4),
         "ratio_release_data_vs_source": round(release_parts["data"] / source_bytes, 4),
-        "other_bytes": other, "release_records": result["records"], "flow_seconds": round(flow_seconds, 1),
+        "other_bytes": other, "release_records": result.records, "flow_seconds": round(flow_seconds, 1),
     }
 
     mib = 2 ** 20
     print()
     print(f"{args.images} images ({faces} face, {non_faces} non-face) | {args.workers} workers, shard size "
-          f"~{shard_size} | flow {flow_seconds:.0f} s | release {result['records']} records")
+          f"~{shard_size} | flow {flow_seconds:.0f} s | release {result.records} records")
     print(f"{'OUT/shards/<stage>':<20} {'MiB':>9} {'/ source':>9} {'rows out':>9} {'shards':>7}  data / rejects / stats"
           "  (largest columns)")
     for name, s in stages.items():
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures), flush=True)
     if empty:
-        print(f"bench: stage(s) {empty} wrote no records; funnel {json.dumps(result['funnel'])}", file=sys.stderr)
+        print(f"bench: stage(s) {empty} wrote no records; funnel {json.dumps([row.to_dict() for row in result.funnel])}", file=sys.stderr)
         return 1
     return 0
 

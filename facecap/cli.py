@@ -247,39 +247,41 @@ def _curate(args: argparse.Namespace) -> int:
         result = curate.with_options(task_runner=task_runner_for(cfg))(
             sources=list(args.sources), out=args.out, config=cfg.model_dump(mode="json"),
             allow_failures=args.allow_failures)
-    print("\nFunnel (records per stage):")
-    width = max([8] + [len(row["stage"]) for row in result["funnel"]])
-    for row in result["funnel"]:
-        rejects = ", ".join(f"{k} {v}" for k, v in row["rejects"].items()) or "none"
-        where = "over the whole release" if row.get("release_wide") else \
-            f"{row['shards']} shards, {row['cached']} already done"
-        print(f"  {row['stage']:<{width}} {row['rows_in']:>8,} in -> {row['rows_out']:>8,} out  "
-              f"({where}; rejects: {rejects})")
-        chars = row.get("extra", {}).get("alt_text_chars")
-        if chars:  # the FLIP-80M text path: how much of the alt-text cleaning removed (paper: 9.5 %)
-            print(f"  {'':<8} cleaning removed {row['extra'].get('text_chars_removed', 0) / chars:.1%} of "
-                  f"{chars:,} alt-text characters")
-        extra = row.get("extra", {})
-        not_face = extra.get("kept_not_face_caption", 0) + extra.get("kept_no_caption", 0)
-        if not_face:  # the both path keeps these faces, with text_verdict saying why their alt-text is not used
-            print(f"  {'':<8} kept {not_face:,} face(s) whose alt-text is not about a face "
-                  f"(not_face_caption {extra.get('kept_not_face_caption', 0):,}, "
-                  f"no_caption {extra.get('kept_no_caption', 0):,}; see text_verdict)")
-    print(f"\nRelease: {result['records']:,} face records, {result['rejects']:,} rejects in {result['release']}")
-    checks = result.get("validation")
-    if checks:
-        counts = checks["counts"]
-        print(f"Quality: {counts['passed']} checks passed, {counts['failed']} failed, {counts['not applicable']} not "
-              f"applicable; report {result['release']}/report/index.html")
-        if checks.get("allow_failures"):
-            print(f"facecap: published with --allow-failures although {', '.join(checks['failed'])} failed "
-                  "(recorded in release.json)", file=sys.stderr)
+    print_outcome(result)
     if args.then_train:
         from facecap.commands.train import run_train_flow
 
         print(f"\nTraining FLIP on {result['release']} (--then-train)", flush=True)
-        return run_train_flow(result["release"], args.train_out or os.path.join(args.out, "flip"), cfg)
+        return run_train_flow(result.release, args.train_out or os.path.join(args.out, "flip"), cfg)
     return 0
+
+
+def print_outcome(result) -> None:
+    """The funnel, the release and the verdict of a curate run (a CurateResult), for the console."""
+    print("\nFunnel (records per stage):")
+    width = max([8] + [len(row.stage) for row in result.funnel])
+    for row in result.funnel:
+        rejects = ", ".join(f"{k} {v}" for k, v in row.rejects.items()) or "none"
+        where = "over the whole release" if row.release_wide else f"{row.shards} shards, {row.cached} already done"
+        print(f"  {row.stage:<{width}} {row.rows_in:>8,} in -> {row.rows_out:>8,} out  ({where}; rejects: {rejects})")
+        chars = row.extra.get("alt_text_chars")
+        if chars:  # the FLIP-80M text path: how much of the alt-text cleaning removed (paper: 9.5 %)
+            print(f"  {'':<8} cleaning removed {row.extra.get('text_chars_removed', 0) / chars:.1%} of "
+                  f"{chars:,} alt-text characters")
+        not_face = row.extra.get("kept_not_face_caption", 0) + row.extra.get("kept_no_caption", 0)
+        if not_face:  # the both path keeps these faces, with text_verdict saying why their alt-text is not used
+            print(f"  {'':<8} kept {not_face:,} face(s) whose alt-text is not about a face "
+                  f"(not_face_caption {row.extra.get('kept_not_face_caption', 0):,}, "
+                  f"no_caption {row.extra.get('kept_no_caption', 0):,}; see text_verdict)")
+    print(f"\nRelease: {result.records:,} face records, {result.rejects:,} rejects in {result.release}")
+    checks = result.validation
+    if checks:
+        counts = checks.counts
+        print(f"Quality: {counts['passed']} checks passed, {counts['failed']} failed, {counts['not applicable']} not "
+              f"applicable; report {result.release}/report/index.html")
+        if checks.allow_failures:
+            print(f"facecap: published with --allow-failures although {', '.join(checks.failed)} failed "
+                  "(recorded in release.json)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

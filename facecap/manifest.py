@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import duckdb
+
+from facecap.results import FunnelRow
 
 if TYPE_CHECKING:
     from facecap.shards import ShardStats
@@ -100,7 +102,7 @@ def record_stages(path: str, run_id: str, results: list["ShardStats"]) -> None:
             con.executemany("INSERT INTO stage_runs VALUES (" + ", ".join(["?"] * 19) + ")", rows)
 
 
-def funnel(path: str, run_id: str) -> list[dict[str, Any]]:
+def funnel(path: str, run_id: str) -> list[FunnelRow]:
     """Per stage: shards, rows in and out, and rejects by reason, for one run."""
     with connect(path) as con:
         stages = con.execute(
@@ -137,7 +139,7 @@ def funnel(path: str, run_id: str) -> list[dict[str, Any]]:
     for stage, name, n in extras:
         extra_by_stage.setdefault(stage, {})[name] = int(n)
     return [
-        {"stage": s, "shards": n, "cached": c, "failed": f, "rows_in": int(i), "rows_out": int(o),
-         "rejects": by_stage.get(s, {}), "extra": extra_by_stage.get(s, {})}
+        FunnelRow(stage=s, shards=n, cached=c, failed=f, rows_in=int(i), rows_out=int(o),
+                  rejects=by_stage.get(s, {}), extra=extra_by_stage.get(s, {}))
         for s, n, c, f, i, o, _ in stages
     ]

@@ -25,6 +25,7 @@ from facecap.config import Config
 from facecap.flows.executor import ShardExecutor, size_local_cluster, task_runner_for  # noqa: F401 (re-exported)
 from facecap.flows.run_artifacts import publish_curate_artifacts
 from facecap.quality.validate import ReleaseBlocked, blocked_message
+from facecap.results import CurateResult, FunnelRow, ValidationSummary
 from facecap.runner import reusable
 from facecap.shards import ShardInput, ShardStats
 from facecap.sources.plan import plan_shards
@@ -128,7 +129,7 @@ class _ManifestRecorder:
 
 
 @flow(name="curate", flow_run_name="curate {out}", log_prints=True)
-def curate(sources: list[str], out: str, config: dict | None = None, allow_failures: bool = False) -> dict:
+def curate(sources: list[str], out: str, config: dict | None = None, allow_failures: bool = False) -> CurateResult:
     """Turn image sources into a face release in OUT/release (see `facecap curate --help`)."""
     cfg = Config.model_validate(config or {})
     out = storage.absolute(out)
@@ -153,7 +154,7 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
                            "the same command: finished shards are kept.") from exc
 
 
-def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failures: bool) -> dict:
+def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failures: bool) -> CurateResult:
     logger = get_run_logger()
     plan = plan_run(cfg)  # fails here, before any work, if a model a stage needs is missing
     chain = plan.chain
@@ -236,9 +237,9 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
         logger.info(f"release unchanged (same shard outputs, settings and versions as run {current['run_id']}): "
                     f"{current['records']:,} face records, {current['rejects']:,} rejects -> "
                     f"{storage.join(out, 'release')}")
-        return {"run_id": run_id, "release": storage.join(out, "release"), "records": current["records"],
-                "rejects": current["rejects"], "funnel": funnel, "validation": current.get("validation"),
-                "unchanged": True}
+        return CurateResult(run_id=run_id, release=storage.join(out, "release"), records=current["records"],
+                            rejects=current["rejects"], funnel=funnel,
+                            validation=ValidationSummary.from_dict(current.get("validation")), unchanged=True)
     stages = [stage(cfg, plan.stages[stage.name]) for stage in chain]
     passes = [p for p in (s.release_pass() for s in stages) if p is not None]
     if passes:
@@ -248,12 +249,12 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
         out, run_id, shards, reject_files, cfg,
         {"detector": plan.model("detect"), "content_key": key,
          "stages": {**plan.summary(), "validate": {"status": "off", "why": "quality.enabled is false"}},
-         "sources": sources, "funnel": funnel,
+         "sources": sources, "funnel": [row.to_dict() for row in funnel],
          "shards": len(specs),
          "unreadable_sources": [{"source": s.source, "detail": s.detail} for s in unreadable]},
         passes=passes, unreleased=tuple(c for s in stages for c in s.unreleased),
     )
-    funnel = staged_info["funnel"]
+    funnel = [FunnelRow.from_dict(row) for row in staged_info["funnel"]]  # with the release passes' rows
     for name, found in (staged_info.get("release_passes") or {}).items():
         if found.get("faces"):
             logger.info(f"{name}: {found['faces']:,} faces in {found['clusters']:,} clusters "
@@ -262,7 +263,7 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
     if cfg.quality.enabled:
         # The validate stage: the staged release is published only if its suites pass (or --allow-failures).
         verdict = validate_task(staged, None, allow_failures)
-        if not verdict["publishable"]:
+        if not verdict.publishable:
             message = blocked_message(verdict, staged)
             manifest.finish_run(manifest_path, run_id, "blocked", message)
             publish_curate_artifacts(funnel, staged, published=False, verdict=verdict)
@@ -275,5 +276,6 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
         f"release: {published['records']:,} face records, {published['rejects']:,} rejects -> "
         f"{storage.join(out, 'release')}"
     )
-    return {"run_id": run_id, "release": storage.join(out, "release"), "records": published["records"],
-            "rejects": published["rejects"], "funnel": funnel, "validation": published.get("validation")}
+    return CurateResult(run_id=run_id, release=storage.join(out, "release"), records=published["records"],
+                        rejects=published["rejects"], funnel=funnel,
+                        validation=ValidationSummary.from_dict(published.get("validation")))

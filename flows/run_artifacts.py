@@ -16,24 +16,26 @@ import os
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from facecap.results import FunnelRow, Verdict
+
 FUNNEL_KEY = "curate-funnel"
 QUALITY_KEY = "curate-quality"
 
 
-def funnel_rows(funnel: list[dict]) -> list[dict]:
-    """The manifest's funnel as table rows (one per stage, in pipeline order)."""
+def funnel_rows(funnel: list[FunnelRow]) -> list[dict]:
+    """The run's funnel as table rows (one per stage, in pipeline order)."""
     return [{
-        "stage": row["stage"],
-        "shards": row["shards"],
-        "already done (skipped)": row.get("cached", 0),
-        "failed": row.get("failed", 0),
-        "records in": row["rows_in"],
-        "records out": row["rows_out"],
-        "rejects": ", ".join(f"{reason} {n}" for reason, n in row.get("rejects", {}).items()) or "none",
+        "stage": row.stage,
+        "shards": row.shards,
+        "already done (skipped)": row.cached,
+        "failed": row.failed,
+        "records in": row.rows_in,
+        "records out": row.rows_out,
+        "rejects": ", ".join(f"{reason} {n}" for reason, n in row.rejects.items()) or "none",
     } for row in funnel]
 
 
-def quality_markdown(release_dir: str, published: bool, verdict: dict | None, records: int | None) -> str:
+def quality_markdown(release_dir: str, published: bool, verdict: Verdict | None, records: int | None) -> str:
     report = os.path.join(release_dir, "report", "index.html")
     lines = [f"## {'Release' if published else 'Release NOT published'}: `{release_dir}`", ""]
     if records is not None:
@@ -41,21 +43,20 @@ def quality_markdown(release_dir: str, published: bool, verdict: dict | None, re
     if verdict is None:
         lines.append("- quality suites: not run (quality.enabled is false)")
     else:
-        counts = verdict.get("counts", {})
-        state = "passed" if verdict.get("passed") else "FAILED: " + ", ".join(verdict.get("failed", []))
-        lines.append(f"- quality suites {state} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
-        if verdict.get("allow_failures"):
+        state = "passed" if verdict.passed else "FAILED: " + ", ".join(verdict.failed)
+        lines.append(f"- quality suites {state} ({', '.join(f'{k} {v}' for k, v in verdict.counts.items())})")
+        if verdict.allow_failures:
             lines.append("- published with allow_failures although checks failed")
         lines.append(f"- quality report: [`{report}`](file://{report}) (open it on a host that mounts this path)")
     return "\n".join(lines) + "\n"
 
 
-def publish_curate_artifacts(funnel: list[dict], release_dir: str, published: bool, verdict: dict | None = None,
+def publish_curate_artifacts(funnel: list[FunnelRow], release_dir: str, published: bool, verdict: Verdict | None = None,
                              records: int | None = None) -> None:
     """Create the run's funnel and quality artifacts (a warning, not a failure, if the API refuses)."""
     try:
-        skipped = sum(row.get("cached", 0) for row in funnel)
-        total = sum(row["shards"] for row in funnel)
+        skipped = sum(row.cached for row in funnel)
+        total = sum(row.shards for row in funnel)
         create_table_artifact(funnel_rows(funnel), key=FUNNEL_KEY,
                               description=f"Records per stage; {skipped} of {total} shard x stage jobs were "
                                           f"already done and skipped. Release: {release_dir}")

@@ -11,13 +11,14 @@ from __future__ import annotations
 from prefect import flow
 
 from facecap.quality.validate import ReleaseBlocked, blocked_message
+from facecap.results import Verdict
 from facecap.tasks.validate import validate_task
 
 
 @flow(name="validate", flow_run_name="validate {release_dir}", log_prints=True)
-def validate(release_dir: str, allow_failures: bool = False, overrides: list[str] | None = None) -> dict:
+def validate(release_dir: str, allow_failures: bool = False, overrides: list[str] | None = None) -> Verdict:
     """Validate RELEASE_DIR (its own config.yaml gives the thresholds; `overrides` are --set style)."""
     verdict = validate_task(release_dir, overrides, allow_failures)
-    if not verdict["publishable"]:
+    if not verdict.publishable:
         raise ReleaseBlocked(blocked_message(verdict, release_dir))
     return verdict

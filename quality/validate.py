@@ -8,13 +8,13 @@ decision, taken from the returned verdict.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
 from datetime import datetime, timezone
-from typing import Any
 
 from facecap import storage
+from facecap.results import Verdict
 from facecap.quality.card import write_card
 from facecap.quality.release_db import open_release
 from facecap.quality.report import figure_aggregates, write_report
@@ -22,10 +22,10 @@ from facecap.quality.suites import FAILED, NOT_APPLICABLE, PASSED, run_suites
 
 
 def validate_release(release_dir: str, overrides: list[str] | None = None, allow_failures: bool = False,
-                     threads: int | None = None, log=print) -> dict[str, Any]:
+                     threads: int | None = None, log=print) -> Verdict:
     """Run every suite on RELEASE_DIR, write report/ and README.md, record the verdict; return it.
 
-    The verdict's "publishable" is true when every applicable check passed,
+    The verdict's `publishable` is true when every applicable check passed,
     or when `allow_failures` overrides failures (recorded as such).
     """
     started = time.time()
@@ -38,38 +38,31 @@ def validate_release(release_dir: str, overrides: list[str] | None = None, allow
         failed = [r.name for r in results if r.status == FAILED]
         counts = {s: sum(r.status == s for r in results) for s in (PASSED, FAILED, NOT_APPLICABLE)}
         now = datetime.now(timezone.utc).isoformat()
-        verdict: dict[str, Any] = {
-            "passed": not failed,
-            "publishable": not failed or allow_failures,
-            "allow_failures": bool(allow_failures and failed),
-            "failed": failed,
-            "counts": counts,
-            "checks": [r.to_dict() for r in results],
-            "funnel_check": metrics.get("_funnel"),
-            "decoded_sample": metrics.get("_decoded_sample"),
-            "validated_at": now,
-        }
+        verdict = Verdict(
+            passed=not failed, publishable=not failed or allow_failures, allow_failures=bool(allow_failures and failed),
+            failed=failed, counts=counts, checks=[r.to_dict() for r in results], validated_at=now,
+            report=os.path.join(db.path, "report", "index.html"), seconds=0.0,
+            funnel_check=metrics.get("_funnel"), decoded_sample=metrics.get("_decoded_sample"))
         for r in results:
             mark = {PASSED: "ok  ", FAILED: "FAIL", NOT_APPLICABLE: "n/a "}[r.status]
             log(f"  {mark} {r.suite}/{r.name}: " + (f"{r.observed}" if r.why is None else r.why)
                 + (f" (e.g. sample_id {', '.join(r.examples)})" if r.examples else ""))
-        report = write_report(db, results, verdict, now, metrics.get("_figures") or {})
+        report = write_report(db, results, verdict.to_dict(), now, metrics.get("_figures") or {})
         info = dict(db.info)
-        summary = {k: verdict[k] for k in ("passed", "allow_failures", "failed", "counts", "validated_at")}
-        if verdict["allow_failures"]:
+        summary = verdict.summary().to_dict()
+        if verdict.allow_failures:
             summary["override"] = "--allow-failures: published although the checks above failed"
         info["validation"] = summary
         info.setdefault("stages", {})["validate"] = {
-            "status": "on", "passed": verdict["passed"], "failed": failed,
-            **({"override": "allow_failures"} if verdict["allow_failures"] else {})}
+            "status": "on", "passed": verdict.passed, "failed": failed,
+            **({"override": "allow_failures"} if verdict.allow_failures else {})}
         info["headline"] = report["headline"]
         info["splits"] = report["figures"].get("splits", {})
         write_card(db.path, info, report, db.columns)
         storage.write_json_atomic(os.path.join(db.path, "release.json"), info)
-        verdict["report"] = os.path.join(db.path, "report", "index.html")
-        verdict["seconds"] = round(time.time() - started, 2)
+        verdict = dataclasses.replace(verdict, seconds=round(time.time() - started, 2))
         log(f"validate: {counts[PASSED]} passed, {counts[FAILED]} failed, {counts[NOT_APPLICABLE]} not applicable "
-            f"in {verdict['seconds']} s; report {verdict['report']}")
+            f"in {verdict.seconds} s; report {verdict.report}")
         return verdict
     finally:
         db.close()
@@ -78,21 +71,15 @@ def validate_release(release_dir: str, overrides: list[str] | None = None, allow
         del db
 
 
-def read_verdict(release_dir: str) -> dict | None:
-    path = os.path.join(release_dir, "release.json")
-    with open(path) as fh:
-        return json.load(fh).get("validation")
-
-
 class ReleaseBlocked(RuntimeError):
     """A release failed its quality checks and was not published (exit status 1)."""
 
 
-def failed_summary(verdict: dict) -> str:
+def failed_summary(verdict: Verdict) -> str:
     """The failed checks with what they require and what was observed, so the console names the setting."""
-    by_name = {c["name"]: c for c in verdict.get("checks", [])}
+    by_name = {c["name"]: c for c in verdict.checks}
     parts = []
-    for name in verdict["failed"]:
+    for name in verdict.failed:
         c = by_name.get(name)
         if c is None:
             parts.append(name)
@@ -102,7 +89,7 @@ def failed_summary(verdict: dict) -> str:
     return "; ".join(parts)
 
 
-def blocked_message(verdict: dict, release_dir: str) -> str:
+def blocked_message(verdict: Verdict, release_dir: str) -> str:
     return (f"quality checks failed: {failed_summary(verdict)}. The release is NOT published; it stays in "
             f"{release_dir} and {os.path.join(release_dir, 'report', 'index.html')} says why. Fix the data or "
             "settings and rerun, or pass --allow-failures to publish it anyway (recorded in release.json).")

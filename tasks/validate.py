@@ -6,10 +6,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from facecap.quality.validate import validate_release
+from facecap.results import Verdict
 
 
 @task(name="validate", task_run_name="validate {release_dir}", cache_policy=NO_CACHE, persist_result=False)
-def validate_task(release_dir: str, overrides: list[str] | None = None, allow_failures: bool = False) -> dict:
+def validate_task(release_dir: str, overrides: list[str] | None = None, allow_failures: bool = False) -> Verdict:
     """Run the quality suites on a release, write its report and card, record the verdict.
 
     Runs on the flow's machine (not submitted to Dask): the suites are DuckDB

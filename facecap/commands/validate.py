@@ -39,12 +39,12 @@ def run(args: argparse.Namespace) -> int:
 
     verdict = validate_release(args.release_dir, args.overrides, args.allow_failures, threads=args.threads,
                                log=lambda line: print(line, flush=True))
-    if verdict["passed"]:
+    if verdict.passed:
         return 0
-    if verdict["allow_failures"]:
-        print(f"facecap: checks failed ({', '.join(verdict['failed'])}); --allow-failures given: "
+    if verdict.allow_failures:
+        print(f"facecap: checks failed ({', '.join(verdict.failed)}); --allow-failures given: "
               "recorded in release.json", file=sys.stderr)
         return 0
-    print(f"facecap: quality checks failed: {', '.join(verdict['failed'])}; see {verdict['report']}",
+    print(f"facecap: quality checks failed: {', '.join(verdict.failed)}; see {verdict.report}",
           file=sys.stderr)
     return 1
