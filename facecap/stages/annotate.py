@@ -18,17 +18,82 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from facecap.attributes import ATTRIBUTES, CONTRADICTIONS, INDEX
-from facecap.config import AttributeSettings, ImageLimits
+from pydantic import Field
+
+from facecap.config import ImageLimits, Section
 from facecap.records import SOURCE_IMAGE, SOURCE_PROBLEM
 from facecap.schema import ATTRIBUTE_FIELDS, Reason, keyed_schema
 from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, Stage, StagePlan, reject_row, rejected
 from facecap.stages.images import decode_rgb
+
+
+# attributes.backend when unset: full annotates with FaRL; offline keeps zero-shot (off unless a local model is set).
+ATTRIBUTE_BACKEND_DEFAULTS: dict[str, str] = {"full": "farl", "offline": "zero-shot"}
+
+
+class AttributeTrainSettings(Section):
+    """`facecap train-attributes`: fine-tune the classifier backend on CelebA-format data."""
+
+    init: str | None = Field(
+        None, description="Start from this image backbone: a local directory (save_pretrained, safetensors) or a hub "
+                          "id (full profile), e.g. google/vit-base-patch16-224-in21k; its head is replaced by a "
+                          "40-way one. Unset: random init of `arch` (only sensible for tests and smoke runs).")
+    arch: Literal["vit-base", "vit-tiny"] = Field(
+        "vit-base", description="Architecture when init is unset: vit-base = ViT-B/16 at 224 px; vit-tiny = 2 layers, "
+                                "32 hidden, 32 px (tests).")
+    image_size: int | None = Field(None, ge=16, description="Input side in pixels; unset: the backbone's own.")
+    epochs: int = Field(3, ge=1, description="Passes over the train split (when max_steps is unset).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps in total.")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-5, gt=0, description="Peak AdamW learning rate (after warm-up, then cosine decay to 0).")
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(500, ge=0, description="Linear warm-up steps (capped at a tenth of the run).")
+    augment: bool = Field(True, description="Random horizontal flips of train images (CelebA labels are flip-invariant).")
+    held_out_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Parquet data without a split column: share of images (by content hash) held out "
+                                     "for calibration and metrics. The official layout uses list_eval_partition.txt.")
+    seed: int = Field(0, description="Seeds init, data order and augmentation: the same seed reproduces a run.")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding images.")
+    checkpoint_every: int = Field(1000, ge=1, description="Write a resumable checkpoint every this many steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
+    log_every: int = Field(50, ge=1, description="Progress line every this many steps.")
+    eval_batch_size: int = Field(128, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: cuda if torch sees one.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (unset: torch's default, all cores).")
+
+
+class AttributeSettings(Section):
+    """The annotate stage: 40 CelebA attributes per face (and `train` for `facecap train-attributes`)."""
+
+    backend: Literal["farl", "zero-shot", "classifier"] | None = Field(
+        None, description="farl: facer's FaRL ViT-B/16 CelebA-40 classifier (one .pt file, faces aligned by their 5 "
+                          "landmarks); zero-shot: a CLIP-style model scores prompt pairs; classifier: a 40-way sigmoid "
+                          "head. Unset: the profile's default (full: farl; offline: zero-shot)."
+    )
+    model: str | None = Field(
+        None, description="The attribute model: for farl a local .pt file (unset: models.cache_dir/"
+                          "face_attribute.farl.celeba.pt, filled by `facecap models fetch`); otherwise a local "
+                          "directory or hub id (unset: full: a public CLIP ViT-B/16 from the hub). Offline, the "
+                          "stage is off unless this names a local model."
+    )
+    weights_sha256: str | None = Field(
+        None, description="Pin the FaRL weights: the sha256 printed on first download. A file with another hash "
+                          "stops the run before any work."
+    )
+    keep_threshold: float = Field(0.85, ge=0, le=1, description="An attribute is kept above this probability.")
+    absent_threshold: float = Field(0.15, ge=0, le=1, description="An attribute is confidently absent below this.")
+    min_attributes: int = Field(6, ge=0, le=40, description="Keep a face only with at least this many kept labels.")
+    batch_size: int = Field(32, ge=1, description="Faces per model call.")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="cuda annotates the task GPU=1.")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per worker process (unset: the cores shared among local workers).")
+    train: AttributeTrainSettings = Field(default_factory=AttributeTrainSettings)
 
 ANNOTATED_SCHEMA = keyed_schema(ATTRIBUTE_FIELDS)  # what annotate writes: sample_id + attribute columns
 
@@ -198,6 +263,7 @@ class Annotate(Stage):
     """Face crops in, 40 CelebA attribute probabilities and the kept labels out."""
 
     name = "annotate"
+    section, settings_model, section_after = "attributes", AttributeSettings, "models"
     version = "2"
     reads = FACE_REJECT_COLUMNS + ("image",)
     # farl aligns faces itself: it reads the source image again (as detect does) and the landmarks.
@@ -214,6 +280,13 @@ class Annotate(Stage):
         if cfg.attributes.backend == "farl":
             self.reads = self.farl_reads
             self.batch_rows = 16  # decoded source images in flight, as in detect: bounds memory on large photos
+
+    @classmethod
+    def resolve_settings(cls, cfg) -> None:
+        # Resolved when the config is built, so every reader of attributes.backend (and the written
+        # config.yaml) sees the backend the run uses.
+        if cfg.attributes.backend is None:
+            cfg.attributes.backend = ATTRIBUTE_BACKEND_DEFAULTS[cfg.profile]
 
     @classmethod
     def plan(cls, cfg, planned=None) -> StagePlan:

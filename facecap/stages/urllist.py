@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,11 +37,14 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from facecap import storage
-from facecap.config import Config, IngestSettings
+from facecap.config import IngestSettings
 from facecap.schema import IMAGE_SCHEMA, Reason, is_transient
 from facecap.records import iter_parquet
 from facecap.stages.base import Chunk, Counters
 from facecap.stages.download import Downloader
+
+if TYPE_CHECKING:
+    from facecap.config import Config
 
 URL_COLUMNS = ("url", "URL", "image_url", "img_url")
 LIST_ENDINGS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
