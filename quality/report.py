@@ -18,7 +18,7 @@ from typing import Any
 
 from facecap.attributes import ATTRIBUTES, CATEGORY_OF, PAPER_CATEGORY_SHARES
 from facecap.quality import svg
-from facecap.quality.card import uncalibrated_warning
+from facecap.quality.card import stage_notes
 from facecap.quality.checks import caption_blank_sql, caption_words_sql
 from facecap.quality.release_db import ReleaseDB, data_files
 from facecap.quality.suites import NOT_APPLICABLE, CheckResult, sample_rows
@@ -381,8 +381,7 @@ def render_html(report: dict[str, Any]) -> str:
                     for k, n in (r.get("rejects") or {}).items()) or "none"]
          for r in info.get("funnel") or []]))
     stages = _in_pipeline_order(info.get("stages") or {})
-    warning = uncalibrated_warning(stages)
-    if warning:
+    for warning in stage_notes({"stages": stages}, "warning"):
         parts.append(f'<div class="banner warn">{escape(warning)}</div>')
     parts.append(_table(["stage", "status", "model / why", "calibration"],
                         [[name, s.get("status"), s.get("model") or s.get("why") or "",

@@ -28,7 +28,7 @@ from pydantic import Field
 
 from facecap.config import ImageLimits, Section
 from facecap.records import SOURCE_IMAGE, SOURCE_PROBLEM
-from facecap.schema import ATTRIBUTE_FIELDS, Reason, keyed_schema
+from facecap.schema import Reason, keyed_schema
 from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, Stage, StagePlan, reject_row, rejected
 from facecap.stages.images import decode_rgb
 
@@ -94,6 +94,23 @@ class AttributeSettings(Section):
     threads: int | None = Field(
         None, ge=1, description="torch threads per worker process (unset: the cores shared among local workers).")
     train: AttributeTrainSettings = Field(default_factory=AttributeTrainSettings)
+
+
+class AnnotateReason(Reason):
+    FEW_ATTRIBUTES = "few_attributes"
+
+
+# Columns the annotate stage adds (issue 3). Probabilities are in CelebA order
+# (facecap.attributes.ATTRIBUTES); the name lists follow that order too.
+ATTRIBUTE_FIELDS: list[pa.Field] = [
+    pa.field("attribute_probs", pa.list_(pa.float32(), 40), nullable=False),
+    pa.field("attributes", pa.list_(pa.string()), nullable=False),  # kept: prob > keep threshold, after rules
+    pa.field("absent_attributes", pa.list_(pa.string()), nullable=False),  # prob < absent threshold
+    pa.field("attribute_rules", pa.list_(pa.string()), nullable=False),  # contradiction rules that fired
+    pa.field("attribute_model", pa.string(), nullable=False),  # backend:identity incl. weights hash
+    pa.field("attr_keep_threshold", pa.float32(), nullable=False),
+    pa.field("attr_absent_threshold", pa.float32(), nullable=False),
+]
 
 ANNOTATED_SCHEMA = keyed_schema(ATTRIBUTE_FIELDS)  # what annotate writes: sample_id + attribute columns
 
@@ -229,7 +246,7 @@ def _annotate_group(group: pa.Table, model, settings: AttributeSettings, limits:
                 counters.extra[f"rule:{rule}"] += 1
             if len(result.kept) < settings.min_attributes:
                 shown = ", ".join(result.kept) or "none"
-                rejects.append(_reject(meta[row], Reason.FEW_ATTRIBUTES,
+                rejects.append(_reject(meta[row], AnnotateReason.FEW_ATTRIBUTES,
                                        f"{len(result.kept)} attribute(s) above keep_threshold="
                                        f"{settings.keep_threshold} ({shown}) < attributes.min_attributes="
                                        f"{settings.min_attributes}"))
@@ -264,6 +281,11 @@ class Annotate(Stage):
 
     name = "annotate"
     section, settings_model, section_after = "attributes", AttributeSettings, "models"
+    output_fields, reasons = tuple(ATTRIBUTE_FIELDS), AnnotateReason
+    column_docs = {
+        "attribute_probs": "40 CelebA attribute probabilities, CelebA order",
+        "attributes": "kept attributes (probability above the keep threshold, after contradiction rules)",
+    }
     version = "2"
     reads = FACE_REJECT_COLUMNS + ("image",)
     # farl aligns faces itself: it reads the source image again (as detect does) and the landmarks.
@@ -280,6 +302,19 @@ class Annotate(Stage):
         if cfg.attributes.backend == "farl":
             self.reads = self.farl_reads
             self.batch_rows = 16  # decoded source images in flight, as in detect: bounds memory on large photos
+
+    @classmethod
+    def card_notes(cls, info: dict) -> dict[str, str]:
+        # The plan says when the probabilities are uncalibrated; the card and the report then warn.
+        s = (info.get("stages") or {}).get(cls.name) or {}
+        if s.get("status") != "on" or s.get("calibration") != "uncalibrated":
+            return {}
+        return {"warning": (
+            f"UNCALIBRATED attribute probabilities: the annotate model ({s.get('model') or s.get('backend')}) is a "
+            "zero-shot CLIP without a fitted calibration, so `attribute_probs` are CLIP's own two-way softmax "
+            "scores (near 0 or 1), not probabilities, and the keep threshold "
+            f"({s.get('keep_threshold', 'attributes.keep_threshold')}) keeps guesses. Fit a calibration with "
+            "`facecap calibrate-attributes` and re-curate, or use the farl backend.")}
 
     @classmethod
     def resolve_settings(cls, cfg) -> None:

@@ -119,6 +119,7 @@ class Stage:
     column_docs: ClassVar[dict[str, str]] = {}  # what each of its columns means, for the dataset card
     suite: ClassVar[str | None] = None  # its quality suite: checks not applicable while the stage is off
     report: ClassVar["ReportSection | None"] = None  # its figures in the release report
+    model_in_release: ClassVar[str | None] = None  # a release.json key naming its model identity
 
     @classmethod
     def resolve_settings(cls, cfg: "Config") -> None:

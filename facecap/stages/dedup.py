@@ -83,6 +83,10 @@ class DedupSettings(Section):
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where the identity model runs.")
     gallery_clusters: int = Field(8, ge=0, description="Largest clusters shown in the report.")
 
+
+class DedupReason(Reason):
+    NEAR_DUPLICATE = "near_duplicate"  # within dedup.max_distance of a better face kept for its cluster
+
 HASH_BITS = 64
 _HASH_SIDE = 8  # 8x8 lowest DCT frequencies -> 64 bits
 _HASH_INPUT = 32  # the crop is hashed at 32x32 grey (as imagehash.phash)
@@ -386,6 +390,11 @@ DEDUP_SCHEMA = keyed_schema([
     pa.field("phash", pa.uint64()),  # pHash of the aligned crop (imagehash.phash's bits, first bit most significant)
     pa.field("phash_mirror", pa.uint64()),  # pHash of the crop mirrored left-right
 ])
+# Added by the release-wide pass.
+CLUSTER_FIELDS = [
+    pa.field("dedup_cluster", pa.string()),  # sample_id of the face kept for this face's near-duplicate cluster
+    pa.field("dedup_cluster_size", pa.int32()),  # faces in the cluster, this one included (1: no near-duplicate)
+]
 IDENTITY_FIELD = pa.field("identity_hash", pa.uint64())  # split grouping only: never released
 
 
@@ -421,6 +430,14 @@ class Dedup(Stage):
 
     name = "dedup"
     section, settings_model, section_after = "dedup", DedupSettings, "text"
+    output_fields, reasons = tuple(DEDUP_SCHEMA)[1:] + tuple(CLUSTER_FIELDS), DedupReason
+    column_docs = {
+        "phash": "64-bit perceptual hash of the crop (imagehash.phash bits)",
+        "phash_mirror": "pHash of the mirrored crop",
+        "dedup_cluster": "sample_id of the face kept for this face's near-duplicate cluster; clusters never "
+                         "straddle the split",
+        "dedup_cluster_size": "faces in the near-duplicate cluster, this one included (before removal)",
+    }
     version = "1"
     reads = FACE_REJECT_COLUMNS + ("image",)
     keyed_sections = ("dedup", "image")
@@ -431,6 +448,18 @@ class Dedup(Stage):
     priority = 2
     device_section = "dedup"
     unreleased = ("identity_hash",)
+
+    @classmethod
+    def card_notes(cls, info: dict) -> dict[str, str]:
+        split_by = info.get("split_by") or "image_id"
+        notes = {}
+        if "near-duplicate" in split_by:
+            notes["split"] = " or one near-duplicate cluster (`dedup_cluster`)"
+        if "identity" in split_by:
+            notes["ethics"] = (" Face embeddings (FaceNet) grouped likely photos of one person so that they share "
+                               "a split; the embeddings, their hashes and the groups were used for the split only "
+                               "and are never released.")
+        return notes
 
     @classmethod
     def plan(cls, cfg, planned=None) -> StagePlan:
@@ -465,11 +494,6 @@ class Dedup(Stage):
 
 
 # --- the release-wide pass ------------------------------------------------------------------------
-
-CLUSTER_FIELDS = [
-    pa.field("dedup_cluster", pa.string()),  # sample_id of the face kept for this face's near-duplicate cluster
-    pa.field("dedup_cluster_size", pa.int32()),  # faces in the cluster, this one included (1: no near-duplicate)
-]
 
 
 def _size_histogram(sizes: np.ndarray) -> dict[str, int]:
@@ -563,7 +587,7 @@ class NearDuplicates(ReleasePass):
         for row, g in zip(meta, index[drop]):
             how = ", one of the two mirrored" if self.mirrored[g] else ""
             rejects.append(reject_row(
-                "dedup", row, Reason.NEAR_DUPLICATE,
+                "dedup", row, DedupReason.NEAR_DUPLICATE,
                 f"near-duplicate of {self.sample_ids[int(self.kept_index[g])].as_py()}, kept for a cluster of "
                 f"{int(self.sizes[g])} faces linked by pHash distances <= dedup.max_distance="
                 f"{self.settings.max_distance} (this face is {int(self.distance[g])} of 64 bits from the kept "
@@ -585,11 +609,19 @@ class NearDuplicates(ReleasePass):
     def summary(self) -> dict[str, Any]:
         return self.stats
 
+    def outcome(self) -> str | None:
+        found = self.stats
+        if not found.get("faces"):
+            return None
+        return (f"{found['faces']:,} faces in {found['clusters']:,} clusters ({found['clusters_with_duplicates']:,} "
+                f"with near-duplicates); {found['removed']:,} removed (dedup.keep={found['keep']})")
+
     def funnel_row(self) -> dict[str, Any]:
         n = self.stats.get("faces", 0)
         return {"stage": "dedup (release-wide)", "release_wide": True, "shards": 0, "cached": 0, "failed": 0,
                 "rows_in": n,
-                "rows_out": n - self.removed, "rejects": {Reason.NEAR_DUPLICATE: self.removed} if self.removed else {},
+                "rows_out": n - self.removed,
+                "rejects": {DedupReason.NEAR_DUPLICATE: self.removed} if self.removed else {},
                 "extra": {"clusters_with_duplicates": self.stats.get("clusters_with_duplicates", 0)}}
 
 

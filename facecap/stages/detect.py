@@ -17,7 +17,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from facecap.config import ImageLimits, Section
-from facecap.schema import FACE_SCHEMA, Reason, sample_id_for
+from facecap.schema import SAMPLE_ID_FIELD, Reason, sample_id_for
 from facecap.stages.align import aligned_crop, crop_side, real_extent
 from facecap.records import SOURCE_IMAGE, SOURCE_PROBLEM
 from facecap.stages.base import Chunk, Counters, Stage, StagePlan, rejected
@@ -63,6 +63,35 @@ class DetectSettings(Section):
     jpeg_quality: int = Field(95, ge=50, le=100)
 
 
+class DetectReason(Reason):
+    NO_FACE = "no_face"
+    LOW_SCORE = "low_score"
+    TOO_SMALL = "too_small"
+
+
+# Columns the detect stage adds; one row per kept face, joined to its image by image_id.
+FACE_FIELDS: list[pa.Field] = [
+    SAMPLE_ID_FIELD,  # image_id + face index: unique per face
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("face_index", pa.int16(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),  # aligned crop, JPEG
+    pa.field("width", pa.int32(), nullable=False),  # of `image`
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("det_score", pa.float32(), nullable=False),
+    pa.field("bbox", pa.list_(pa.float32(), 4), nullable=False),  # x1, y1, x2, y2 in source pixels
+    # left eye, right eye, nose, left mouth corner, right mouth corner: x, y pairs in source pixels
+    pa.field("landmarks", pa.list_(pa.float32(), 10), nullable=False),
+    pa.field("crop_box", pa.list_(pa.float32(), 4), nullable=False),  # square region before rotation, source px
+    pa.field("align_angle", pa.float32(), nullable=False),  # degrees the crop was rotated to level the eyes
+    pa.field("pad_fraction", pa.float32(), nullable=False),  # share of the crop outside the source image (black)
+    pa.field("detector", pa.string(), nullable=False),  # model identity incl. weights hash
+    pa.field("det_min_score", pa.float32(), nullable=False),
+    pa.field("min_face_px", pa.int32(), nullable=False),
+    pa.field("crop_margin", pa.float32(), nullable=False),
+]
+FACE_SCHEMA = pa.schema(FACE_FIELDS)
+
+
 def detector_model(cfg: "Config") -> str:
     """The detector the run uses: detect.model, else the profile's default."""
     if cfg.detect.model:
@@ -95,7 +124,7 @@ def _face_rows(image: dict, rgb: np.ndarray, detections: list, scale: np.ndarray
     base_reject = {"stage": "detect", "image_id": image["image_id"], "source": image["source"],
                    "source_offset": image["source_offset"]}
     if not detections:
-        rejects.append({**base_reject, "reason": Reason.NO_FACE,
+        rejects.append({**base_reject, "reason": DetectReason.NO_FACE,
                         "detail": f"no detection above candidate_score={settings.candidate_score}"})
         return
     counters.extra["faces_found"] += len(detections)
@@ -108,10 +137,10 @@ def _face_rows(image: dict, rgb: np.ndarray, detections: list, scale: np.ndarray
         real_w, real_h = real_extent(box, settings.crop_margin, w, h)
         reason = None
         if det.score <= settings.min_score:
-            reason, detail = Reason.LOW_SCORE, f"score {det.score:.4f} <= detect.min_score={settings.min_score}"
+            reason, detail = DetectReason.LOW_SCORE, f"score {det.score:.4f} <= detect.min_score={settings.min_score}"
         elif min(real_w, real_h) < settings.min_face_px:
             # Only real source pixels count: padding past the image edge never makes a face pass.
-            reason, detail = Reason.TOO_SMALL, (
+            reason, detail = DetectReason.TOO_SMALL, (
                 f"crop region holds {real_w:.0f}x{real_h:.0f} source px (side {side:.1f}px incl. padding) "
                 f"< detect.min_face_px={settings.min_face_px}")
         if reason:
@@ -167,6 +196,18 @@ class Detect(Stage):
 
     name = "detect"
     section, settings_model, section_after = "detect", DetectSettings, "image"
+    output_fields, reasons = tuple(FACE_FIELDS), DetectReason
+    model_in_release = "detector"
+    column_docs = {
+        "sample_id": "unique face id: image_id + face index",
+        "image": "aligned face crop, JPEG, at source resolution; a datasets Image ({bytes, path}, path empty)",
+        "width": "crop width, px", "height": "crop height, px",
+        "det_score": "RetinaFace confidence",
+        "bbox": "face box x1, y1, x2, y2 in source pixels",
+        "landmarks": "eyes, nose, mouth corners: x, y pairs in source pixels",
+        "crop_box": "square region cut from the source", "align_angle": "rotation that levelled the eyes, degrees",
+        "detector": "detector identity (name + weights hash)",
+    }
     version = "3"
     reads = ("image_id", "source", "source_offset", SOURCE_IMAGE, SOURCE_PROBLEM)
     batch_rows = 16  # decoded source images in flight: bounds memory on large photos

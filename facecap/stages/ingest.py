@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from facecap import storage
 from facecap.config import DownloadSettings, ImageLimits, IngestSettings
-from facecap.schema import IMAGE_SCHEMA, Reason, image_id_for, is_transient
+from facecap.schema import IMAGE_FIELDS, IMAGE_SCHEMA, Reason, image_id_for, is_transient
 from facecap.stages.base import Chunk, Counters, Stage, rejected
 from facecap.stages.images import probe
 
@@ -887,6 +887,16 @@ class Ingest(Stage):
     """Sources in, one image record per source image out (references to local bytes; downloads' bytes)."""
 
     name = "ingest"
+    output_fields = tuple(IMAGE_FIELDS)
+    column_docs = {
+        "image_id": "stable id of the source image (hash of source + offset); its faces share a split",
+        "source": "source container (folder, tar, Parquet file)", "source_offset": "place in the source",
+        "source_caption": "the source's original caption (alt-text), without control characters (tab, newline, CR "
+                          "kept)",
+        "source_caption_encoding": "encoding a non-UTF-8 caption was decoded from (null: UTF-8); encoding the "
+                                   "caption with it gives the original bytes",
+        "source_caption_chars_removed": "control characters removed from the caption (null: no caption)",
+    }
     version = "3"
     key_column = "image_id"
     keyed_sections = ("ingest", "image", "download")

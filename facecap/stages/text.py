@@ -28,7 +28,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from facecap.config import ConfigError, Section
-from facecap.schema import TEXT_CAPTION_FIELD, TEXT_FIELDS, TEXT_FIELDS_NULL_WHEN_NOT_FACE, Reason, keyed_schema
+from facecap.schema import Reason, keyed_schema
 from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, Stage, StagePlan, reject_row,
                                  rejected)
 from facecap.text.clean import clean_text
@@ -62,6 +62,33 @@ class TextSettings(Section):
                                              "Off: the deterministic pre-cleaner alone.")
     denoise_prompt: str | None = Field(
         None, description="YAML with the denoise system prompt and examples. Unset: facecap/data/denoise_prompt.yaml.")
+
+
+class TextReason(Reason):
+    NO_CAPTION = "no_caption"  # empty alt-text after cleaning
+    NOT_FACE_CAPTION = "not_face_caption"  # text classifier score not above text.threshold
+
+
+# Columns the text stage adds on the flip80m and both paths. With
+# text.caption_path = flip80m it also sets `caption` (TEXT_CAPTION_FIELD).
+TEXT_FIELDS: list[pa.Field] = [
+    pa.field("keywords", pa.list_(pa.string()), nullable=False),  # face keywords found in the alt-text
+    pa.field("text_caption", pa.string(), nullable=False),  # the alt-text, pre-cleaned (and LLM-denoised if on)
+    pa.field("text_score", pa.float32(), nullable=False),  # face-caption classifier probability
+    pa.field("text_filter", pa.string(), nullable=False),  # classifier identity incl. weights hash
+    pa.field("text_threshold", pa.float32(), nullable=False),
+    pa.field("text_denoise", pa.string(), nullable=False),  # "llm", "rules" or "rules:<why the LLM reply was not used>"
+    pa.field("text_cleaner", pa.string(), nullable=False),  # pre-cleaner version (+ LLM model and prompt version)
+    pa.field("alt_text_chars", pa.int32(), nullable=False),  # characters of source_caption
+    pa.field("text_chars_removed", pa.int32(), nullable=False),  # characters cleaning removed
+    pa.field("url", pa.string()),  # the image URL of a URL-list source (from source_meta), else null
+    pa.field("nsfw", pa.string()),  # the source's NSFW tag (LAION's NSFW column), if it has one
+    pa.field("text_verdict", pa.string(), nullable=False),  # face_caption, or why not: not_face_caption, no_caption
+]
+TEXT_CAPTION_FIELD = pa.field("caption", pa.string(), nullable=False)
+# On the both path a face whose alt-text is not about a face is kept, without text: these are null for it.
+TEXT_FIELDS_NULL_WHEN_NOT_FACE = frozenset({"keywords", "text_caption", "text_score", "text_denoise",
+                                            "text_chars_removed"})
 
 
 FACE_CAPTION = "face_caption"  # text_verdict of an alt-text about a face
@@ -105,7 +132,7 @@ def filter_captions(batches: Iterator[pa.RecordBatch], tools: TextTools, setting
         faces, faces_clean, others, rejects = [], [], [], []
         for row, c in zip(rows, cleaned):
             if not c.text:
-                verdict, detail = Reason.NO_CAPTION, ("no alt-text left after cleaning"
+                verdict, detail = TextReason.NO_CAPTION, ("no alt-text left after cleaning"
                                                       if row.get("source_caption") else "the source has no caption")
             else:
                 row["text_score"] = score = float(scores[c.text])
@@ -113,7 +140,7 @@ def filter_captions(batches: Iterator[pa.RecordBatch], tools: TextTools, setting
                     faces.append(row)
                     faces_clean.append(c)
                     continue
-                verdict = Reason.NOT_FACE_CAPTION
+                verdict = TextReason.NOT_FACE_CAPTION
                 detail = f"text score {score:.3f} <= text.threshold={settings.threshold}: {c.text[:200]}"
             if reject:
                 rejects.append(_reject(row, verdict, detail))
@@ -170,6 +197,7 @@ class Text(Stage):
 
     name = "text"
     section, settings_model, section_after = "text", TextSettings, "download"
+    output_fields, reasons = tuple(TEXT_FIELDS), TextReason
     version = "3"
     reads = FACE_REJECT_COLUMNS + ("source_caption", "source_meta")
     batch_rows = 256
