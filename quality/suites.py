@@ -16,7 +16,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from facecap.quality.checks import SUITE_STAGE, Check, build_checks, derived_columns
+from facecap.quality.checks import Check, build_checks, derived_columns, suite_stages
 from facecap.quality.release_db import ReleaseDB
 
 PASSED, FAILED, NOT_APPLICABLE = "passed", "failed", "not applicable"
@@ -149,7 +149,7 @@ def compute_metrics(db: ReleaseDB, checks: list[Check], extra: dict[str, str] | 
     skipped: dict[str, str] = {}
     sql_checks = []
     for check in checks:
-        stage = SUITE_STAGE[check.suite]
+        stage = suite_stages()[check.suite]
         off = db.stage_off_reason(stage)
         missing = [c for c in check.columns if c not in db.columns]
         if off:
@@ -266,7 +266,7 @@ def run_gx(metrics: dict[str, Any], checks: list[Check], docs_dir: str | None) -
     asset = context.data_sources.add_pandas("release").add_dataframe_asset("release_metrics")
     batch = asset.add_batch_definition_whole_dataframe("whole release")
     definitions = []
-    for suite_name in SUITE_STAGE:
+    for suite_name in suite_stages():
         active = [c for c in checks if c.suite == suite_name and c.name in metrics]
         if not active:
             continue

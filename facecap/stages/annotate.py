@@ -303,6 +303,30 @@ class Annotate(Stage):
             self.reads = self.farl_reads
             self.batch_rows = 16  # decoded source images in flight, as in detect: bounds memory on large photos
 
+    suite = "attributes"
+
+    @classmethod
+    def quality_checks(cls, cfg) -> list:
+        from facecap.quality.checks import Check
+
+        a = cfg.attributes
+        keep = a.keep_threshold
+        names = "[" + ", ".join(f"'{name}'" for name in ATTRIBUTES) + "]"
+        return [
+            Check("min_kept_attributes", "attributes",
+                  f"at least attributes.min_attributes ({a.min_attributes}) kept attributes",
+                  f"count(*) FILTER (attributes IS NULL OR len(attributes) < {a.min_attributes})", ("attributes",)),
+            Check("attribute_probs_valid", "attributes", "attribute_probs has 40 values within [0, 1]",
+                  "count(*) FILTER (attribute_probs IS NULL OR len(attribute_probs) != 40 "
+                  "OR list_min(attribute_probs) < 0 OR list_max(attribute_probs) > 1 "
+                  "OR list_max(attribute_probs) IS NULL)", ("attribute_probs",)),
+            Check("kept_attributes_match_probs", "attributes",
+                  f"every kept attribute is a CelebA name whose probability > attributes.keep_threshold ({keep})",
+                  f"count(*) FILTER (len(attributes) > 0 AND coalesce(list_min(list_transform(attributes, "
+                  f"lambda n: coalesce(attribute_probs[list_position({names}, n)], -1))) <= CAST({keep} AS FLOAT), "
+                  f"true))", ("attributes", "attribute_probs")),
+        ]
+
     @classmethod
     def card_notes(cls, info: dict) -> dict[str, str]:
         # The plan says when the probabilities are uncalibrated; the card and the report then warn.

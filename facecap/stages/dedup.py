@@ -449,6 +449,24 @@ class Dedup(Stage):
     device_section = "dedup"
     unreleased = ("identity_hash",)
 
+    suite = "near_duplicates"
+
+    @classmethod
+    def quality_checks(cls, cfg) -> list:
+        from facecap.quality.checks import Check
+
+        # Straddling clusters = distinct (cluster, split) pairs - distinct clusters: each cluster on both
+        # sides adds one. The same for source images, which the split has always kept together.
+        return [
+            Check("clusters_in_one_split", "near_duplicates",
+                  "no near-duplicate cluster has faces in both train and test",
+                  "count(DISTINCT dedup_cluster || '/' || _split) - count(DISTINCT dedup_cluster)",
+                  ("dedup_cluster",)),
+            Check("images_in_one_split", "near_duplicates", "no source image has faces in both train and test",
+                  "count(DISTINCT image_id || '/' || _split) - count(DISTINCT image_id)",
+                  ("dedup_cluster", "image_id")),
+        ]
+
     @classmethod
     def card_notes(cls, info: dict) -> dict[str, str]:
         split_by = info.get("split_by") or "image_id"

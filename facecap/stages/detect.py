@@ -191,6 +191,17 @@ def detect_faces(batches: Iterable[pa.RecordBatch | pa.Table], detector: FaceDet
                                        rejected=rejected(rejects)))
 
 
+def _landmarks_outside_sql(margin: float) -> str:
+    # Landmarks may sit slightly outside RetinaFace's box on turned faces:
+    # allow `margin` x the box side. Spelled out per point (no lambda): fast.
+    terms = []
+    for i in range(5):
+        x, y = f"landmarks[{2 * i + 1}]", f"landmarks[{2 * i + 2}]"
+        mx, my = f"{margin} * (bbox[3] - bbox[1])", f"{margin} * (bbox[4] - bbox[2])"
+        terms.append(f"{x} < bbox[1] - {mx} OR {x} > bbox[3] + {mx} OR {y} < bbox[2] - {my} OR {y} > bbox[4] + {my}")
+    return "count(*) FILTER (landmarks IS NULL OR len(landmarks) != 10 OR " + " OR ".join(terms) + ")"
+
+
 class Detect(Stage):
     """Image records in, aligned face crops out: the only stage that writes image bytes."""
 
@@ -217,6 +228,46 @@ class Detect(Stage):
                          "detect.weights_sha256"})
     priority = 1
     device_section = "detect"
+
+    suite = "faces"
+
+    @classmethod
+    def quality_checks(cls, cfg) -> list:
+        from facecap.quality.checks import Check
+
+        q, d = cfg.quality, cfg.detect
+        tol = q.bbox_tolerance_px
+        return [
+            Check("sample_id_not_null", "faces", "sample_id is never null", "count(*) - count(sample_id)",
+                  ("sample_id",)),
+            Check("sample_id_unique", "faces", "sample_id is unique", "count(sample_id) - count(DISTINCT sample_id)",
+                  ("sample_id",)),
+            Check("det_score_at_least_threshold", "faces", f"det_score >= detect.min_score ({d.min_score})",
+                  f"count(*) FILTER (det_score IS NULL OR det_score < CAST({d.min_score} AS FLOAT))", ("det_score",)),
+            Check("crop_at_least_min_px", "faces", f"crop width and height >= detect.min_face_px ({d.min_face_px})",
+                  f"count(*) FILTER (width IS NULL OR height IS NULL OR least(width, height) < {d.min_face_px})",
+                  ("width", "height")),
+            Check("bbox_inside_source", "faces",
+                  f"bbox lies inside the source image (tolerance {tol} px) and has positive size",
+                  f"count(*) FILTER (bbox IS NULL OR len(bbox) != 4 OR bbox[1] < -{tol} OR bbox[2] < -{tol} "
+                  f"OR bbox[3] > source_width + {tol} OR bbox[4] > source_height + {tol} "
+                  f"OR bbox[3] <= bbox[1] OR bbox[4] <= bbox[2])",
+                  ("bbox", "source_width", "source_height")),
+            Check("landmarks_inside_bbox", "faces",
+                  f"the 5 landmarks lie inside the bbox (tolerance {q.landmark_tolerance:g} x box side)",
+                  _landmarks_outside_sql(q.landmark_tolerance), ("landmarks", "bbox")),
+            Check("mean_pad_fraction", "faces",
+                  f"mean share of a crop lying outside its source image <= quality.max_mean_pad_fraction "
+                  f"({q.max_mean_pad_fraction})",
+                  "coalesce(avg(pad_fraction), 0)", ("pad_fraction",), max_value=q.max_mean_pad_fraction),
+            Check("image_bytes_decode", "faces", f"image bytes decode (a sample of {q.decode_sample})", None,
+                  ("image",)),
+            Check("duplicate_image_rate", "faces",
+                  f"share of rows repeating another row's image bytes <= quality.max_duplicate_image_rate "
+                  f"({q.max_duplicate_image_rate})",
+                  "coalesce(1 - count(DISTINCT hash(image)) / nullif(count(*), 0), 0)", ("image",),
+                  max_value=q.max_duplicate_image_rate),
+        ]
 
     @classmethod
     def plan(cls, cfg, planned=None) -> StagePlan:
