@@ -29,7 +29,8 @@ from pydantic import Field
 from facecap.config import ImageLimits, Section
 from facecap.records import SOURCE_IMAGE, SOURCE_PROBLEM
 from facecap.schema import Reason, keyed_schema
-from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, Stage, StagePlan, reject_row, rejected
+from facecap.stages.base import (FACE_REJECT_COLUMNS, Chunk, Counters, ReportSection, Stage, StagePlan, reject_row,
+                                 rejected)
 from facecap.stages.images import decode_rgb
 
 
@@ -378,3 +379,69 @@ class Annotate(Stage):
 
     def process(self, records, counters: Counters) -> Iterator[Chunk]:
         return annotate_faces(records, self.model, self.cfg.attributes, self.cfg.image, counters)
+
+
+# --- report ----------------------------------------------------------------------------------------
+class AnnotateReport(ReportSection):
+    """Kept attributes per face, attribute frequency and category shares (vs FaceCaption-15M)."""
+
+    def aggregates(self, db) -> tuple[dict[str, str], dict[str, str]]:
+        return ({"per_face": "histogram(len(attributes))"} if "attributes" in db.columns else {}), {}
+
+    def figures(self, db, agg) -> dict:
+        from facecap.attributes import CATEGORY_OF, PAPER_CATEGORY_SHARES
+        from facecap.quality.suites import NOT_APPLICABLE
+
+        rows = int(agg.get("n_rows") or 0)
+        if not (rows and "per_face" in agg):
+            off = db.stage_off_reason(Annotate.name)
+            return {"attributes": {NOT_APPLICABLE: f"stage annotate off ({off})" if off else "no attributes column"}}
+        per_face = {int(k): int(v) for k, v in (agg["per_face"] or {}).items() if k is not None}
+        freq = dict(db.con.execute("SELECT a, count(*) FROM (SELECT unnest(attributes) AS a FROM faces) GROUP BY a")
+                    .fetchall())
+        kept = sum(freq.values()) or 1
+        shares = {cat: 0 for cat in PAPER_CATEGORY_SHARES}
+        for name, n in freq.items():
+            if name in CATEGORY_OF:
+                shares[CATEGORY_OF[name]] += n
+        return {"attributes": {
+            "mean_per_face": round(sum(k * v for k, v in per_face.items()) / rows, 2),
+            "per_face": {str(k): v for k, v in sorted(per_face.items())},
+            "frequency": {name: int(freq.get(name, 0)) for name in ATTRIBUTES},
+            "category_share_pct": {cat: round(100 * n / kept, 1) for cat, n in shares.items()},
+            "paper_category_share_pct": PAPER_CATEGORY_SHARES,
+        }}
+
+    def headline(self, fig) -> dict:
+        from facecap.quality.suites import NOT_APPLICABLE
+
+        a = fig.get("attributes") or {}
+        return {} if not a or NOT_APPLICABLE in a else {"kept attributes per face": a["mean_per_face"]}
+
+    def html(self, report) -> str:
+        from html import escape
+
+        from facecap.quality import svg
+        from facecap.quality.suites import NOT_APPLICABLE
+
+        a = report["figures"]["attributes"]
+        if NOT_APPLICABLE in a:
+            return f'<p class="na">Attributes: not applicable: {escape(a[NOT_APPLICABLE])}</p>'
+        per = a["per_face"]
+        cats = list(a["category_share_pct"])
+        return (svg.bars(list(per), list(per.values()), f"kept attributes per face (mean {a['mean_per_face']})")
+                + svg.bars(list(a["frequency"]), list(a["frequency"].values()), "attribute frequency (faces)")
+                + svg.bars(cats, [a["category_share_pct"][k] for k in cats],
+                           "category share of kept labels, % (red tick: FaceCaption-15M)",
+                           reference=[a["paper_category_share_pct"][k] for k in cats], unit="%"))
+
+    def gallery_columns(self, db) -> dict[str, str]:
+        return {"attributes": "attributes"} if "attributes" in db.columns else {}
+
+    def gallery_html(self, face) -> str:
+        from html import escape
+
+        return f"<br><i>{escape(', '.join(face['attributes']))}</i>" if face.get("attributes") else ""
+
+
+Annotate.report = AnnotateReport()

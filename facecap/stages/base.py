@@ -260,8 +260,12 @@ class ReportSection:
         return ""
 
     def gallery_columns(self, db: "ReleaseDB") -> dict[str, str]:
-        """What the gallery's sample faces show of it: card field -> release column."""
+        """What the gallery's sample faces show of it: field of a gallery record -> release column to read."""
         return {}
+
+    def gallery_html(self, face: dict[str, Any]) -> str:
+        """Its part of a sample face's card (HTML), from the gallery record's fields."""
+        return ""
 
 
 def reject_row(stage: str, row: dict, reason: str, detail: str) -> dict:

@@ -32,8 +32,8 @@ from pydantic import Field
 
 from facecap.config import ConfigError, LLMSettings, Section
 from facecap.schema import Reason, keyed_schema
-from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, Stage, StagePlan, reject_row,
-                                 rejected)
+from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, ReportSection, Stage, StagePlan,
+                                 reject_row, rejected)
 from facecap.text.faithfulness import (CheckResult, Lexicon, check_caption, grammar_lexicon_mismatches,
                                        load_lexicon, shared_similarity)
 from facecap.text.grammar import CaptionGrammar, caption_seed, load_grammar
@@ -361,3 +361,137 @@ class Caption(Stage):
 
     def process(self, records, counters: Counters) -> Iterator[Chunk]:
         return caption_faces(records, self.captioner, CAPTION_SCHEMA, counters, self.cfg.caption.batch_size)
+
+
+# --- report ----------------------------------------------------------------------------------------
+PAPER_MEAN_CAPTION_WORDS = 30
+
+
+def _caption_column(columns: list[str]) -> tuple[str | None, str]:
+    """The caption people train on; the source's own text when the caption stage was off (and say so)."""
+    if "caption" in columns:
+        return "caption", "caption"
+    if "source_caption" in columns:
+        return "source_caption", "source_caption (caption stage off: the original alt-text)"
+    return None, "no caption column"
+
+
+def _four_gram_curve(db, column: str, sample: int) -> dict:
+    """Unique 4-grams as the share of data grows: the paper's naturalness measure, on a deterministic
+    sample spread over the release (see suites.sample_rows)."""
+    import re
+
+    from facecap.quality.release_db import data_files
+    from facecap.quality.suites import sample_rows
+
+    texts = [r[column] for r in sample_rows(data_files(db.path), sample, [column]) if r[column]]
+    seen: set[tuple[str, ...]] = set()
+    total = 0
+    points = []
+    marks = {max(1, round(len(texts) * k / 10)) for k in range(1, 11)} if texts else set()
+    for i, text in enumerate(texts, 1):
+        words = re.findall(r"[a-z0-9']+", text.lower())
+        grams = list(zip(words, words[1:], words[2:], words[3:]))
+        total += len(grams)
+        seen.update(grams)
+        if i in marks:
+            points.append({"share": round(i / len(texts), 3), "captions": i, "unique_4grams": len(seen),
+                           "total_4grams": total})
+    return {"sample": len(texts), "points": points}
+
+
+class CaptionReport(ReportSection):
+    """Words per caption and unique 4-grams (vs FaceCaption-15M), and the rewrite's faithfulness checks."""
+
+    @staticmethod
+    def bins(cfg) -> tuple[float, float, int]:
+        return 0.0, float(max(cfg.quality.max_caption_words, 40)), 24
+
+    def aggregates(self, db) -> tuple[dict[str, str], dict[str, str]]:
+        from facecap.quality.checks import blank_sql, word_count_sql
+        from facecap.quality.report import bin_expr
+
+        exprs: dict[str, str] = {}
+        derived: dict[str, str] = {}
+        column, _ = _caption_column(db.columns)
+        if column == "caption":  # the checks already compute these once per row
+            words, blank = "_caption_words", "_caption_blank"
+        elif column:
+            words, blank = "_text_words", "_text_blank"
+            derived = {"_text_words": word_count_sql(column), "_text_blank": blank_sql(column)}
+        if column:
+            exprs.update(words_mean=f"avg({words}) FILTER (NOT {blank})",
+                         words_hist=f"histogram({bin_expr(words, *self.bins(db.cfg))}) FILTER (NOT {blank})")
+        if "caption_check" in db.columns:
+            # Fallback reasons carry details ("omission: Smiling (3 attempts)"): group on the kind before ":".
+            exprs["checks"] = "histogram(split_part(caption_check, ':', 1))"
+            if "caption_model" in db.columns:
+                exprs["not_rewritten"] = "count(*) FILTER (caption_model = 'none' OR caption_check = 'not_rewritten')"
+        return exprs, derived
+
+    def figures(self, db, agg) -> dict:
+        from facecap.quality.report import hist
+        from facecap.quality.suites import NOT_APPLICABLE
+
+        rows, fig = int(agg.get("n_rows") or 0), {}
+        column, label = _caption_column(db.columns)
+        if rows and "words_hist" in agg:
+            fig["caption_words"] = {"column": label, "mean": round(float(agg["words_mean"] or 0), 1),
+                                    "paper_mean": PAPER_MEAN_CAPTION_WORDS, **hist(agg["words_hist"], *self.bins(db.cfg))}
+            fig["four_grams"] = {"column": label, **_four_gram_curve(db, column, db.cfg.quality.ngram_sample)}
+        if rows and "checks" in agg:
+            checks = dict(sorted(((str(k), int(v)) for k, v in (agg["checks"] or {}).items()), key=lambda kv: -kv[1]))
+            not_rewritten = int(agg.get("not_rewritten", checks.get("not_rewritten", 0)))
+            fig["rewrite"] = {"checks": checks, "not_rewritten_share": round(not_rewritten / rows, 4)}
+            # The stage's run-level counts (hallucinated / omitted attributes, fallbacks, LLM requests and
+            # cache hits), summed over shards by the manifest into the funnel.
+            for row in db.info.get("funnel") or []:
+                if row.get("stage") == Caption.name and row.get("extra"):
+                    fig["rewrite"]["run_counts"] = {k: int(v) for k, v in sorted(row["extra"].items())}
+        else:
+            off = db.stage_off_reason(Caption.name)
+            fig["rewrite"] = {NOT_APPLICABLE: f"stage caption off ({off})" if off else "no caption_check column"}
+        return fig
+
+    def headline(self, fig) -> dict:
+        if "caption_words" not in fig:
+            return {}
+        return {"words per caption": f"{fig['caption_words']['mean']} ({fig['caption_words']['column']}; paper ≈ 30)"}
+
+    def html(self, report) -> str:
+        from html import escape
+
+        from facecap.quality import svg
+        from facecap.quality.suites import NOT_APPLICABLE
+
+        fig, parts = report["figures"], []
+        if "caption_words" in fig:
+            w = fig["caption_words"]
+            parts.append(svg.histogram(w["edges"], w["counts"], f"{w['column']}: words per caption (mean {w['mean']}; "
+                                       f"paper ≈ {w['paper_mean']})", mark=w["paper_mean"], mark_label="paper ≈ 30"))
+            g = fig["four_grams"]
+            parts.append(svg.line([p["captions"] for p in g["points"]], [p["unique_4grams"] for p in g["points"]],
+                                  f"unique 4-grams vs captions ({g['column']}; deterministic sample of {g['sample']:,})",
+                                  "captions", "unique 4-grams"))
+        r = fig["rewrite"]
+        if NOT_APPLICABLE in r:
+            parts.append(f'<p class="na">Rewrite faithfulness: not applicable: {escape(r[NOT_APPLICABLE])}</p>')
+        else:
+            parts.append(svg.bars(list(r["checks"]), list(r["checks"].values()), "rewrite faithfulness (caption_check)"))
+            parts.append(f"<p>Share of captions not rewritten by the LLM: <b>{100 * r['not_rewritten_share']:.1f} %</b></p>")
+            if r.get("run_counts"):
+                rows_html = "".join(f"<tr><td>{escape(k)}</td><td>{v:,}</td></tr>" for k, v in r["run_counts"].items())
+                parts.append(f"<table><tr><th>caption stage count (this run)</th><th>n</th></tr>{rows_html}</table>")
+        return "".join(parts)
+
+    def gallery_columns(self, db) -> dict[str, str]:
+        column, _ = _caption_column(db.columns)
+        return {"caption": column} if column else {}
+
+    def gallery_html(self, face) -> str:
+        from html import escape
+
+        return escape(face.get("caption") or "")
+
+
+Caption.report = CaptionReport()

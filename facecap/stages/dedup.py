@@ -48,7 +48,8 @@ from pydantic import Field
 
 from facecap.config import ImageLimits, Section
 from facecap.schema import Reason, image_bytes, keyed_schema
-from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, ReleasePass, Stage, StagePlan, reject_row
+from facecap.stages.base import (FACE_REJECT_COLUMNS, Chunk, Counters, ReleasePass, ReportSection, Stage, StagePlan,
+                                 reject_row)
 from facecap.stages.base import rejected as reject_table
 from facecap.stages.images import decode_rgb
 
@@ -653,3 +654,40 @@ def _write_thumbnail(data: bytes, path: str, side: int = 96) -> bool:
         return True
     except OSError:
         return False
+
+
+# --- report ----------------------------------------------------------------------------------------
+class DedupReport(ReportSection):
+    """Clusters of near-duplicate faces: counts, sizes, and the largest clusters' faces (kept one first)."""
+
+    def html(self, report) -> str:
+        from html import escape
+
+        from facecap.quality.report import table
+
+        found = (report["release"].get("release_passes") or {}).get(Dedup.name)
+        if not found:
+            return ""
+        faces = found.get("faces") or 0
+        removed = found.get("removed") or 0
+        keep = escape(str(found.get("keep")))
+        out = ["<h2>Near-duplicates</h2>",
+               f"<p>{faces:,} faces in {found.get('clusters', 0):,} clusters; "
+               f"{found.get('clusters_with_duplicates', 0):,} clusters hold "
+               f"{found.get('faces_in_duplicate_clusters', 0):,} faces with near-duplicates (64-bit pHash of the crop "
+               f"or its mirror within {found.get('max_distance')} bits). dedup.keep={keep}: "
+               f"<b>{removed:,} faces removed ({removed / faces if faces else 0:.1%})</b>. Splits keep every cluster "
+               "and every source image on one side.</p>",
+               table(["cluster size", "clusters"],
+                     [[k, f"{v:,}"] for k, v in (found.get("cluster_sizes") or {}).items()])]
+        for cluster in found.get("gallery") or []:
+            cards = "".join(f'<div class="card" style="width:110px"><img src="{escape(f["file"])}" alt="face">'
+                            f'<code>{escape(f["sample_id"])}</code>{" <b>kept</b>" if f["kept"] else ""}</div>'
+                            for f in cluster["faces"])
+            shown = f", first {len(cluster['faces'])} shown" if cluster["size"] > len(cluster["faces"]) else ""
+            out.append(f"<p>Cluster of {cluster['size']:,} faces (kept: <code>{escape(cluster['kept'])}</code>{shown})"
+                       f"</p><div class=\"grid\">{cards}</div>")
+        return "".join(out)
+
+
+Dedup.report = DedupReport()

@@ -20,7 +20,7 @@ from facecap.config import ImageLimits, Section
 from facecap.schema import SAMPLE_ID_FIELD, Reason, sample_id_for
 from facecap.stages.align import aligned_crop, crop_side, real_extent
 from facecap.records import SOURCE_IMAGE, SOURCE_PROBLEM
-from facecap.stages.base import Chunk, Counters, Stage, StagePlan, rejected
+from facecap.stages.base import Chunk, Counters, ReportSection, Stage, StagePlan, rejected
 from facecap.stages.images import decode_rgb, encode_jpeg, letterbox
 
 if TYPE_CHECKING:
@@ -289,3 +289,93 @@ class Detect(Stage):
 
     def process(self, records, counters: Counters) -> Iterator[Chunk]:
         return detect_faces(records, self.detector, self.cfg.detect, self.cfg.image, counters)
+
+
+# --- report ----------------------------------------------------------------------------------------
+PAPER_MEAN_CROP_PX = 285  # FaceCaption-15M: mean face region 285 x 285
+
+
+class DetectReport(ReportSection):
+    """Detector scores, crop sizes and padding."""
+
+    @staticmethod
+    def bins(cfg) -> dict[str, tuple[float, float, int]]:
+        # Fixed histogram ranges (from the config, not the data), so the figures need no extra scan.
+        side_hi = max(1024.0, 8.0 * cfg.detect.min_face_px)
+        return {"det": (min(cfg.detect.min_score, 0.999), 1.0, 20),
+                "side": (float(cfg.detect.min_face_px), side_hi, 24), "pad": (0.0, 0.5, 20)}
+
+    def aggregates(self, db) -> tuple[dict[str, str], dict[str, str]]:
+        from facecap.quality.report import bin_expr
+
+        cols, bins, exprs = set(db.columns), self.bins(db.cfg), {}
+        if "det_score" in cols:
+            exprs.update(det_mean="avg(det_score)", det_hist=f"histogram({bin_expr('det_score', *bins['det'])})")
+        if {"width", "height"} <= cols:
+            exprs.update(w_mean="avg(width)", h_mean="avg(height)",
+                         side_hist=f"histogram({bin_expr('sqrt(width * height)', *bins['side'])})")
+        if "pad_fraction" in cols:
+            exprs.update(pad_mean="avg(pad_fraction)", padded="count(*) FILTER (pad_fraction > 0)",
+                         pad_hist=f"histogram({bin_expr('pad_fraction', *bins['pad'])})")
+        return exprs, {}
+
+    def figures(self, db, agg) -> dict:
+        from facecap.quality.report import hist
+
+        cfg, bins, fig = db.cfg, self.bins(db.cfg), {}
+        if not agg.get("n_rows"):
+            return fig
+        if "det_hist" in agg:
+            fig["det_score"] = {"mean": round(float(agg["det_mean"]), 5), "threshold": cfg.detect.min_score,
+                                **hist(agg["det_hist"], *bins["det"])}
+        if "side_hist" in agg:
+            fig["crop"] = {"mean_width": round(float(agg["w_mean"]), 1), "mean_height": round(float(agg["h_mean"]), 1),
+                           "paper_mean": PAPER_MEAN_CROP_PX, "min_face_px": cfg.detect.min_face_px,
+                           "note": "crop side sqrt(width x height); the last bin holds everything >= "
+                                   f"{bins['side'][1]:g}",
+                           **hist(agg["side_hist"], *bins["side"])}
+        if "pad_hist" in agg:
+            fig["pad"] = {"mean": round(float(agg["pad_mean"]), 4), "padded_faces": int(agg["padded"]),
+                          "limit": cfg.quality.max_mean_pad_fraction,
+                          "note": "share of each crop outside its source image (black padding); the last bin holds "
+                                  f"everything >= {bins['pad'][1]:g}",
+                          **hist(agg["pad_hist"], *bins["pad"])}
+        return fig
+
+    def headline(self, fig) -> dict:
+        h = {}
+        if "crop" in fig:
+            h["mean crop"] = f"{fig['crop']['mean_width']} x {fig['crop']['mean_height']} px (paper 285 x 285)"
+        if "det_score" in fig:
+            h["mean detector score"] = fig["det_score"]["mean"]
+        return h
+
+    def html(self, report) -> str:
+        from facecap.quality import svg
+
+        fig, parts = report["figures"], []
+        if "det_score" in fig:
+            d = fig["det_score"]
+            parts.append(svg.histogram(d["edges"], d["counts"], f"detector score (mean {d['mean']})",
+                                       mark=d["threshold"], mark_label=f"threshold {d['threshold']}"))
+        if "crop" in fig:
+            c = fig["crop"]
+            parts.append(svg.histogram(c["edges"], c["counts"],
+                                       f"crop side, px (mean {c['mean_width']} x {c['mean_height']}; paper 285 x 285)",
+                                       mark=c["paper_mean"], mark_label="paper mean 285"))
+        if "pad" in fig:
+            p = fig["pad"]
+            parts.append(svg.histogram(p["edges"], p["counts"],
+                                       f"share of the crop past the image edge (mean {p['mean']}; "
+                                       f"{p['padded_faces']:,} faces padded at all)",
+                                       mark=p["limit"], mark_label=f"mean limit {p['limit']}"))
+        return "".join(parts)
+
+    def gallery_columns(self, db) -> dict[str, str]:
+        return {c: c for c in ("det_score", "width", "height")}
+
+    def gallery_html(self, face) -> str:
+        return f' score {face["det_score"]:.3f}, {face["width"]}x{face["height"]}<br>'
+
+
+Detect.report = DetectReport()

@@ -29,8 +29,8 @@ from pydantic import Field
 
 from facecap.config import ConfigError, Section
 from facecap.schema import Reason, keyed_schema
-from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, Stage, StagePlan, reject_row,
-                                 rejected)
+from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, ReportSection, Stage, StagePlan,
+                                 reject_row, rejected)
 from facecap.text.clean import clean_text
 from facecap.text.keywords import KeywordMatcher
 
@@ -274,3 +274,34 @@ def llm_cache_dir(cfg, out: str) -> str:
     from facecap import storage
 
     return cfg.llm.cache_dir or storage.join(out, "cache", "llm")
+
+
+# --- report ----------------------------------------------------------------------------------------
+PAPER_CHARS_REMOVED_SHARE = 0.095  # FLIP-80M: denoising removed 9.5 % of the alt-text's characters
+
+
+class TextReport(ReportSection):
+    """The share of alt-text characters cleaning removed, from the funnel's summed stage counts."""
+
+    def figures(self, db, agg) -> dict:
+        for row in db.info.get("funnel") or []:
+            extra = row.get("extra") or {}
+            if row.get("stage") == Text.name and extra.get("alt_text_chars"):
+                chars = int(extra["alt_text_chars"])
+                return {"alt_text": {"chars": chars, "chars_removed": int(extra.get("text_chars_removed", 0)),
+                                     "removed_share": round(int(extra.get("text_chars_removed", 0)) / chars, 4),
+                                     "paper_removed_share": PAPER_CHARS_REMOVED_SHARE,
+                                     "with_keywords": int(extra.get("with_keywords", 0)),
+                                     "llm_denoised": int(extra.get("llm_denoised", 0))}}
+        return {}
+
+    def html(self, report) -> str:
+        a = report["figures"].get("alt_text")
+        if not a:
+            return ""
+        return (f"<p>Alt-text cleaning removed <b>{100 * a['removed_share']:.1f} %</b> of {a['chars']:,} "
+                f"characters (FLIP-80M: {100 * a['paper_removed_share']:.1f} %); {a['with_keywords']:,} "
+                f"captions matched face keywords, {a['llm_denoised']:,} were denoised by the LLM.</p>")
+
+
+Text.report = TextReport()
