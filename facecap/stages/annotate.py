@@ -283,6 +283,7 @@ class Annotate(Stage):
     name = "annotate"
     section, settings_model, section_after = "attributes", AttributeSettings, "models"
     output_fields, reasons = tuple(ATTRIBUTE_FIELDS), AnnotateReason
+    own_scan = ("attributes", "attribute_probs")
     column_docs = {
         "attribute_probs": "40 CelebA attribute probabilities, CelebA order",
         "attributes": "kept attributes (probability above the keep threshold, after contradiction rules)",

@@ -120,6 +120,9 @@ class Stage:
     suite: ClassVar[str | None] = None  # its quality suite: checks not applicable while the stage is off
     report: ClassVar["ReportSection | None"] = None  # its figures in the release report
     model_in_release: ClassVar[str | None] = None  # a release.json key naming its model identity
+    # Columns and per-row values (derived_columns, the report's) so wide that the aggregates over them run in a
+    # DuckDB scan of their own: measured on 15M rows, narrow scans per group beat one wide scan by 2x.
+    own_scan: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def resolve_settings(cls, cfg: "Config") -> None:

@@ -271,6 +271,8 @@ class Caption(Stage):
     name = "caption"
     section, settings_model, section_after = "caption", CaptionSettings, "attributes"
     output_fields, reasons = tuple(CAPTION_FIELDS), CaptionReason
+    own_scan = ("caption", "source_caption", "caption_check", "caption_model", "_caption_words", "_caption_blank",
+                "_text_words", "_text_blank")
     column_docs = {
         "caption": "the caption to train on", "raw_caption": "the grammar's text before any rewrite",
         "caption_check": "passed, not_rewritten, or why the rewrite fell back",
