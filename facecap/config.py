@@ -1,8 +1,10 @@
 """The one typed configuration of a FaceCap run.
 
-Settings come from (lowest to highest precedence): the defaults here, the
+Settings come from (lowest to highest precedence): the defaults, the
 profile's defaults, a YAML file (``--config``), and ``--set section.key=value``
-overrides. The resolved config is written next to every run and release, and
+overrides. The sections that are no stage's own are defined here; each stage
+declares its own section in its module, and `Config` is built from both
+(`config_model`) for the stages registered in facecap.chain. The resolved config is written next to every run and release, and
 each stage reads only its own section, whose hash keys that stage's outputs.
 """
 
@@ -287,7 +289,7 @@ class ConfigBase(_Section):
     (CoreSections) plus one section per registered stage, built by `config_model`. Every section is a key
     of the YAML file and of ``--set section.key=value``."""
 
-    stages: ClassVar[tuple[type, ...]] = ()  # the stages whose sections the model has
+    stages: ClassVar[tuple[type, ...]] = ()  # the stages the model was built for
 
     @field_validator("profile", check_fields=False)
     @classmethod
@@ -321,8 +323,9 @@ def config_model(stages: Sequence[type] | None = None) -> type[ConfigBase]:
     config files list sections in a stable order. One model per set of stages."""
     if stages is None:
         from facecap.chain import STAGES as stages
+    stages = tuple(stages)
     owned = [s for s in stages if s.section]
-    key = tuple((s, s.section, s.settings_model) for s in owned)
+    key = tuple((s, s.section, s.settings_model) for s in stages)
     if key in _MODELS:
         return _MODELS[key]
     order = list(CoreSections.model_fields)
@@ -351,7 +354,7 @@ def config_model(stages: Sequence[type] | None = None) -> type[ConfigBase]:
             info = CoreSections.model_fields[name]
             fields[name] = (info.annotation, info)
     model = create_model("Config", __base__=ConfigBase, __module__=__name__, **fields)
-    model.stages = tuple(owned)
+    model.stages = stages
     _MODELS[key] = model
     return model
 

@@ -3,6 +3,10 @@
 A stage is one class: its name and version, the config sections that key its
 outputs, the model it needs and how it plans itself on or off, its Dask
 placement and retries, and ``process(records) -> chunks of kept + rejects``.
+It also declares what it owns, which the config, the record layout, the
+quality suites, the dataset card and the report read from every registered
+stage (facecap.chain): its settings section, the columns it adds, its reject
+reasons, what its columns mean, its quality checks and its report section.
 It knows nothing of Prefect, Dask or storage: the generic shard runner
 (facecap.runner) feeds it the columns it reads and writes what it yields, so
 a stage can be unit-tested and benchmarked on in-memory tables.
