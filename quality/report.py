@@ -3,7 +3,9 @@
 Figures are DuckDB aggregates over the release's Parquet files, so the report
 of a 15M-row release costs a few scans, not a load. index.html has inline
 CSS, inline SVG charts and thumbnails as data URIs: it opens offline, with no
-CDN. report.json holds the same figures for machines.
+CDN. report.json holds the same figures for machines. Each registered stage
+contributes its own section (Stage.report: its aggregates, figures, headline
+lines, HTML and gallery fields); this module lays out what all reports share.
 """
 
 from __future__ import annotations
@@ -12,11 +14,9 @@ import base64
 import io
 import json
 import os
-import re
 from html import escape
 from typing import Any
 
-from facecap.quality import svg
 from facecap.quality.card import stage_notes
 from facecap.quality.release_db import ReleaseDB, data_files
 from facecap.quality.suites import NOT_APPLICABLE, CheckResult, sample_rows
