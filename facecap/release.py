@@ -171,9 +171,9 @@ def _fit_passes(shards: list[ShardInput], passes: list[ReleasePass]) -> None:
 
 
 def _empty(columns: tuple[str, ...]) -> pa.Table:
-    from facecap.schema import FACE_SCHEMA
+    from facecap.schema import record_fields
 
-    known = {f.name: f.type for f in FACE_SCHEMA}
+    known = {f.name: f.type for f in record_fields()}
     return pa.table({c: pa.array([], known.get(c, pa.uint64())) for c in columns})
 
 

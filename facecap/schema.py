@@ -1,8 +1,9 @@
-"""Record layouts: what each stage adds to a shard, and how rejects look.
+"""Record layouts shared by every stage: image records, the sample_id key, and how rejects look.
 
 A stage's output is a Parquet file of the columns it adds, keyed by
 ``sample_id`` (ingest: ``image_id``); a face record is the join of its
-chain's outputs (facecap.records). A new stage adds its schema block here.
+chain's outputs (facecap.records). A stage declares the columns it adds
+(Stage.output_fields) in its own module; `record_fields` gathers them.
 """
 
 from __future__ import annotations
@@ -33,74 +34,8 @@ IMAGE_FIELDS: list[pa.Field] = [
 ]
 IMAGE_SCHEMA = pa.schema(IMAGE_FIELDS)
 
-# Columns the detect stage adds; one row per kept face, joined to its image by image_id.
-FACE_FIELDS: list[pa.Field] = [
-    pa.field("sample_id", pa.string(), nullable=False),  # image_id + face index: unique per face
-    pa.field("image_id", pa.string(), nullable=False),
-    pa.field("face_index", pa.int16(), nullable=False),
-    pa.field("image", pa.binary(), nullable=False),  # aligned crop, JPEG
-    pa.field("width", pa.int32(), nullable=False),  # of `image`
-    pa.field("height", pa.int32(), nullable=False),
-    pa.field("det_score", pa.float32(), nullable=False),
-    pa.field("bbox", pa.list_(pa.float32(), 4), nullable=False),  # x1, y1, x2, y2 in source pixels
-    # left eye, right eye, nose, left mouth corner, right mouth corner: x, y pairs in source pixels
-    pa.field("landmarks", pa.list_(pa.float32(), 10), nullable=False),
-    pa.field("crop_box", pa.list_(pa.float32(), 4), nullable=False),  # square region before rotation, source px
-    pa.field("align_angle", pa.float32(), nullable=False),  # degrees the crop was rotated to level the eyes
-    pa.field("pad_fraction", pa.float32(), nullable=False),  # share of the crop outside the source image (black)
-    pa.field("detector", pa.string(), nullable=False),  # model identity incl. weights hash
-    pa.field("det_min_score", pa.float32(), nullable=False),
-    pa.field("min_face_px", pa.int32(), nullable=False),
-    pa.field("crop_margin", pa.float32(), nullable=False),
-]
-FACE_SCHEMA = pa.schema(FACE_FIELDS)
-
-# Columns the annotate stage adds (issue 3). Probabilities are in CelebA order
-# (facecap.attributes.ATTRIBUTES); the name lists follow that order too.
-ATTRIBUTE_FIELDS: list[pa.Field] = [
-    pa.field("attribute_probs", pa.list_(pa.float32(), 40), nullable=False),
-    pa.field("attributes", pa.list_(pa.string()), nullable=False),  # kept: prob > keep threshold, after rules
-    pa.field("absent_attributes", pa.list_(pa.string()), nullable=False),  # prob < absent threshold
-    pa.field("attribute_rules", pa.list_(pa.string()), nullable=False),  # contradiction rules that fired
-    pa.field("attribute_model", pa.string(), nullable=False),  # backend:identity incl. weights hash
-    pa.field("attr_keep_threshold", pa.float32(), nullable=False),
-    pa.field("attr_absent_threshold", pa.float32(), nullable=False),
-]
-
-# Columns the caption stage adds (issue 4).
-CAPTION_FIELDS: list[pa.Field] = [
-    pa.field("caption", pa.string(), nullable=False),  # the caption people train on
-    pa.field("raw_caption", pa.string(), nullable=False),  # the grammar's text
-    pa.field("grammar_version", pa.string(), nullable=False),
-    pa.field("caption_seed", pa.int64(), nullable=False),
-    pa.field("caption_model", pa.string(), nullable=False),  # "none" when not rewritten
-    pa.field("prompt_version", pa.string()),
-    pa.field("caption_check", pa.string(), nullable=False),  # "passed", "not_rewritten" or the fallback reason
-]
-
-# Columns the text stage adds on the flip80m and both paths. With
-# text.caption_path = flip80m it also sets `caption` (TEXT_CAPTION_FIELD).
-TEXT_FIELDS: list[pa.Field] = [
-    pa.field("keywords", pa.list_(pa.string()), nullable=False),  # face keywords found in the alt-text
-    pa.field("text_caption", pa.string(), nullable=False),  # the alt-text, pre-cleaned (and LLM-denoised if on)
-    pa.field("text_score", pa.float32(), nullable=False),  # face-caption classifier probability
-    pa.field("text_filter", pa.string(), nullable=False),  # classifier identity incl. weights hash
-    pa.field("text_threshold", pa.float32(), nullable=False),
-    pa.field("text_denoise", pa.string(), nullable=False),  # "llm", "rules" or "rules:<why the LLM reply was not used>"
-    pa.field("text_cleaner", pa.string(), nullable=False),  # pre-cleaner version (+ LLM model and prompt version)
-    pa.field("alt_text_chars", pa.int32(), nullable=False),  # characters of source_caption
-    pa.field("text_chars_removed", pa.int32(), nullable=False),  # characters cleaning removed
-    pa.field("url", pa.string()),  # the image URL of a URL-list source (from source_meta), else null
-    pa.field("nsfw", pa.string()),  # the source's NSFW tag (LAION's NSFW column), if it has one
-    pa.field("text_verdict", pa.string(), nullable=False),  # face_caption, or why not: not_face_caption, no_caption
-]
-TEXT_CAPTION_FIELD = pa.field("caption", pa.string(), nullable=False)
-# On the both path a face whose alt-text is not about a face is kept, without text: these are null for it.
-TEXT_FIELDS_NULL_WHEN_NOT_FACE = frozenset({"keywords", "text_caption", "text_score", "text_denoise",
-                                            "text_chars_removed"})
-
-
-SAMPLE_ID_FIELD = FACE_FIELDS[0]
+# Every face record is keyed by it: image_id + face index.
+SAMPLE_ID_FIELD = pa.field("sample_id", pa.string(), nullable=False)
 
 
 def extend_schema(schema: pa.Schema, fields: list[pa.Field]) -> pa.Schema:
@@ -112,6 +47,31 @@ def extend_schema(schema: pa.Schema, fields: list[pa.Field]) -> pa.Schema:
 def keyed_schema(fields: list[pa.Field]) -> pa.Schema:
     """A face stage's output schema: sample_id, then the columns it adds."""
     return pa.schema([SAMPLE_ID_FIELD] + fields)
+
+
+def record_fields() -> list[pa.Field]:
+    """A face record's columns: what the registered stages add, in chain order (first declaration wins)."""
+    from facecap.chain import STAGES
+
+    fields: dict[str, pa.Field] = {}
+    for stage in STAGES:
+        for f in stage.output_fields:
+            fields.setdefault(f.name, f)
+    return list(fields.values())
+
+
+def __getattr__(name: str):
+    # Column blocks live in the stage modules that write them; `from facecap.schema import X` still works.
+    if not name.startswith("_"):
+        import sys
+
+        from facecap.chain import STAGES
+
+        for stage in STAGES:
+            value = getattr(sys.modules[stage.__module__], name, None)
+            if value is not None:
+                return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 REJECT_SCHEMA = pa.schema(
@@ -129,8 +89,21 @@ REJECT_SCHEMA = pa.schema(
 )
 
 
-class Reason:
-    """Rejection reasons. Stable strings: reports and quality suites count them."""
+class _Reasons(type):
+    # A stage's own reasons live in its module (a subclass of Reason, Stage.reasons); `Reason.X` finds them too.
+    def __getattr__(cls, name: str) -> str:
+        if not name.startswith("_"):
+            from facecap.chain import STAGES
+
+            for stage in STAGES:
+                if stage.reasons is not None and name in vars(stage.reasons):
+                    return vars(stage.reasons)[name]
+        raise AttributeError(f"{cls.__name__} has no reason {name!r}")
+
+
+class Reason(metaclass=_Reasons):
+    """Rejection reasons shared by the sources layer (ingest, download, image checks); each stage declares
+    its own in a subclass (Stage.reasons). Stable strings: reports and quality suites count them."""
 
     # ingest
     UNREADABLE_SOURCE = "unreadable_source"  # a whole file could not be opened or parsed
@@ -156,20 +129,6 @@ class Reason:
     REDIRECT_LOOP = "redirect_loop"
     NOT_IMAGE = "not_image"  # Content-Type says it is not an image (text/html error pages...)
     ROBOTS_NOAI = "robots_noai"  # X-Robots-Tag: noai / noimageai
-    # detect
-    NO_FACE = "no_face"
-    LOW_SCORE = "low_score"
-    TOO_SMALL = "too_small"
-    # annotate
-    FEW_ATTRIBUTES = "few_attributes"
-    # caption (issue 4)
-    NO_ATTRIBUTES = "no_attributes"  # nothing to caption: the face kept no attribute
-    UNKNOWN_ATTRIBUTE = "unknown_attribute"  # a name that is not one of the 40 CelebA attributes
-    # text (FLIP-80M path, issue 8)
-    NO_CAPTION = "no_caption"  # empty alt-text after cleaning
-    NOT_FACE_CAPTION = "not_face_caption"  # text classifier score not above text.threshold
-    # dedup (release-wide)
-    NEAR_DUPLICATE = "near_duplicate"  # within dedup.max_distance of a better face kept for its cluster
 
 
 def is_transient(reason: str) -> bool:

@@ -1,4 +1,4 @@
-"""The curate flow: sources -> ingest -> detect -> annotate -> text -> caption -> validate -> release.
+"""The curate flow: sources -> the registered stages (facecap.chain) -> validate -> release.
 
 The flow walks the planned chain of stages (facecap.chain): a shard's next
 stage is submitted the moment its previous one finishes, and later stages'
@@ -20,8 +20,9 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from facecap import manifest, release, runlock, storage
+from facecap import chain as registry
 from facecap.chain import plan_run
-from facecap.config import Config
+from facecap.config import Config, config_model
 from facecap.flows.executor import ShardExecutor, size_local_cluster, task_runner_for  # noqa: F401 (re-exported)
 from facecap.flows.run_artifacts import publish_curate_artifacts
 from facecap.quality.validate import ReleaseBlocked, blocked_message
@@ -131,7 +132,7 @@ class _ManifestRecorder:
 @flow(name="curate", flow_run_name="curate {out}", log_prints=True)
 def curate(sources: list[str], out: str, config: dict | None = None, allow_failures: bool = False) -> CurateResult:
     """Turn image sources into a face release in OUT/release (see `facecap curate --help`)."""
-    cfg = Config.model_validate(config or {})
+    cfg = config_model().model_validate(config or {})  # with the sections of the stages registered now
     out = storage.absolute(out)
     release.check_output(out)
     run_id = str(flow_run.id or f"local-{int(time.time())}")
@@ -162,8 +163,10 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
     workers = size_local_cluster(cfg, len(specs))
     if workers:  # share the machine's cores between the local workers instead of oversubscribing them
         cores = max(1, (os.cpu_count() or 1) // workers)
-        cfg.detect.threads = cfg.detect.threads or cores
-        cfg.attributes.threads = cfg.attributes.threads or cores
+        for stage in registry.STAGES:  # a stage's `threads` setting, when it has one and leaves it unset
+            settings = getattr(cfg, stage.section) if stage.section else None
+            if settings is not None and "threads" in type(settings).model_fields and settings.threads is None:
+                settings.threads = cores
     for note in notes:
         logger.warning(note)
     unreadable = [s for s in specs if s.kind == "unreadable"]
@@ -247,7 +250,7 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
         logger.info(f"release-wide: {', '.join(p.name for p in passes)} over {faces:,} face records")
     staged, staged_info = release.assemble(
         out, run_id, shards, reject_files, cfg,
-        {"detector": plan.model("detect"), "content_key": key,
+        {**{s.model_in_release: plan.model(s.name) for s in registry.STAGES if s.model_in_release}, "content_key": key,
          "stages": {**plan.summary(), "validate": {"status": "off", "why": "quality.enabled is false"}},
          "sources": sources, "funnel": [row.to_dict() for row in funnel],
          "shards": len(specs),
@@ -255,11 +258,10 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
         passes=passes, unreleased=tuple(c for s in stages for c in s.unreleased),
     )
     funnel = [FunnelRow.from_dict(row) for row in staged_info["funnel"]]  # with the release passes' rows
-    for name, found in (staged_info.get("release_passes") or {}).items():
-        if found.get("faces"):
-            logger.info(f"{name}: {found['faces']:,} faces in {found['clusters']:,} clusters "
-                        f"({found['clusters_with_duplicates']:,} with near-duplicates); {found['removed']:,} removed "
-                        f"(dedup.keep={found['keep']})")
+    for p in passes:
+        outcome = p.outcome()
+        if outcome:
+            logger.info(f"{p.name}: {outcome}")
     if cfg.quality.enabled:
         # The validate stage: the staged release is published only if its suites pass (or --allow-failures).
         verdict = validate_task(staged, None, allow_failures)

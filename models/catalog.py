@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from facecap.config import RESNET50_CACHE_NAME, Config
+from facecap.config import Config
+from facecap.stages.detect import RESNET50_CACHE_NAME, detector_model
 
 from .weights import Progress, Weights, WeightsError, download, file_sha256
 
@@ -274,7 +275,7 @@ def fetch(entry: ModelEntry, cache_dir: str | os.PathLike, *, allow_addresses: l
 
 def default_detector_entry(cfg: Config) -> ModelEntry | None:
     """The catalog entry behind the configured detector, when its weights come from the catalog."""
-    if cfg.detect.weights or cfg.detector_model != "retinaface-resnet50":
+    if cfg.detect.weights or detector_model(cfg) != "retinaface-resnet50":
         return None
     return CATALOG[RESNET50_KEY]
 

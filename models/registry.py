@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 from facecap.config import Config
+from facecap.stages import detect
 
 from . import catalog
 from .retinaface import RetinaFaceDetector
@@ -29,26 +30,26 @@ def detector_weights(cfg: Config) -> Weights:
     if entry is not None:
         return catalog.ensure_weights(entry, cfg)
     return resolve(
-        cfg.detector_weights,
+        detect.detector_weights(cfg),
         cache_dir=cfg.models.cache_dir,
         allow_download=cfg.allow_downloads,
         allow_addresses=cfg.models.allow_addresses,
         max_bytes=cfg.models.max_download_bytes,
         sha256=cfg.detect.weights_sha256,
-        what=f"{cfg.detector_model} weights",
+        what=f"{detect.detector_model(cfg)} weights",
     )
 
 
 def detector_identity(cfg: Config, weights: Weights | None = None) -> str:
     weights = weights or detector_weights(cfg)
-    return f"{cfg.detector_model}@sha256:{weights.sha256[:16]}"
+    return f"{detect.detector_model(cfg)}@sha256:{weights.sha256[:16]}"
 
 
 def make_detector(cfg: Config, weights: Weights, device: str = "cpu", threads: int | None = None) -> Detector:
     """The runner for these weights: torch for a .pth state dict, onnxruntime for an ONNX export."""
     identity = detector_identity(cfg, weights)
     if is_torch_checkpoint(weights.data, weights.origin):
-        backbone = cfg.detector_model.removeprefix("retinaface-")
+        backbone = detect.detector_model(cfg).removeprefix("retinaface-")
         return TorchRetinaFaceDetector(weights.path or weights.data, backbone, identity, device=device,
                                        threads=threads)
     return RetinaFaceDetector(weights.data, identity, device=device, threads=threads)

@@ -18,17 +18,100 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from facecap.attributes import ATTRIBUTES, CONTRADICTIONS, INDEX
-from facecap.config import AttributeSettings, ImageLimits
+from pydantic import Field
+
+from facecap.config import ImageLimits, Section
 from facecap.records import SOURCE_IMAGE, SOURCE_PROBLEM
-from facecap.schema import ATTRIBUTE_FIELDS, Reason, keyed_schema
-from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, Stage, StagePlan, reject_row, rejected
+from facecap.schema import Reason, keyed_schema
 from facecap.sources.images import decode_rgb
+from facecap.stages.base import (FACE_REJECT_COLUMNS, Chunk, Counters, ReportSection, Stage, StagePlan, reject_row,
+                                 rejected)
+
+
+# attributes.backend when unset: full annotates with FaRL; offline keeps zero-shot (off unless a local model is set).
+ATTRIBUTE_BACKEND_DEFAULTS: dict[str, str] = {"full": "farl", "offline": "zero-shot"}
+
+
+class AttributeTrainSettings(Section):
+    """`facecap train-attributes`: fine-tune the classifier backend on CelebA-format data."""
+
+    init: str | None = Field(
+        None, description="Start from this image backbone: a local directory (save_pretrained, safetensors) or a hub "
+                          "id (full profile), e.g. google/vit-base-patch16-224-in21k; its head is replaced by a "
+                          "40-way one. Unset: random init of `arch` (only sensible for tests and smoke runs).")
+    arch: Literal["vit-base", "vit-tiny"] = Field(
+        "vit-base", description="Architecture when init is unset: vit-base = ViT-B/16 at 224 px; vit-tiny = 2 layers, "
+                                "32 hidden, 32 px (tests).")
+    image_size: int | None = Field(None, ge=16, description="Input side in pixels; unset: the backbone's own.")
+    epochs: int = Field(3, ge=1, description="Passes over the train split (when max_steps is unset).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps in total.")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-5, gt=0, description="Peak AdamW learning rate (after warm-up, then cosine decay to 0).")
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(500, ge=0, description="Linear warm-up steps (capped at a tenth of the run).")
+    augment: bool = Field(True, description="Random horizontal flips of train images (CelebA labels are flip-invariant).")
+    held_out_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Parquet data without a split column: share of images (by content hash) held out "
+                                     "for calibration and metrics. The official layout uses list_eval_partition.txt.")
+    seed: int = Field(0, description="Seeds init, data order and augmentation: the same seed reproduces a run.")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding images.")
+    checkpoint_every: int = Field(1000, ge=1, description="Write a resumable checkpoint every this many steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
+    log_every: int = Field(50, ge=1, description="Progress line every this many steps.")
+    eval_batch_size: int = Field(128, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: cuda if torch sees one.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (unset: torch's default, all cores).")
+
+
+class AttributeSettings(Section):
+    """The annotate stage: 40 CelebA attributes per face (and `train` for `facecap train-attributes`)."""
+
+    backend: Literal["farl", "zero-shot", "classifier"] | None = Field(
+        None, description="farl: facer's FaRL ViT-B/16 CelebA-40 classifier (one .pt file, faces aligned by their 5 "
+                          "landmarks); zero-shot: a CLIP-style model scores prompt pairs; classifier: a 40-way sigmoid "
+                          "head. Unset: the profile's default (full: farl; offline: zero-shot)."
+    )
+    model: str | None = Field(
+        None, description="The attribute model: for farl a local .pt file (unset: models.cache_dir/"
+                          "face_attribute.farl.celeba.pt, filled by `facecap models fetch`); otherwise a local "
+                          "directory or hub id (unset: full: a public CLIP ViT-B/16 from the hub). Offline, the "
+                          "stage is off unless this names a local model."
+    )
+    weights_sha256: str | None = Field(
+        None, description="Pin the FaRL weights: the sha256 printed on first download. A file with another hash "
+                          "stops the run before any work."
+    )
+    keep_threshold: float = Field(0.85, ge=0, le=1, description="An attribute is kept above this probability.")
+    absent_threshold: float = Field(0.15, ge=0, le=1, description="An attribute is confidently absent below this.")
+    min_attributes: int = Field(6, ge=0, le=40, description="Keep a face only with at least this many kept labels.")
+    batch_size: int = Field(32, ge=1, description="Faces per model call.")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="cuda annotates the task GPU=1.")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per worker process (unset: the cores shared among local workers).")
+    train: AttributeTrainSettings = Field(default_factory=AttributeTrainSettings)
+
+
+class AnnotateReason(Reason):
+    FEW_ATTRIBUTES = "few_attributes"
+
+
+# Columns the annotate stage adds (issue 3). Probabilities are in CelebA order
+# (facecap.attributes.ATTRIBUTES); the name lists follow that order too.
+ATTRIBUTE_FIELDS: list[pa.Field] = [
+    pa.field("attribute_probs", pa.list_(pa.float32(), 40), nullable=False),
+    pa.field("attributes", pa.list_(pa.string()), nullable=False),  # kept: prob > keep threshold, after rules
+    pa.field("absent_attributes", pa.list_(pa.string()), nullable=False),  # prob < absent threshold
+    pa.field("attribute_rules", pa.list_(pa.string()), nullable=False),  # contradiction rules that fired
+    pa.field("attribute_model", pa.string(), nullable=False),  # backend:identity incl. weights hash
+    pa.field("attr_keep_threshold", pa.float32(), nullable=False),
+    pa.field("attr_absent_threshold", pa.float32(), nullable=False),
+]
 
 ANNOTATED_SCHEMA = keyed_schema(ATTRIBUTE_FIELDS)  # what annotate writes: sample_id + attribute columns
 
@@ -164,7 +247,7 @@ def _annotate_group(group: pa.Table, model, settings: AttributeSettings, limits:
                 counters.extra[f"rule:{rule}"] += 1
             if len(result.kept) < settings.min_attributes:
                 shown = ", ".join(result.kept) or "none"
-                rejects.append(_reject(meta[row], Reason.FEW_ATTRIBUTES,
+                rejects.append(_reject(meta[row], AnnotateReason.FEW_ATTRIBUTES,
                                        f"{len(result.kept)} attribute(s) above keep_threshold="
                                        f"{settings.keep_threshold} ({shown}) < attributes.min_attributes="
                                        f"{settings.min_attributes}"))
@@ -198,6 +281,13 @@ class Annotate(Stage):
     """Face crops in, 40 CelebA attribute probabilities and the kept labels out."""
 
     name = "annotate"
+    section, settings_model, section_after = "attributes", AttributeSettings, "models"
+    output_fields, reasons = tuple(ATTRIBUTE_FIELDS), AnnotateReason
+    own_scan = ("attributes", "attribute_probs")
+    column_docs = {
+        "attribute_probs": "40 CelebA attribute probabilities, CelebA order",
+        "attributes": "kept attributes (probability above the keep threshold, after contradiction rules)",
+    }
     version = "2"
     reads = FACE_REJECT_COLUMNS + ("image",)
     # farl aligns faces itself: it reads the source image again (as detect does) and the landmarks.
@@ -214,6 +304,50 @@ class Annotate(Stage):
         if cfg.attributes.backend == "farl":
             self.reads = self.farl_reads
             self.batch_rows = 16  # decoded source images in flight, as in detect: bounds memory on large photos
+
+    suite = "attributes"
+
+    @classmethod
+    def quality_checks(cls, cfg) -> list:
+        from facecap.quality.checks import Check
+
+        a = cfg.attributes
+        keep = a.keep_threshold
+        names = "[" + ", ".join(f"'{name}'" for name in ATTRIBUTES) + "]"
+        return [
+            Check("min_kept_attributes", "attributes",
+                  f"at least attributes.min_attributes ({a.min_attributes}) kept attributes",
+                  f"count(*) FILTER (attributes IS NULL OR len(attributes) < {a.min_attributes})", ("attributes",)),
+            Check("attribute_probs_valid", "attributes", "attribute_probs has 40 values within [0, 1]",
+                  "count(*) FILTER (attribute_probs IS NULL OR len(attribute_probs) != 40 "
+                  "OR list_min(attribute_probs) < 0 OR list_max(attribute_probs) > 1 "
+                  "OR list_max(attribute_probs) IS NULL)", ("attribute_probs",)),
+            Check("kept_attributes_match_probs", "attributes",
+                  f"every kept attribute is a CelebA name whose probability > attributes.keep_threshold ({keep})",
+                  f"count(*) FILTER (len(attributes) > 0 AND coalesce(list_min(list_transform(attributes, "
+                  f"lambda n: coalesce(attribute_probs[list_position({names}, n)], -1))) <= CAST({keep} AS FLOAT), "
+                  f"true))", ("attributes", "attribute_probs")),
+        ]
+
+    @classmethod
+    def card_notes(cls, info: dict) -> dict[str, str]:
+        # The plan says when the probabilities are uncalibrated; the card and the report then warn.
+        s = (info.get("stages") or {}).get(cls.name) or {}
+        if s.get("status") != "on" or s.get("calibration") != "uncalibrated":
+            return {}
+        return {"warning": (
+            f"UNCALIBRATED attribute probabilities: the annotate model ({s.get('model') or s.get('backend')}) is a "
+            "zero-shot CLIP without a fitted calibration, so `attribute_probs` are CLIP's own two-way softmax "
+            "scores (near 0 or 1), not probabilities, and the keep threshold "
+            f"({s.get('keep_threshold', 'attributes.keep_threshold')}) keeps guesses. Fit a calibration with "
+            "`facecap calibrate-attributes` and re-curate, or use the farl backend.")}
+
+    @classmethod
+    def resolve_settings(cls, cfg) -> None:
+        # Resolved when the config is built, so every reader of attributes.backend (and the written
+        # config.yaml) sees the backend the run uses.
+        if cfg.attributes.backend is None:
+            cfg.attributes.backend = ATTRIBUTE_BACKEND_DEFAULTS[cfg.profile]
 
     @classmethod
     def plan(cls, cfg, planned=None) -> StagePlan:
@@ -246,3 +380,69 @@ class Annotate(Stage):
 
     def process(self, records, counters: Counters) -> Iterator[Chunk]:
         return annotate_faces(records, self.model, self.cfg.attributes, self.cfg.image, counters)
+
+
+# --- report ----------------------------------------------------------------------------------------
+class AnnotateReport(ReportSection):
+    """Kept attributes per face, attribute frequency and category shares (vs FaceCaption-15M)."""
+
+    def aggregates(self, db) -> tuple[dict[str, str], dict[str, str]]:
+        return ({"per_face": "histogram(len(attributes))"} if "attributes" in db.columns else {}), {}
+
+    def figures(self, db, agg) -> dict:
+        from facecap.attributes import CATEGORY_OF, PAPER_CATEGORY_SHARES
+        from facecap.quality.suites import NOT_APPLICABLE
+
+        rows = int(agg.get("n_rows") or 0)
+        if not (rows and "per_face" in agg):
+            off = db.stage_off_reason(Annotate.name)
+            return {"attributes": {NOT_APPLICABLE: f"stage annotate off ({off})" if off else "no attributes column"}}
+        per_face = {int(k): int(v) for k, v in (agg["per_face"] or {}).items() if k is not None}
+        freq = dict(db.con.execute("SELECT a, count(*) FROM (SELECT unnest(attributes) AS a FROM faces) GROUP BY a")
+                    .fetchall())
+        kept = sum(freq.values()) or 1
+        shares = {cat: 0 for cat in PAPER_CATEGORY_SHARES}
+        for name, n in freq.items():
+            if name in CATEGORY_OF:
+                shares[CATEGORY_OF[name]] += n
+        return {"attributes": {
+            "mean_per_face": round(sum(k * v for k, v in per_face.items()) / rows, 2),
+            "per_face": {str(k): v for k, v in sorted(per_face.items())},
+            "frequency": {name: int(freq.get(name, 0)) for name in ATTRIBUTES},
+            "category_share_pct": {cat: round(100 * n / kept, 1) for cat, n in shares.items()},
+            "paper_category_share_pct": PAPER_CATEGORY_SHARES,
+        }}
+
+    def headline(self, fig) -> dict:
+        from facecap.quality.suites import NOT_APPLICABLE
+
+        a = fig.get("attributes") or {}
+        return {} if not a or NOT_APPLICABLE in a else {"kept attributes per face": a["mean_per_face"]}
+
+    def html(self, report) -> str:
+        from html import escape
+
+        from facecap.quality import svg
+        from facecap.quality.suites import NOT_APPLICABLE
+
+        a = report["figures"]["attributes"]
+        if NOT_APPLICABLE in a:
+            return f'<p class="na">Attributes: not applicable: {escape(a[NOT_APPLICABLE])}</p>'
+        per = a["per_face"]
+        cats = list(a["category_share_pct"])
+        return (svg.bars(list(per), list(per.values()), f"kept attributes per face (mean {a['mean_per_face']})")
+                + svg.bars(list(a["frequency"]), list(a["frequency"].values()), "attribute frequency (faces)")
+                + svg.bars(cats, [a["category_share_pct"][k] for k in cats],
+                           "category share of kept labels, % (red tick: FaceCaption-15M)",
+                           reference=[a["paper_category_share_pct"][k] for k in cats], unit="%"))
+
+    def gallery_columns(self, db) -> dict[str, str]:
+        return {"attributes": "attributes"} if "attributes" in db.columns else {}
+
+    def gallery_html(self, face) -> str:
+        from html import escape
+
+        return f"<br><i>{escape(', '.join(face['attributes']))}</i>" if face.get("attributes") else ""
+
+
+Annotate.report = AnnotateReport()

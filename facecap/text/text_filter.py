@@ -22,12 +22,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from facecap.config import ConfigError, TextSettings
+from facecap.config import ConfigError
 from facecap.text.keywords import KeywordMatcher
+
+if TYPE_CHECKING:
+    from facecap.stages.text import TextSettings
 
 HEAD_CONFIG = "text_filter.json"
 HEAD_WEIGHTS = "head.safetensors"
