@@ -33,7 +33,7 @@ TESTS = Path(__file__).resolve().parents[1] / "tests"
 SMOKE = {"captions": 3000, "requests": 192, "concurrency": 64, "latency": 0.2}
 
 from facecap.attributes import ATTRIBUTES  # noqa: E402
-from facecap.config import LLMSettings  # noqa: E402
+from facecap.settings import LLMSettings  # noqa: E402
 from facecap.text.grammar import caption_seed, load_grammar  # noqa: E402
 from facecap.text.llm import LLMClient  # noqa: E402
 

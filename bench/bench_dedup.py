@@ -69,7 +69,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from facecap.config import DedupSettings  # noqa: E402
+from facecap.stages.dedup import DedupSettings  # noqa: E402
 from facecap.stages import dedup  # noqa: E402
 
 TARGET_SECONDS = 120

@@ -29,7 +29,8 @@ import time
 
 import torch
 
-from facecap.config import Config, ImageLimits, TrainSettings
+from facecap.settings import ImageLimits, TrainSettings
+from facecap.config import Config
 from facecap.models.flip import FlipConfig, FlipModel, load_tokenizer
 from facecap.training.flip_data import FlipBatches, ReleaseSplit, make_loader
 from facecap.training.flip_synthetic import write_synthetic_release

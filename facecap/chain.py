@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
-from facecap.config import ConfigError
+import pyarrow as pa
+
+from facecap.settings import ConfigError
 from facecap.stages.annotate import Annotate
 from facecap.stages.base import Stage, StagePlan
 from facecap.stages.caption import Caption
@@ -43,8 +45,8 @@ BY_NAME: dict[str, type[Stage]] = {s.name: s for s in STAGES}
 def registered(stage: type[Stage], after: str | None = None) -> Iterator[type[Stage]]:
     """Run with `stage` in the chain (after the stage named `after`, else last), then restore the chain.
 
-    Readers see the change through `facecap.chain.STAGES` / `BY_NAME` and `facecap.config.Config` (which
-    then has the stage's section). The chain is process-wide: Dask workers in other processes do not see
+    Readers see the change through `facecap.chain.STAGES` / `BY_NAME` and `facecap.config.config_model()`
+    (whose model then has the stage's section). The chain is process-wide: Dask workers in other processes do not see
     a stage registered here, so a registered stage runs on a cluster of threads (processes=False).
     """
     global STAGES
@@ -100,3 +102,12 @@ def check_stage_names(cfg: "Config") -> None:
     unknown = sorted(set(cfg.execution.stage_resources) - set(BY_NAME))
     if unknown:
         raise ConfigError(f"execution.stage_resources names unknown stage(s) {unknown}; stages are {list(BY_NAME)}")
+
+
+def record_fields() -> list[pa.Field]:
+    """A face record's columns: what the registered stages add, in chain order (first declaration wins)."""
+    fields: dict[str, pa.Field] = {}
+    for stage in STAGES:
+        for f in stage.output_fields:
+            fields.setdefault(f.name, f)
+    return list(fields.values())

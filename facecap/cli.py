@@ -38,7 +38,7 @@ default; change them in a YAML file (--config) or with --set section.key=value.
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    from facecap.config import PROFILES
+    from facecap.settings import PROFILES
 
     p.add_argument("--profile", choices=PROFILES, help="model profile (default: full, or the config file's)")
     p.add_argument("--config", metavar="FILE", help="YAML config file (sections: see `facecap config`)")
@@ -146,7 +146,7 @@ def command_modules() -> list:
 # Commands that run Prefect flows in this process (the others need not pay for importing Prefect).
 FLOW_COMMANDS = frozenset({"curate", "train", "train-attributes", "serve"})
 # Failures main() reports in one line (module, class): imported lazily, so looked up by name.
-EXPECTED_FAILURES = (("facecap.config", "ConfigError"), ("facecap.models.weights", "WeightsError"),
+EXPECTED_FAILURES = (("facecap.settings", "ConfigError"), ("facecap.models.weights", "WeightsError"),
                      ("facecap.flows.curate", "CurateFailed"), ("facecap.quality.validate", "ReleaseBlocked"))
 
 
@@ -286,7 +286,8 @@ def print_outcome(result) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (a Ctrl-C raises KeyboardInterrupt after saying so)."""
-    from facecap.config import ConfigError, load_config
+    from facecap.settings import ConfigError
+    from facecap.config import load_config
 
     parser = build_parser()
     args = parser.parse_args(argv)

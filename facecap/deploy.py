@@ -22,7 +22,8 @@ from typing import Any, Iterator
 
 import yaml
 
-from facecap.config import Config, ConfigError, load_config
+from facecap.settings import ConfigError
+from facecap.config import Config, load_config
 
 WORK_POOL_TYPE = "process"
 # Deployments run flows from the installed package (works in any environment with FaceCap installed).

@@ -34,8 +34,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from facecap import __version__, storage
-from facecap.config import Config, ConfigError
+from facecap.settings import ConfigError
+from facecap.config import Config
 from facecap.records import SOURCE_IMAGE, read_view, record_columns
+from facecap.schema import is_test
 from facecap.shards import ShardInput
 from facecap.stages.base import ReleasePass
 
@@ -62,12 +64,6 @@ def check_output(out: str) -> None:
 def staging_dir(out: str, run_id: str) -> str:
     """Where a run's release is assembled and validated; a release that fails its checks stays here."""
     return os.path.join(out, "staging", run_id)
-
-
-def is_test(image_ids: list[str], test_fraction: float) -> list[bool]:
-    """Deterministic split by source image: the same image_id always lands in the same split."""
-    cutoff = int(test_fraction * 2**64)
-    return [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big") < cutoff for i in image_ids]
 
 
 # Arrow names these "float"/"double"; datasets' Value dtypes are "float32"/"float64".
@@ -171,7 +167,7 @@ def _fit_passes(shards: list[ShardInput], passes: list[ReleasePass]) -> None:
 
 
 def _empty(columns: tuple[str, ...]) -> pa.Table:
-    from facecap.schema import record_fields
+    from facecap.chain import record_fields
 
     known = {f.name: f.type for f in record_fields()}
     return pa.table({c: pa.array([], known.get(c, pa.uint64())) for c in columns})

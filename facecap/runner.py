@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facecap import __version__, storage
-from facecap.config import Config, settings_hash
+from facecap.settings import settings_hash
+from facecap.config import Config
 from facecap.records import read_view
 from facecap.schema import REJECT_SCHEMA
 from facecap.shards import ShardInput, ShardStats

@@ -3,7 +3,7 @@
 A stage's output is a Parquet file of the columns it adds, keyed by
 ``sample_id`` (ingest: ``image_id``); a face record is the join of its
 chain's outputs (facecap.records). A stage declares the columns it adds
-(Stage.output_fields) in its own module; `record_fields` gathers them.
+(Stage.output_fields) in its own module; `facecap.chain.record_fields` gathers them.
 """
 
 from __future__ import annotations
@@ -49,31 +49,6 @@ def keyed_schema(fields: list[pa.Field]) -> pa.Schema:
     return pa.schema([SAMPLE_ID_FIELD] + fields)
 
 
-def record_fields() -> list[pa.Field]:
-    """A face record's columns: what the registered stages add, in chain order (first declaration wins)."""
-    from facecap.chain import STAGES
-
-    fields: dict[str, pa.Field] = {}
-    for stage in STAGES:
-        for f in stage.output_fields:
-            fields.setdefault(f.name, f)
-    return list(fields.values())
-
-
-def __getattr__(name: str):
-    # Column blocks live in the stage modules that write them; `from facecap.schema import X` still works.
-    if not name.startswith("_"):
-        import sys
-
-        from facecap.chain import STAGES
-
-        for stage in STAGES:
-            value = getattr(sys.modules[stage.__module__], name, None)
-            if value is not None:
-                return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 REJECT_SCHEMA = pa.schema(
     [
         pa.field("stage", pa.string(), nullable=False),
@@ -89,19 +64,7 @@ REJECT_SCHEMA = pa.schema(
 )
 
 
-class _Reasons(type):
-    # A stage's own reasons live in its module (a subclass of Reason, Stage.reasons); `Reason.X` finds them too.
-    def __getattr__(cls, name: str) -> str:
-        if not name.startswith("_"):
-            from facecap.chain import STAGES
-
-            for stage in STAGES:
-                if stage.reasons is not None and name in vars(stage.reasons):
-                    return vars(stage.reasons)[name]
-        raise AttributeError(f"{cls.__name__} has no reason {name!r}")
-
-
-class Reason(metaclass=_Reasons):
+class Reason:
     """Rejection reasons shared by the sources layer (ingest, download, image checks); each stage declares
     its own in a subclass (Stage.reasons). Stable strings: reports and quality suites count them."""
 
@@ -119,7 +82,7 @@ class Reason(metaclass=_Reasons):
     UNSUPPORTED_FORMAT = "unsupported_format"
     DECODE_ERROR = "decode_error"
     SOURCE_CHANGED = "source_changed"  # a referenced source image is gone or differs from what ingest read
-    # download (URL-list sources, issue 8); HTTP errors are "http_<status>", e.g. http_404
+    # download (URL-list sources); HTTP errors are "http_<status>", e.g. http_404
     TIMEOUT = "timeout"
     DNS = "dns"
     CONNECT_ERROR = "connect_error"
@@ -144,6 +107,12 @@ def image_id_for(source: str, offset: str) -> str:
 
 def sample_id_for(image_id: str, face_index: int) -> str:
     return f"{image_id}-{face_index:02d}"
+
+
+def is_test(image_ids: list[str], test_fraction: float) -> list[bool]:
+    """Deterministic split by source image: the same image_id always lands in the same split."""
+    cutoff = int(test_fraction * 2**64)
+    return [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big") < cutoff for i in image_ids]
 
 
 def empty_rejects() -> pa.Table:

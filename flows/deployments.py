@@ -18,7 +18,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from facecap.config import Config, ConfigError
+from facecap.settings import ConfigError
+from facecap.config import Config
 from facecap.deploy import CURATE_FLOW_NAME as CURATE_FLOW  # the train trigger listens for this flow's runs
 from facecap.deploy import resolve_config
 

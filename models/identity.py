@@ -10,10 +10,14 @@ fetches its weights with ``facecap models fetch``) and off offline.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from facecap.config import Config, ConfigError
+from facecap.settings import ConfigError
 
 from .weights import WeightsError, file_sha256
+
+if TYPE_CHECKING:
+    from facecap.config import Config
 
 
 def identity_weights_path(cfg: Config) -> Path:

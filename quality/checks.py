@@ -15,8 +15,9 @@ stages used.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from facecap.quality.primitives import Check
 
 if TYPE_CHECKING:
     from facecap.config import Config
@@ -34,39 +35,7 @@ def suite_stages() -> dict[str, str | None]:
     return suites
 
 
-@dataclass(frozen=True)
-class Check:
-    """One expectation: `metric` (a DuckDB aggregate expression) must lie in [min_value, max_value]."""
 
-    name: str
-    suite: str
-    description: str  # what must hold, with the configured bounds filled in
-    metric: str | None  # SQL aggregate over the `faces` view; None: computed in Python (see suites.py)
-    columns: tuple[str, ...]  # release columns it reads: missing ones fail the check
-    min_value: float | None = 0  # counts and rates: 0 .. max_value
-    max_value: float | None = 0
-
-    @property
-    def row_condition(self) -> str | None:
-        """For a count of offending rows, the SQL condition that picks them (to show examples)."""
-        prefix = "count(*) FILTER ("
-        if self.metric and self.metric.startswith(prefix) and self.metric.endswith(")"):
-            return self.metric[len(prefix):-1]
-        return None
-
-
-def word_count_sql(column: str) -> str:
-    """Words = space-separated tokens: 1 + the number of spaces (texts are single-spaced, a blank check
-    catches empty ones). Counting bytes is several times cheaper in DuckDB than trimming or splitting on
-    a regex, which matters at 15M rows."""
-    return f"(strlen({column}) - strlen(replace({column}, ' ', '')) + 1)"
-
-
-def blank_sql(column: str) -> str:
-    """Null, empty or only whitespace; trims only texts that start or end with a space (cheap)."""
-    return (f"(CASE WHEN {column} IS NULL OR strlen({column}) = 0 THEN true "
-            f"WHEN {column}[1] IN (' ', chr(10), chr(9)) OR {column}[-1] IN (' ', chr(10), chr(9)) "
-            f"THEN trim({column}, ' ' || chr(10) || chr(9) || chr(13)) = '' ELSE false END)")
 
 
 def derived_columns(columns: list[str]) -> dict[str, str]:

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import pyarrow.parquet as pq
 
 from facecap import storage
-from facecap.config import ConfigError
+from facecap.settings import ConfigError
 from facecap.schema import image_bytes
 
 CAPTION_COLUMNS = ("caption", "source_caption")  # the first one present is key.txt

@@ -17,7 +17,9 @@ from typing import Any
 
 import duckdb
 
-from facecap.config import Config, ConfigError, load_config
+from facecap.settings import ConfigError
+from facecap.config import Config, load_config
+from facecap.quality.primitives import data_files
 
 
 @dataclass
@@ -58,8 +60,7 @@ def _sql_list(paths: list[str]) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
-def data_files(release_dir: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(release_dir, "data", "*.parquet")))
+
 
 
 def open_release(release_dir: str, overrides: list[str] | None = None, threads: int | None = None,

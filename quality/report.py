@@ -18,8 +18,9 @@ from html import escape
 from typing import Any
 
 from facecap.quality.card import stage_notes
-from facecap.quality.release_db import ReleaseDB, data_files
-from facecap.quality.suites import NOT_APPLICABLE, CheckResult, sample_rows
+from facecap.quality.primitives import NOT_APPLICABLE, data_files, sample_rows, table
+from facecap.quality.release_db import ReleaseDB
+from facecap.quality.suites import CheckResult
 from facecap.schema import image_bytes
 
 REJECT_EXAMPLES_PER_REASON = 3
@@ -27,20 +28,6 @@ THUMB_PX = 112
 
 
 # --- figures ---------------------------------------------------------------
-def bin_expr(expr: str, lo: float, hi: float, bins: int) -> str:
-    width = (hi - lo) / bins or 1
-    return f"least(greatest(floor(({expr} - {lo}) / {width}), 0), {bins - 1})::INT"
-
-
-def hist(counts_by_bin: dict | None, lo: float, hi: float, bins: int) -> dict:
-    width = (hi - lo) / bins or 1
-    counts = [0] * bins
-    for b, n in (counts_by_bin or {}).items():
-        if b is not None:
-            counts[int(b)] = int(n)
-    return {"edges": [round(lo + i * width, 6) for i in range(bins + 1)], "counts": counts}
-
-
 def _sections() -> list:
     """The registered stages' report sections, in chain order."""
     from facecap.chain import STAGES
@@ -171,12 +158,7 @@ pre{background:#f6f8fa;padding:8px;overflow:auto;font-size:12px}code{font-size:1
 """
 
 
-def table(headers: list[str], rows: list[list[Any]], raw: set[int] | None = None) -> str:
-    raw = raw or set()
-    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c if i in raw else escape('' if c is None else str(c))}</td>"
-                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+
 
 
 def _in_pipeline_order(stages: dict) -> dict:
@@ -200,7 +182,7 @@ def _status(result: dict) -> str:
 
 
 def render_html(report: dict[str, Any]) -> str:
-    info, fig, v = report["release"], report["figures"], report["validation"]
+    info, v = report["release"], report["validation"]
     parts = [f"<h1>FaceCap release quality report</h1><p>run <code>{escape(str(info.get('run_id')))}</code>, "
              f"created {escape(str(info.get('created_at')))}, profile <b>{escape(str(info.get('profile')))}</b>, "
              f"report written {escape(report['generated_at'])}</p>"]

@@ -16,10 +16,10 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from facecap.quality.checks import Check, build_checks, derived_columns, suite_stages
+from facecap.quality.checks import build_checks, derived_columns, suite_stages
+from facecap.quality.primitives import FAILED, NOT_APPLICABLE, PASSED, Check, sample_rows
 from facecap.quality.release_db import ReleaseDB
 
-PASSED, FAILED, NOT_APPLICABLE = "passed", "failed", "not applicable"
 
 
 @dataclass
@@ -84,36 +84,14 @@ def _manifest_funnel(db: ReleaseDB) -> list[dict] | None:
     return [{"stage": s, "rows_in": int(i), "rows_out": int(o)} for s, i, o in rows] or None
 
 
-SAMPLED_ROW_GROUPS = 20
 
 
-def sample_rows(files: list[str], sample: int, columns: list[str]) -> list[dict]:
-    """A deterministic sample of rows spread over the release: rows evenly spaced within up to
-    SAMPLED_ROW_GROUPS row groups evenly spaced over all files. Reads only those row groups' `columns`
-    (a reservoir sample or ORDER BY in DuckDB would read the whole column, images included)."""
-    import pyarrow.parquet as pq
 
-    groups = []
-    for path in files:
-        meta = pq.ParquetFile(path).metadata
-        groups += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
-    groups = [g for g in groups if g[2]]
-    if not groups or sample <= 0:
-        return []
-    step = max(1, len(groups) // SAMPLED_ROW_GROUPS)
-    chosen = groups[step // 2::step][:SAMPLED_ROW_GROUPS]
-    per_group = max(1, -(-sample // len(chosen)))
-    out: list[dict] = []
-    for path, g, n in chosen:
-        table = pq.ParquetFile(path).read_row_group(g, columns=columns)
-        stride = max(1, n // per_group)
-        out += table.take(list(range(stride // 2, n, stride))[:per_group]).to_pylist()
-    return out[:sample]
 
 
 def decode_failures(db: ReleaseDB, sample: int) -> tuple[int, int]:
     """(undecodable, decoded) over a deterministic sample of image bytes."""
-    from facecap.quality.release_db import data_files
+    from facecap.quality.primitives import data_files
     from facecap.schema import image_bytes
     from facecap.sources.images import decode_rgb
 
@@ -331,4 +309,4 @@ def run_suites(db: ReleaseDB, docs_dir: str | None = None, extra: dict[str, str]
     return results, metrics
 
 
-__all__ = ["CheckResult", "run_suites", "funnel_last_rows", "sample_rows", "PASSED", "FAILED", "NOT_APPLICABLE"]
+__all__ = ["CheckResult", "run_suites", "funnel_last_rows"]

@@ -18,7 +18,8 @@ from facecap.results import Verdict
 from facecap.quality.card import write_card
 from facecap.quality.release_db import open_release
 from facecap.quality.report import figure_aggregates, write_report
-from facecap.quality.suites import FAILED, NOT_APPLICABLE, PASSED, run_suites
+from facecap.quality.suites import run_suites
+from facecap.quality.primitives import FAILED, NOT_APPLICABLE, PASSED
 
 
 def validate_release(release_dir: str, overrides: list[str] | None = None, allow_failures: bool = False,

@@ -23,8 +23,10 @@ from facecap.attributes import ATTRIBUTES
 from facecap.config import Config
 from facecap.example_data import astronaut
 from facecap.shards import OutputRef, ShardInput
-from facecap.schema import (ATTRIBUTE_FIELDS, CAPTION_FIELDS, FACE_SCHEMA, IMAGE_SCHEMA, extend_schema, image_id_for,
-                            sample_id_for)
+from facecap.schema import IMAGE_SCHEMA, extend_schema, image_id_for, sample_id_for
+from facecap.stages.annotate import ATTRIBUTE_FIELDS
+from facecap.stages.caption import CAPTION_FIELDS
+from facecap.stages.detect import FACE_SCHEMA
 from facecap.sources.spec import ShardSpec
 from facecap.stages.dedup import DEDUP_SCHEMA, NearDuplicates, face_hashes, grey_thumbnail
 

@@ -201,7 +201,8 @@ def test_source_faces_share_a_decode_bound_memory_and_reject_bad_sources(monkeyp
     """annotate_faces with a stub model that records its calls (no network involved, nothing meaningful scored)."""
     import pyarrow as pa
 
-    from facecap.config import AttributeSettings, ImageLimits
+    from facecap.settings import ImageLimits
+    from facecap.stages.annotate import AttributeSettings
     from facecap.stages import annotate
     from facecap.stages.base import Counters
 

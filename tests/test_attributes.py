@@ -20,11 +20,14 @@ from PIL import Image
 from skimage import data as skdata
 
 from facecap.attributes import CONTRADICTIONS, INDEX
-from facecap.config import Config, ConfigError
+from facecap.settings import ConfigError
+from facecap.config import Config
 from facecap.models.attributes import (ClassifierAttributeModel, ZeroShotAttributeModel, locate_model,
                                        load_attribute_model, model_identity)
 from facecap.models.weights import WeightsError
-from facecap.schema import ATTRIBUTE_FIELDS, FACE_SCHEMA, IMAGE_SCHEMA, Reason, extend_schema
+from facecap.schema import IMAGE_SCHEMA, Reason, extend_schema
+from facecap.stages.annotate import ATTRIBUTE_FIELDS, AnnotateReason
+from facecap.stages.detect import FACE_SCHEMA
 from facecap.stages.annotate import ANNOTATED_SCHEMA, Annotate, annotate_faces, resolve_attributes
 
 # What annotate reads: detect's face columns joined with their source image's columns.
@@ -202,9 +205,9 @@ def test_annotate_keeps_faces_with_enough_labels_and_rejects_the_rest(classifier
     assert kept.schema.equals(ANNOTATED_SCHEMA)
     assert kept.column("sample_id").to_pylist() == want_kept
     assert kept.num_rows + rejects.num_rows == table.num_rows == counters.rows_in
-    assert set(rejects.column("reason").to_pylist()) == {Reason.FEW_ATTRIBUTES}
+    assert set(rejects.column("reason").to_pylist()) == {AnnotateReason.FEW_ATTRIBUTES}
     assert set(rejects.column("stage").to_pylist()) == {"annotate"}
-    assert counters.rows_out == kept.num_rows and counters.rejects[Reason.FEW_ATTRIBUTES] == rejects.num_rows
+    assert counters.rows_out == kept.num_rows and counters.rejects[AnnotateReason.FEW_ATTRIBUTES] == rejects.num_rows
     detail = rejects.column("detail")[0].as_py()
     assert f"min_attributes={minimum}" in detail and "keep_threshold" in detail
     assert rejects.column("det_score").to_pylist() == [pytest.approx(0.99)] * rejects.num_rows

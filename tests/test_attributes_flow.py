@@ -17,7 +17,8 @@ from test_flow import sources
 
 from facecap.config import Config
 from facecap.models.attributes import load_attribute_model
-from facecap.schema import ATTRIBUTE_FIELDS, Reason
+from facecap.schema import Reason
+from facecap.stages.annotate import ATTRIBUTE_FIELDS, AnnotateReason
 from facecap.stages.annotate import resolve_attributes
 from facecap.training.attributes import train_attributes
 
@@ -80,7 +81,7 @@ def test_curate_annotates_faces_and_applies_min_attributes(prefect_api_url, exam
     result2 = run_curate(sources(example_dir), out, _cfg(attribute_model_dir, keep_threshold=keep,
                                                          min_attributes=minimum))
     data2, rejects2 = read_release(out)
-    few = rejects2.filter(rejects2.column("reason").to_numpy(zero_copy_only=False) == Reason.FEW_ATTRIBUTES)
+    few = rejects2.filter(rejects2.column("reason").to_numpy(zero_copy_only=False) == AnnotateReason.FEW_ATTRIBUTES)
     assert data2.column("sample_id").to_pylist() == expected_kept
     assert data2.num_rows + few.num_rows == faces, "kept + few_attributes rejects = detected faces"
     assert set(few.column("stage").to_pylist()) == {"annotate"}

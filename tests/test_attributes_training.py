@@ -20,7 +20,8 @@ from safetensors.numpy import load_file
 
 from facecap.attributes import ATTRIBUTES
 from facecap.cli import main
-from facecap.config import Config, ConfigError
+from facecap.settings import ConfigError
+from facecap.config import Config
 from facecap.models.attributes import CALIBRATION_FILE, load_attribute_model
 from facecap.training.attributes import train_attributes
 from facecap.training.celeba import TEST, TRAIN, VALID, load_celeba

@@ -23,9 +23,9 @@ from helpers import offline_config, read_release, run_curate
 from PIL import Image
 
 from facecap import storage
-from facecap.config import DedupSettings
+from facecap.stages.dedup import DedupSettings
 from facecap.example_data import astronaut
-from facecap.release import is_test
+from facecap.schema import is_test
 from facecap.schema import image_id_for
 from facecap.stages.base import Counters
 from facecap.stages.dedup import (NearDuplicates, cluster_faces, face_hashes, grey_thumbnail, hamming, hash_faces,

@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from facecap import deploy
-from facecap.config import Config, ConfigError
+from facecap.settings import ConfigError
+from facecap.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))

@@ -11,7 +11,8 @@ from helpers import offline_config
 from PIL import Image
 
 from facecap.example_data import astronaut, bomb_png, exif_rotated, generated
-from facecap.schema import FACE_SCHEMA, IMAGE_SCHEMA, image_id_for
+from facecap.schema import IMAGE_SCHEMA, image_id_for
+from facecap.stages.detect import FACE_SCHEMA
 from facecap.sources.images import decode_rgb, letterbox, probe
 from facecap.stages.align import eye_angle
 from facecap.stages.base import Counters

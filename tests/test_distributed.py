@@ -224,7 +224,7 @@ def test_killing_a_worker_mid_run_loses_and_duplicates_nothing(prefect_api_url, 
 def test_stage_resources_pin_any_stage_and_unknown_stages_are_errors():
     import dask
 
-    from facecap.config import ConfigError
+    from facecap.settings import ConfigError
     from facecap.chain import check_stage_names
     from facecap.flows.executor import placement, stage_resources
     from facecap.stages.detect import Detect

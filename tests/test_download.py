@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from facecap.config import Config, DownloadSettings, ImageLimits
+from facecap.settings import DownloadSettings, ImageLimits
+from facecap.config import Config
 from facecap.runner import run_ingest
 from facecap.sources.downloader import Downloader
 from facecap.sources.plan import plan_shards

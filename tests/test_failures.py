@@ -26,7 +26,7 @@ from http_fixture_server import astronaut_jpeg  # noqa: E402
 from test_attributes_flow import attribute_model_dir  # noqa: E402,F401 (a fixture)
 from test_text_path import face_batch  # noqa: E402
 
-from facecap.config import TextSettings  # noqa: E402
+from facecap.stages.text import TextSettings  # noqa: E402
 from facecap.stages.base import Counters  # noqa: E402
 from facecap.stages.text import FACE_CAPTION, TextTools, filter_captions, text_schema  # noqa: E402
 from facecap.text.keywords import KeywordMatcher  # noqa: E402
@@ -131,7 +131,7 @@ def test_an_unexpected_error_still_shows_its_traceback_on_the_console():
     import logging
 
     from facecap.cli import ExpectedFailureFilter
-    from facecap.config import ConfigError
+    from facecap.settings import ConfigError
     from facecap.quality.validate import ReleaseBlocked
 
     def record(exc: BaseException | None, msg: str = "Encountered exception during execution: %r") -> logging.LogRecord:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from facecap.config import ConfigError, ImageLimits, TrainSettings
+from facecap.settings import ConfigError, ImageLimits, TrainSettings
 from facecap.models.flip import FlipConfig, FlipModel, load_tokenizer
 from facecap.models.weights import WeightsError
 from facecap.training.flip_data import (FlipBatches, LoaderPosition, ReleaseSplit, in_test_split, make_loader,

@@ -12,7 +12,8 @@ import json
 import pytest
 import torch
 
-from facecap.config import Config, ConfigError
+from facecap.settings import ConfigError
+from facecap.config import Config
 from facecap.models.flip import FlipModel
 from facecap.training.flip_eval import evaluate, recall_at_k
 from facecap.training.flip_synthetic import write_synthetic_release

@@ -13,7 +13,8 @@ import pytest
 
 from facecap.attributes import ATTRIBUTES, CONTRADICTIONS
 from facecap.cli import main
-from facecap.config import CaptionSettings, ConfigError, LLMSettings
+from facecap.settings import ConfigError, LLMSettings
+from facecap.stages.caption import CaptionSettings
 from facecap.stages.caption import Captioner
 from facecap.text.faithfulness import check_caption, grammar_lexicon_mismatches, load_lexicon
 from facecap.text.grammar import GROUP_OF, caption_seed, default_grammar_path, load_grammar

@@ -32,7 +32,8 @@ import skimage.data
 import torch
 
 from facecap.cli import main
-from facecap.config import RESNET50_CACHE_NAME, Config
+from facecap.models.catalog import RESNET50_CACHE_NAME
+from facecap.config import Config
 from facecap.models import catalog, registry
 from facecap.models.retinaface import RetinaFaceDetector
 from facecap.models.retinaface_net import build_retinaface, state_dict_from_onnx

@@ -13,9 +13,14 @@ from PIL import Image
 
 from facecap.attributes import ATTRIBUTES
 from facecap.chain import plan_run
-from facecap.config import CaptionSettings, Config, ConfigError, LLMSettings
+from facecap.settings import ConfigError, LLMSettings
+from facecap.stages.caption import CaptionSettings
+from facecap.config import Config
 from facecap.runner import run_stage
-from facecap.schema import ATTRIBUTE_FIELDS, CAPTION_FIELDS, FACE_SCHEMA, IMAGE_SCHEMA, Reason, extend_schema
+from facecap.schema import IMAGE_SCHEMA, Reason, extend_schema
+from facecap.stages.annotate import ATTRIBUTE_FIELDS
+from facecap.stages.caption import CAPTION_FIELDS, CaptionReason
+from facecap.stages.detect import FACE_SCHEMA
 from facecap.shards import OutputRef, ShardInput
 from facecap.sources.spec import ShardSpec
 from facecap.stages.base import Counters
@@ -247,7 +252,7 @@ def test_run_caption_on_a_shard_file(tmp_path):
     stats = run_stage(Caption, previous, str(tmp_path / "out"), cfg, plan)
     assert not stats.cached and stats.stage == Caption.name
     assert (stats.rows_in, stats.rows_out, stats.rejects) == (
-        5, 3, {Reason.NO_ATTRIBUTES: 1, Reason.UNKNOWN_ATTRIBUTE: 1})
+        5, 3, {CaptionReason.NO_ATTRIBUTES: 1, CaptionReason.UNKNOWN_ATTRIBUTE: 1})
     data = pq.read_table(stats.output)
     # Only what the stage adds, keyed by sample_id: the crops and attributes are not copied.
     assert data.schema.names == ["sample_id"] + [f.name for f in CAPTION_FIELDS]

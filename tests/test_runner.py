@@ -20,7 +20,8 @@ from facecap.chain import plan_run
 from facecap.example_data import astronaut, generated
 from facecap.records import read_view, record_columns
 from facecap.runner import run_ingest, run_stage
-from facecap.schema import FACE_SCHEMA, IMAGE_SCHEMA, Reason
+from facecap.schema import IMAGE_SCHEMA, Reason
+from facecap.stages.detect import DetectReason, FACE_SCHEMA
 from facecap.shards import ShardInput, ShardStats
 from facecap.sources.plan import plan_shards
 from facecap.stages.detect import Detect
@@ -64,7 +65,7 @@ def test_each_stage_writes_only_its_own_columns_and_local_bytes_are_referenced(p
         p.stat().st_size for p in photos.glob("*.jpg"))
     faces = pq.read_table(detected.output)
     assert faces.schema.names == FACE_SCHEMA.names, "detect adds face columns only"
-    assert faces.num_rows == 4 and detected.rejects == {Reason.NO_FACE: 1}
+    assert faces.num_rows == 4 and detected.rejects == {DetectReason.NO_FACE: 1}
     # Intermediates are a fraction of the source: the crops, once, and small metadata.
     shards_bytes = sum(p.stat().st_size for p in (tmp_path / "out" / "shards").rglob("*") if p.is_file())
     source_bytes = sum(p.stat().st_size for p in photos.glob("*"))

@@ -35,7 +35,8 @@ import pytest  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from facecap import chain  # noqa: E402
-from facecap.config import Section, config_model, load_config  # noqa: E402
+from facecap.settings import Section
+from facecap.config import config_model, load_config  # noqa: E402
 from facecap.schema import Reason, keyed_schema  # noqa: E402
 from facecap.stages.base import (FACE_REJECT_COLUMNS, Chunk, Counters, ReportSection, Stage,  # noqa: E402
                                  reject_row, rejected)
@@ -82,7 +83,7 @@ class Stamp(Stage):
 
     @classmethod
     def quality_checks(cls, cfg):
-        from facecap.quality.checks import Check
+        from facecap.quality.primitives import Check
 
         return [Check("stamp_mark_is_the_marker", "stamps", f"stamp_mark is stamp.marker ({cfg.stamp.marker})",
                       f"count(*) FILTER (stamp_mark IS DISTINCT FROM '{cfg.stamp.marker}')", ("stamp_mark",))]
@@ -114,7 +115,7 @@ def test_registering_adds_the_section_and_restores_the_chain(stamp_registered):
     assert cfg.stamp.marker == "hi" and cfg.stamp.reject_every == 2
     assert list(type(cfg).model_fields).index("stamp") == SECTION_ORDER.index("dedup") + 1
     assert "stamp:\n  marker: hi\n" in cfg.to_yaml()
-    assert Reason.UNSTAMPED == "unstamped"
+    assert "unstamped" in vars(chain.BY_NAME["stamp"].reasons).values()
     # Registering a stage leaves every other stage's key alone.
     assert {s.name: s.settings_hash(cfg) for s in chain.STAGES if s is not Stamp} == HASHES_OFFLINE
 

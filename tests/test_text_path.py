@@ -21,9 +21,11 @@ import pytest
 from PIL import Image, ImageOps
 
 from facecap.cli import main
-from facecap.config import Config, ConfigError, LLMSettings, TextSettings
+from facecap.settings import ConfigError, LLMSettings
+from facecap.stages.text import TextSettings
+from facecap.config import Config
 from facecap.chain import plan_run
-from facecap.schema import TEXT_FIELDS
+from facecap.stages.text import TEXT_FIELDS
 from facecap.stages.base import Counters
 from facecap.stages.text import TextTools, filter_captions, text_schema
 from facecap.text.clean import clean_text

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from facecap.config import RESNET50_CACHE_NAME, Config
+from facecap.models.catalog import RESNET50_CACHE_NAME
+from facecap.config import Config
 from facecap.models import weights as W
 from facecap.models.registry import detector_weights
 from facecap.models.weights import WeightsError, cache_path_for, check_url, download, resolve

@@ -7,7 +7,7 @@ import difflib
 import textwrap
 
 from facecap.attributes import ATTRIBUTES
-from facecap.config import ConfigError
+from facecap.settings import ConfigError
 
 
 def register(subparsers, add_config_args) -> None:

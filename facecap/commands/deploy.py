@@ -41,7 +41,8 @@ def register(subparsers, add_config_args) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from facecap import deploy
-    from facecap.config import ConfigError, load_config
+    from facecap.settings import ConfigError
+    from facecap.config import load_config
 
     cfg = load_config(args.config, args.overrides, args.profile)
     config_file = args.config_at or (os.path.abspath(args.config) if args.config else None)

@@ -39,7 +39,8 @@ def register(subparsers, add_config_args) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from facecap.config import ConfigError, load_config
+    from facecap.settings import ConfigError
+    from facecap.config import load_config
     from facecap.text.keywords import KeywordMatcher
     from facecap.text.train_filter import read_captions, train_and_save
 

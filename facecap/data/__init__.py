@@ -14,7 +14,7 @@ def data_file(name: str) -> Path:
 def file_state(path: Path, what: str, setting: str) -> tuple[str, int, int]:
     """(resolved path, mtime, size) of a user-editable data file: a cache key that changes when the
     file does, so per-process caches reload an edited file. A missing file is a ConfigError."""
-    from facecap.config import ConfigError
+    from facecap.settings import ConfigError
 
     try:
         stat = path.stat()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from facecap.config import ImageLimits
+from facecap.settings import ImageLimits
 from facecap.schema import IMAGE_SCHEMA, Reason, image_id_for, reject_rows
 from facecap.sources.captions import clean_caption, text_too_large
 from facecap.sources.images import probe

@@ -42,7 +42,7 @@ import httpx
 from PIL import Image, ImageOps
 
 from facecap import netguard
-from facecap.config import DownloadSettings, ImageLimits
+from facecap.settings import DownloadSettings, ImageLimits
 from facecap.schema import Reason
 from facecap.sources.images import probe
 

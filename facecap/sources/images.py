@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from facecap.config import ImageLimits
+from facecap.settings import ImageLimits
 from facecap.schema import Reason
 
 # Pillow's own bomb guard is a backstop; our limit (config) is checked first.

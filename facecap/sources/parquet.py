@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facecap import storage
-from facecap.config import ImageLimits, IngestSettings
+from facecap.settings import ImageLimits, IngestSettings
 from facecap.schema import Reason
 from facecap.sources.captions import CAPTION_COLUMNS, sidecar_text
 from facecap.sources.raw import Raw, RawReject, TooLarge, read_bounded

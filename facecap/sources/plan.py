@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from facecap import storage
-from facecap.config import IngestSettings
+from facecap.settings import IngestSettings
 from facecap.sources import urllist
 from facecap.sources.parquet import IMAGE_COLUMNS, PARQUET_ENDINGS, holds_images, pick_typed
 from facecap.sources.spec import ShardSpec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from facecap.config import ImageLimits, IngestSettings
+from facecap.settings import ImageLimits, IngestSettings
 from facecap.schema import Reason
 from facecap.sources.folder import read_folder
 from facecap.sources.parquet import read_parquet

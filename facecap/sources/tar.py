@@ -9,7 +9,7 @@ import tarfile
 from typing import Iterator
 
 from facecap import storage
-from facecap.config import ImageLimits, IngestSettings
+from facecap.settings import ImageLimits, IngestSettings
 from facecap.schema import Reason
 from facecap.sources.captions import MAX_TEXT_BYTES, caption_from_meta, sidecar_text
 from facecap.sources.raw import Raw, RawReject, TooLarge

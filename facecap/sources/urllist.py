@@ -22,7 +22,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from facecap import storage
-from facecap.config import IngestSettings
+from facecap.settings import IngestSettings
 from facecap.sources.captions import CAPTION_COLUMNS, pick_column
 from facecap.sources.spec import ShardSpec
 

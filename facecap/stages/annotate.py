@@ -26,7 +26,7 @@ import pyarrow as pa
 from facecap.attributes import ATTRIBUTES, CONTRADICTIONS, INDEX
 from pydantic import Field
 
-from facecap.config import ImageLimits, Section
+from facecap.settings import ImageLimits, Section
 from facecap.records import SOURCE_IMAGE, SOURCE_PROBLEM
 from facecap.schema import Reason, keyed_schema
 from facecap.sources.images import decode_rgb
@@ -309,7 +309,7 @@ class Annotate(Stage):
 
     @classmethod
     def quality_checks(cls, cfg) -> list:
-        from facecap.quality.checks import Check
+        from facecap.quality.primitives import Check
 
         a = cfg.attributes
         keep = a.keep_threshold
@@ -391,7 +391,7 @@ class AnnotateReport(ReportSection):
 
     def figures(self, db, agg) -> dict:
         from facecap.attributes import CATEGORY_OF, PAPER_CATEGORY_SHARES
-        from facecap.quality.suites import NOT_APPLICABLE
+        from facecap.quality.primitives import NOT_APPLICABLE
 
         rows = int(agg.get("n_rows") or 0)
         if not (rows and "per_face" in agg):
@@ -414,7 +414,7 @@ class AnnotateReport(ReportSection):
         }}
 
     def headline(self, fig) -> dict:
-        from facecap.quality.suites import NOT_APPLICABLE
+        from facecap.quality.primitives import NOT_APPLICABLE
 
         a = fig.get("attributes") or {}
         return {} if not a or NOT_APPLICABLE in a else {"kept attributes per face": a["mean_per_face"]}
@@ -423,7 +423,7 @@ class AnnotateReport(ReportSection):
         from html import escape
 
         from facecap.quality import svg
-        from facecap.quality.suites import NOT_APPLICABLE
+        from facecap.quality.primitives import NOT_APPLICABLE
 
         a = report["figures"]["attributes"]
         if NOT_APPLICABLE in a:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator
 import pyarrow as pa
 from pydantic import BaseModel
 
-from facecap.config import settings_hash
+from facecap.settings import settings_hash
 from facecap.schema import reject_rows
 from facecap.shards import ShardInput, ShardStats
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from facecap.config import Config
-    from facecap.quality.checks import Check
+    from facecap.quality.primitives import Check
     from facecap.quality.release_db import ReleaseDB
     from facecap.sources.batch import Batch
 

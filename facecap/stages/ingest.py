@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from facecap.config import DownloadSettings, ImageLimits, IngestSettings
+from facecap.settings import DownloadSettings, ImageLimits, IngestSettings
 from facecap.schema import IMAGE_FIELDS, IMAGE_SCHEMA, is_transient
 from facecap.shards import ShardInput, ShardStats
 from facecap.sources.batch import ImageBatcher
@@ -30,10 +30,8 @@ def ingest_shard(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits,
                  download: DownloadSettings | None = None) -> Iterator[Chunk]:
     """Read one shard's records; yields chunks of image records (references, or bytes for downloads) and rejects."""
     if spec.kind == "urls":
-        from facecap.config import Config  # the registered stages' model: read when used, not at import
-
-        cfg = Config(ingest=settings, image=limits, download=download or DownloadSettings())
-        yield from urllist.download_shard(spec, cfg, counters)
+        url_settings = urllist.UrlSettings(settings, limits, download or DownloadSettings())
+        yield from urllist.download_shard(spec, url_settings, counters)
         return
     batch = ImageBatcher(spec, limits)
     for item in read_source(spec, settings, limits):
@@ -86,9 +84,9 @@ class Ingest(Stage):
     def process(self, records, counters: Counters) -> Iterator[Chunk]:
         ((spec, previous),) = records
         if spec.kind == "urls" and previous is not None:
-            yield from urllist.retry_shard(spec, self.cfg, previous, counters)
+            yield from urllist.retry_shard(spec, urllist.UrlSettings.of(self.cfg), previous, counters)
         elif spec.kind == "urls":
-            yield from urllist.download_shard(spec, self.cfg, counters)
+            yield from urllist.download_shard(spec, urllist.UrlSettings.of(self.cfg), counters)
         else:
             yield from ingest_shard(spec, self.cfg.ingest, self.cfg.image, counters)
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from pydantic import Field
 
-from facecap.config import ConfigError, Section
+from facecap.settings import ConfigError, Section
 from facecap.schema import Reason, keyed_schema
 from facecap.stages.base import (FACE_REJECT_COLUMNS, LLM_TRANSPORT, Chunk, Counters, ReportSection, Stage, StagePlan,
                                  reject_row, rejected)

@@ -17,6 +17,7 @@ downstream outputs).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import pyarrow as pa
@@ -24,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from facecap.records import iter_parquet
+from facecap.settings import DownloadSettings, ImageLimits, IngestSettings
 from facecap.schema import IMAGE_SCHEMA, Reason, is_transient
 from facecap.shards import ShardStats
 from facecap.sources.batch import ImageBatcher
@@ -36,16 +38,30 @@ if TYPE_CHECKING:
     from facecap.config import Config
 
 
+@dataclass(frozen=True)
+class UrlSettings:
+    """What downloading a URL shard reads of the run's config."""
+
+    ingest: IngestSettings
+    image: ImageLimits
+    download: DownloadSettings
+    allow_addresses: tuple[str, ...] = ()  # models.allow_addresses: private ranges the user allowed
+
+    @classmethod
+    def of(cls, cfg: Config) -> UrlSettings:
+        return cls(cfg.ingest, cfg.image, cfg.download, tuple(cfg.models.allow_addresses))
+
+
 class _UrlShard:
     """Downloads one shard's rows into image records and rejects."""
 
-    def __init__(self, spec: ShardSpec, cfg: Config, counters: Counters):
-        self.spec, self.cfg = spec, cfg
-        self.batch = ImageBatcher(spec, cfg.image, keep_bytes=True)  # downloads are the only copy
+    def __init__(self, spec: ShardSpec, settings: UrlSettings, counters: Counters):
+        self.spec, self.settings = spec, settings
+        self.batch = ImageBatcher(spec, settings.image, keep_bytes=True)  # downloads are the only copy
         self.counters = counters
 
     def download(self, only: set[str] | None = None) -> Iterator[Chunk]:
-        settings = self.cfg.ingest
+        settings = self.settings.ingest
         try:
             names = list_columns(self.spec)
         except Exception as exc:
@@ -71,7 +87,7 @@ class _UrlShard:
                 urls.append((offset, url))
                 yield url if isinstance(url, str) else ""  # "" -> invalid_url below
 
-        downloader = Downloader(self.cfg.download, self.cfg.image, extra_allow=self.cfg.models.allow_addresses)
+        downloader = Downloader(self.settings.download, self.settings.image, extra_allow=self.settings.allow_addresses)
         for index, fetched in enumerate(downloader.iter_fetch(requests())):
             offset, url = urls[index]
             caption, meta = rows.pop(offset)
@@ -104,12 +120,12 @@ class _UrlShard:
         yield self.counters.count_batch(self.batch.flush())
 
 
-def download_shard(spec: ShardSpec, cfg: Config, counters: Counters) -> Iterator[Chunk]:
+def download_shard(spec: ShardSpec, settings: UrlSettings, counters: Counters) -> Iterator[Chunk]:
     """Generation 0 of a URL shard: download every row."""
-    yield from _UrlShard(spec, cfg, counters).download()
+    yield from _UrlShard(spec, settings, counters).download()
 
 
-def retry_shard(spec: ShardSpec, cfg: Config, previous: ShardStats, counters: Counters) -> Iterator[Chunk]:
+def retry_shard(spec: ShardSpec, settings: UrlSettings, previous: ShardStats, counters: Counters) -> Iterator[Chunk]:
     """Next generation: keep the previous records and permanent rejects, download the transient failures again."""
     for table in iter_parquet(previous.output):
         table = table.cast(IMAGE_SCHEMA)
@@ -128,4 +144,4 @@ def retry_shard(spec: ShardSpec, cfg: Config, previous: ShardStats, counters: Co
             yield Chunk(rejected=kept_rejects)
     counters.extra["retried_transient"] += len(again)
     if again:
-        yield from _UrlShard(spec, cfg, counters).download(only=again)
+        yield from _UrlShard(spec, settings, counters).download(only=again)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from facecap.config import ConfigError, LLMSettings
+from facecap.settings import ConfigError, LLMSettings
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from facecap.attributes import ATTRIBUTES, contradicting
-from facecap.config import ConfigError
+from facecap.settings import ConfigError
 
 # Stable reason names (caption_check values start with one; reports count them).
 OMISSION = "omission"

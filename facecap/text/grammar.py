@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterable
 
 from facecap.attributes import ATTRIBUTES, CATEGORIES
-from facecap.config import ConfigError
+from facecap.settings import ConfigError
 
 START = "CAPTION"
 # Grammar nonterminal of each of the paper's five categories, in the default sentence order.

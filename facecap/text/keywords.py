@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from facecap.data import data_file
 from pathlib import Path
 
-from facecap.config import ConfigError
+from facecap.settings import ConfigError
 
 
 def default_keywords_path() -> Path:

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from facecap.config import ConfigError, LLMSettings
+from facecap.settings import ConfigError, LLMSettings
 
 Messages = Sequence[dict]
 POOL_SIZE = 8  # connections per httpx pool; concurrency is spread over ceil(concurrency / POOL_SIZE) pools

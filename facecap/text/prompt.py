@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from facecap.config import ConfigError
+from facecap.settings import ConfigError
 
 
 def default_prompt_path() -> Path:

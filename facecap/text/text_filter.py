@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from facecap.config import ConfigError
+from facecap.settings import ConfigError
 from facecap.text.keywords import KeywordMatcher
 
 if TYPE_CHECKING:

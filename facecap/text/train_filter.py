@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from facecap.config import ConfigError
+from facecap.settings import ConfigError
 from facecap.text.clean import clean_text
 from facecap.text.keywords import KeywordMatcher
 from facecap.text.text_filter import SentenceEncoder, save_head

@@ -35,7 +35,8 @@ from typing import Callable
 import numpy as np
 
 from facecap.attributes import ATTRIBUTES
-from facecap.config import Config, ConfigError
+from facecap.settings import ConfigError
+from facecap.config import Config
 from facecap.stages.annotate import AttributeTrainSettings
 from facecap.training.celeba import TEST, TRAIN, VALID, CelebAData, decode_image, load_celeba
 

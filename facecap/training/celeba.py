@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facecap.attributes import ATTRIBUTES
-from facecap.config import ConfigError
+from facecap.settings import ConfigError
 
 TRAIN, VALID, TEST = "train", "valid", "test"
 _PARTITIONS = {"0": TRAIN, "1": VALID, "2": TEST, "train": TRAIN, "training": TRAIN, "valid": VALID,

@@ -46,7 +46,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import IterableDataset, get_worker_info
 
 from facecap.attributes import ATTRIBUTES
-from facecap.config import ConfigError, ImageLimits
+from facecap.settings import ConfigError, ImageLimits
 from facecap.schema import image_bytes
 from facecap.sources.images import probe
 

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from facecap.attributes import ATTRIBUTES
-from facecap.config import Config, ConfigError
+from facecap.settings import ConfigError
+from facecap.config import Config
 from facecap.models.flip import FlipModel
 from facecap.storage import write_json_atomic
 

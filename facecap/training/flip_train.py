@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 import torch
 
-from facecap.config import Config, ConfigError
+from facecap.settings import ConfigError
+from facecap.config import Config
 from facecap.models.flip import FlipConfig, FlipModel, load_tokenizer
 from facecap.storage import write_json_atomic
 
