@@ -8,7 +8,6 @@ candidate that is not kept, and every image without one, is a reject row.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Protocol
 
 import numpy as np
@@ -250,6 +249,7 @@ class Detect(Stage):
 
     @classmethod
     def plan(cls, cfg, planned=None) -> StagePlan:
+        from facecap.models.catalog import detector_weights_source
         from facecap.models.registry import detector_identity
 
         # Resolving the weights here fails the run before any work if they are missing.
