@@ -39,6 +39,14 @@ def _stop_the_local_api():
     SharedApi().stop()
 
 
+def pytest_collection_modifyitems(items):
+    """A test that asks for the Prefect API, directly or through a fixture, is a flow test: marked here so the mark
+    cannot drift from what the test needs."""
+    for item in items:
+        if "prefect_api_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.flow)
+
+
 @pytest.fixture(scope="session")
 def prefect_api_url() -> str:
     """A real Prefect API server (Prefect's test harness) for the whole session."""

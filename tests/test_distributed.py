@@ -179,6 +179,7 @@ def busy_images(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.e2e
 def test_killing_a_worker_mid_run_loses_and_duplicates_nothing(prefect_api_url, busy_images, tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
     procs = DaskProcesses(root, worker_env(prefect_api_url))

@@ -158,6 +158,7 @@ def test_a_too_small_train_split_or_a_hub_id_offline_is_a_clear_error(tmp_path):
               log=lambda _: None)
 
 
+@pytest.mark.e2e
 def test_ddp_with_two_processes_gathers_features_across_ranks(release, tmp_path):
     """torchrun, 2 CPU processes on gloo: the same loop as single-process training, under DDP."""
     import math
