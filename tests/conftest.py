@@ -65,6 +65,17 @@ def example_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def curated_example(prefect_api_url, example_dir, tmp_path_factory) -> tuple[Path, dict, Config]:
+    """One real curate of the example data for the whole session: its output folder, the flow's result and the
+    settings. Tests that only read a release share it; a test that changes files in it works on a copy."""
+    from helpers import example_config, example_sources, run_curate
+
+    out = tmp_path_factory.mktemp("curated-example") / "out"
+    cfg = example_config()
+    return out, run_curate(example_sources(example_dir), out, cfg), cfg
+
+
+@pytest.fixture(scope="session")
 def detector():
     from facecap.models.registry import load_detector
 
