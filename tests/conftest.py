@@ -67,7 +67,8 @@ def example_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def curated_example(prefect_api_url, example_dir, tmp_path_factory) -> tuple[Path, dict, Config]:
     """One real curate of the example data for the whole session: its output folder, the flow's result and the
-    settings. Tests that only read a release share it; a test that changes files in it works on a copy."""
+    settings. Tests that only read a release share it. A rerun into it must leave it as it was (tests/test_flow.py's
+    rerun test asserts that it does); a test that changes its files works on a copy."""
     from helpers import example_config, example_sources, run_curate
 
     out = tmp_path_factory.mktemp("curated-example") / "out"

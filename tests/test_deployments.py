@@ -122,6 +122,7 @@ def train_runs(client: httpx.Client, deployment: dict) -> list[dict]:
     return client.post("/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}).json()
 
 
+@pytest.mark.flow
 @pytest.mark.e2e
 def test_deployment_run_shows_state_artifacts_and_triggers_training(served, example_dir, tmp_path):
     client, deployments, log, url = served
@@ -193,6 +194,7 @@ def test_deployment_run_shows_state_artifacts_and_triggers_training(served, exam
     assert (out / "train" / "model").is_dir()
 
 
+@pytest.mark.flow
 @pytest.mark.e2e
 def test_served_deployments_carry_schedule_parameters_and_tags(served):
     _, deployments, _, _ = served
@@ -253,6 +255,7 @@ def test_deploy_without_a_server_is_a_clear_error(tmp_path):
     assert run.returncode == 2 and "PREFECT_API_URL" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.flow
 @pytest.mark.e2e
 def test_facecap_deploy_and_prefect_deploy_register_for_a_work_pool(served, tmp_path):
     """The cluster path: deployments in work pool `facecap` for `prefect worker start --pool facecap`."""
