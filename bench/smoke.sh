@@ -10,7 +10,8 @@
 #   bash bench/smoke.sh detect storage          # only bench_detect.py and bench_storage.py
 #
 # Environment: PYTHON (default .venv/bin/python), SMOKE_TIMEOUT seconds per bench (default 600:
-# a smoke takes seconds to a minute on an idle machine, several on a loaded one).
+# a smoke takes seconds to a minute on an idle machine, several on a loaded one), PREFECT_API_URL (an
+# API for the flow benches; without it this script starts one Prefect server that they all share).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
@@ -36,6 +37,51 @@ if [ ${#benches[@]} -eq 0 ]; then
 fi
 
 logs=$(mktemp -d "${TMPDIR:-/tmp}/facecap-bench-smoke.XXXXXX")
+
+# One Prefect API for every flow bench: each would otherwise boot a server of its own (10-40 s on a
+# loaded machine), a cost none of them measures. bench_startup drops PREFECT_API_URL, since the server's
+# start is part of what it measures.
+server=""
+stop_server() {
+    if [ -n "$server" ]; then
+        kill -TERM -- "-$server" 2>/dev/null
+        for _ in $(seq 50); do kill -0 "$server" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL -- "-$server" 2>/dev/null
+        wait "$server" 2>/dev/null
+        server=""
+    fi
+}
+if [ -z "${PREFECT_API_URL:-}" ]; then
+    port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    mkdir -p "$logs/prefect-home"
+    PREFECT_HOME="$logs/prefect-home" PREFECT_SERVER_ANALYTICS_ENABLED=false setsid \
+        "$(dirname "$python")/prefect" server start --host 127.0.0.1 --port "$port" --no-ui \
+        >"$logs/prefect-server.log" 2>&1 &
+    server=$!
+    trap stop_server EXIT
+    export PREFECT_API_URL="http://127.0.0.1:$port/api"
+    if ! "$python" - "$PREFECT_API_URL" <<'PY'
+import sys
+import time
+
+import httpx
+
+deadline = time.monotonic() + 180
+while time.monotonic() < deadline:
+    try:
+        if httpx.get(sys.argv[1] + "/health", timeout=5).status_code == 200:
+            sys.exit(0)
+    except httpx.HTTPError:
+        pass
+    time.sleep(0.5)
+sys.exit(1)
+PY
+    then
+        echo "smoke: the Prefect server did not answer at $PREFECT_API_URL within 180 s:" >&2
+        tail -n 40 "$logs/prefect-server.log" >&2
+        exit 1
+    fi
+fi
 failed=()
 for path in "${benches[@]}"; do
     name=$(basename "$path")
@@ -56,6 +102,7 @@ for path in "${benches[@]}"; do
     fi
 done
 
+stop_server
 if [ ${#failed[@]} -gt 0 ]; then
     echo "smoke: ${#failed[@]} of ${#benches[@]} failed: ${failed[*]} (logs in $logs)"
     exit 1

@@ -27,6 +27,14 @@ from prefect.logging.configuration import setup_logging  # noqa: E402
 setup_logging()
 
 
+def pytest_collection_modifyitems(items):
+    """A test that asks for the Prefect API, directly or through a fixture, is a flow test: marked here so the mark
+    cannot drift from what the test needs."""
+    for item in items:
+        if "prefect_api_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.flow)
+
+
 @pytest.fixture(scope="session")
 def prefect_api_url() -> str:
     """A real Prefect API server (Prefect's test harness) for the whole session."""
@@ -42,6 +50,18 @@ def example_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("example")
     write_example_data(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def curated_example(prefect_api_url, example_dir, tmp_path_factory) -> tuple[Path, dict, Config]:
+    """One real curate of the example data for the whole session: its output folder, the flow's result and the
+    settings. Tests that only read a release share it. A rerun into it must leave it as it was (tests/test_flow.py's
+    rerun test asserts that it does); a test that changes its files works on a copy."""
+    from helpers import example_config, example_sources, run_curate
+
+    out = tmp_path_factory.mktemp("curated-example") / "out"
+    cfg = example_config()
+    return out, run_curate(example_sources(example_dir), out, cfg), cfg
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,17 @@ def offline_config(**sections) -> Config:
     return Config.model_validate({"profile": "offline", **sections})
 
 
+def example_sources(example_dir: Path) -> list[Path]:
+    """Every kind of source in the example data, and one that does not exist."""
+    return [example_dir / "folder", example_dir / "webdataset" / "*.tar", example_dir / "parquet" / "bytes.parquet",
+            example_dir / "paths" / "paths.parquet", example_dir / "does-not-exist"]
+
+
+def example_config() -> Config:
+    """The settings of the session's curate of the example data (conftest.py `curated_example`)."""
+    return offline_config(ingest={"shard_size": 4}, execution={"n_workers": 2})
+
+
 def read_release(out: Path) -> tuple[pa.Table, pa.Table]:
     """The release's face records (sorted by sample_id) and its rejects."""
     data = ds.dataset(out / "release" / "data", format="parquet").to_table().sort_by("sample_id")

@@ -99,6 +99,7 @@ def _ingest_and_detect(photos: Path, out: Path, cfg: Config) -> ShardInput:
     return shard.then(detected.ref)
 
 
+@pytest.mark.slow
 def test_farl_annotates_faces_from_the_source_image_and_landmarks(farl_file, photos, tmp_path):
     cfg = _farl_config(farl_file)
     plan = plan_run(cfg).stages["annotate"]
@@ -165,6 +166,7 @@ def test_a_wrong_weights_sha256_is_refused(farl_file):
 
 
 # --- zero-shot without a fitted calibration --------------------------------------------------
+@pytest.mark.slow
 def test_uncalibrated_zero_shot_is_marked_in_plan_card_and_report(tmp_path):
     from quality_helpers import write_synthetic_release
 

@@ -70,6 +70,7 @@ def test_malformed_celeba_data_is_a_clear_error(tmp_path):
         load_celeba(tmp_path / "nobald.parquet")
 
 
+@pytest.mark.slow
 def test_training_learns_a_visible_attribute_and_annotate_loads_the_result(tmp_path):
     root, _ = write_celeba_official(tmp_path / "celeba", n=300, seed=1)
     lines: list[str] = []
@@ -94,6 +95,7 @@ def test_training_learns_a_visible_attribute_and_annotate_loads_the_result(tmp_p
     assert p_with.mean() > p_without.mean() + 0.4, (p_with, p_without)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     path, _ = write_celeba_parquet(tmp_path / "data.parquet", n=96, row_group=24)
     cfg = _cfg(max_steps=12, batch_size=16, checkpoint_every=4, log_every=4)

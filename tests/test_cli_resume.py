@@ -23,37 +23,50 @@ def facecap(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
-def test_help_explains_every_option():
-    top = facecap("--help")
-    assert top.returncode == 0 and "curate" in top.stdout and "offline" in top.stdout
-    curate = facecap("curate", "--help").stdout
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`facecap ARGS` in this process: exit code, stdout, stderr. A subprocess would pay the imports each time."""
+    from facecap.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's --help and usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_explains_every_option(capsys):
+    code, top, _ = cli(capsys, "--help")
+    assert code == 0 and "curate" in top and "offline" in top
+    _, curate, _ = cli(capsys, "curate", "--help")
     for option in ("--out", "--profile", "--config", "--set", "--dask-address", "--workers", "--shard-size",
                    "--min-score", "--min-face-px", "WebDataset", "Parquet", "PREFECT_API_URL", "resumes"):
         assert option in curate, option
 
 
-def test_config_command_prints_resolved_settings(tmp_path):
+def test_config_command_prints_resolved_settings(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("detect:\n  min_score: 0.95\n")
-    out = facecap("config", "--profile", "offline", "--config", str(cfg), "--set", "ingest.shard_size=7")
-    assert out.returncode == 0
-    assert "profile: offline" in out.stdout and "min_score: 0.95" in out.stdout and "shard_size: 7" in out.stdout
+    code, out, _ = cli(capsys, "config", "--profile", "offline", "--config", str(cfg), "--set", "ingest.shard_size=7")
+    assert code == 0
+    assert "profile: offline" in out and "min_score: 0.95" in out and "shard_size: 7" in out
 
 
-def test_bad_settings_are_clear_errors(tmp_path):
-    bad = facecap("config", "--set", "detect.min_score=2")
-    assert bad.returncode == 2 and "detect.min_score" in bad.stderr
-    unknown = facecap("config", "--set", "detect.min_scor=0.5")
-    assert unknown.returncode == 2 and "min_scor" in unknown.stderr
-    missing = facecap("config", "--config", str(tmp_path / "nope.yaml"))
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+def test_bad_settings_are_clear_errors(tmp_path, capsys):
+    code, _, err = cli(capsys, "config", "--set", "detect.min_score=2")
+    assert code == 2 and "detect.min_score" in err
+    code, _, err = cli(capsys, "config", "--set", "detect.min_scor=0.5")
+    assert code == 2 and "min_scor" in err
+    code, _, err = cli(capsys, "config", "--config", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "does not exist" in err
 
 
-def test_object_storage_output_is_refused_before_any_work(tmp_path):
-    run = facecap("curate", str(tmp_path), "--out", "s3://bucket/out", "--profile", "offline")
-    assert run.returncode == 2 and "local or mounted directory" in run.stderr and "Traceback" not in run.stderr
+def test_object_storage_output_is_refused_before_any_work(tmp_path, capsys):
+    code, _, err = cli(capsys, "curate", str(tmp_path), "--out", "s3://bucket/out", "--profile", "offline")
+    assert code == 2 and "local or mounted directory" in err and "Traceback" not in err
 
 
+@pytest.mark.e2e
 def test_full_profile_without_weights_says_what_to_place_where(tmp_path):
     (tmp_path / "img").mkdir()
     # max_download_bytes=1: on a connected host the download is refused at its Content-Length, never fetched
@@ -84,6 +97,7 @@ def many_images(tmp_path_factory) -> Path:
 CURATE_ARGS = ("--profile", "offline", "--shard-size", "1", "--workers", "2", "--set", "dedup.keep=all")
 
 
+@pytest.mark.e2e
 def test_ctrl_c_ends_the_run_as_interrupted_in_one_line_and_the_rerun_resumes(prefect_api_url, many_images,
                                                                               tmp_path):
     """SIGINT to the command's whole process group, as a terminal's Ctrl-C sends it: the Dask workers too."""
@@ -120,6 +134,7 @@ def test_ctrl_c_ends_the_run_as_interrupted_in_one_line_and_the_rerun_resumes(pr
     assert len(accounted) == 40
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_to_the_same_release(prefect_api_url, many_images, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "facecap", "curate", str(many_images), "--out", str(out), *CURATE_ARGS]

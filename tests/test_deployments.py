@@ -123,6 +123,8 @@ def train_runs(client: httpx.Client, deployment: dict) -> list[dict]:
     return client.post("/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}).json()
 
 
+@pytest.mark.flow
+@pytest.mark.e2e
 def test_deployment_run_shows_state_artifacts_and_triggers_training(served, example_dir, tmp_path):
     client, deployments, log, url = served
     ui = httpx.get(url.removesuffix("/api") + "/", timeout=30)  # the UI people open
@@ -193,6 +195,8 @@ def test_deployment_run_shows_state_artifacts_and_triggers_training(served, exam
     assert (out / "train" / "model").is_dir()
 
 
+@pytest.mark.flow
+@pytest.mark.e2e
 def test_served_deployments_carry_schedule_parameters_and_tags(served):
     _, deployments, _, _ = served
     recurate = deployments["recurate"]
@@ -244,6 +248,7 @@ def test_deployment_parameters_resolve_into_the_typed_config():
         deploy.resolve_config(None, ["detect.min_score=0.9"], [], None)
 
 
+@pytest.mark.e2e
 def test_deploy_without_a_server_is_a_clear_error(tmp_path):
     env = {**os.environ, "PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path)}
     run = subprocess.run([sys.executable, "-m", "facecap", "deploy", "--profile", "offline"], capture_output=True,
@@ -251,6 +256,8 @@ def test_deploy_without_a_server_is_a_clear_error(tmp_path):
     assert run.returncode == 2 and "PREFECT_API_URL" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.flow
+@pytest.mark.e2e
 def test_facecap_deploy_and_prefect_deploy_register_for_a_work_pool(served, tmp_path):
     """The cluster path: deployments in work pool `facecap` for `prefect worker start --pool facecap`."""
     prefect_server = served[3]

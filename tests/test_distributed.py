@@ -21,7 +21,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 from distributed import Client
-from helpers import offline_config, read_release, run_curate
+from helpers import example_sources, offline_config, read_release, run_curate
 
 from facecap.example_data import astronaut, generated
 
@@ -108,7 +108,7 @@ def sorted_rejects(table):
 
 
 def sources(example_dir: Path) -> list[Path]:
-    return [example_dir / "folder", example_dir / "webdataset" / "00000.tar", example_dir / "parquet" / "bytes.parquet"]
+    return example_sources(example_dir)  # what the session's local curate read (`curated_example`)
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +125,9 @@ def cluster(prefect_api_url, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local_release(prefect_api_url, example_dir, tmp_path_factory):
+def local_release(curated_example):
     """The same sources and settings on the embedded default (a local cluster): the reference release."""
-    out = tmp_path_factory.mktemp("local") / "out"
-    run_curate(sources(example_dir), out, offline_config(ingest={"shard_size": 4}, execution={"n_workers": 2}))
+    out, _, _ = curated_example
     return read_release(out)
 
 
@@ -179,6 +178,7 @@ def busy_images(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.e2e
 def test_killing_a_worker_mid_run_loses_and_duplicates_nothing(prefect_api_url, busy_images, tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
     procs = DaskProcesses(root, worker_env(prefect_api_url))

@@ -136,6 +136,7 @@ def test_dask_commands_exist(name, argv):
         assert ("GPU=1" == context.params["resources"]) == (name == "dask-worker-gpu")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name,argv", [c for c in commands() if c[1][0] == "prefect"])
 def test_prefect_commands_exist(name, argv):
     words = [a for a in argv[1:] if not a.startswith("-")]

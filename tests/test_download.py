@@ -236,6 +236,7 @@ _KILLED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_a_killed_download_resumes_without_losing_or_duplicating_urls(tmp_path, server):
     paths = [f"/slow/0.15/gen{i % 4}.png?n={i}" for i in range(40)]  # ~3 s at 2 connections
     lst = url_list(tmp_path / "list.parquet", server, paths)

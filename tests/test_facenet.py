@@ -202,6 +202,7 @@ def test_missing_file_says_where_to_get_it(tmp_path):
     assert FACENET_VGGFACE2_URL in str(err.value)
 
 
+@pytest.mark.slow
 def test_embedder_on_astronaut_crops(embedder, checkpoint, source):
     """RANDOM weights on a real photo: shapes, norms, determinism, order; no claim about what the numbers mean."""
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()

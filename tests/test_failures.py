@@ -72,6 +72,7 @@ def flow_run_logs(out: Path) -> tuple[object, list[str]] | None:
     return run, [log.message for log in logs]
 
 
+@pytest.mark.e2e
 def test_an_empty_release_is_blocked_in_one_line_and_its_traceback_goes_to_the_api(prefect_api_url, tmp_path):
     # flip80m keeps only faces whose alt-text is about a face: here none is, so every face is rejected.
     folder = photo_folder(tmp_path / "photos", {"a": NOT_ABOUT_A_FACE, "b": NOT_ABOUT_A_FACE})
@@ -102,6 +103,7 @@ def test_an_empty_release_is_blocked_in_one_line_and_its_traceback_goes_to_the_a
     # A WeightsError: the CLI names the detector before it starts the flow, so this one stops earlier.
     ("detect.weights=/nowhere/retinaface.onnx", "/nowhere/retinaface.onnx", False),
 ])
+@pytest.mark.e2e
 def test_a_config_error_or_missing_model_exits_2_in_one_line(prefect_api_url, tmp_path, setting, says, in_flow):
     folder = photo_folder(tmp_path / "photos", {"a": "a smiling astronaut"})
     out = tmp_path / "out"
@@ -120,6 +122,7 @@ def test_a_config_error_or_missing_model_exits_2_in_one_line(prefect_api_url, tm
     assert any(m.startswith("Encountered exception during execution") and "Traceback" in m for m in messages)
 
 
+@pytest.mark.e2e
 def test_a_config_error_before_the_flow_exits_2_in_one_line(prefect_api_url):
     done = run_cli(["curate", "/nowhere", "--out", "/tmp/unused", "--set", "quality.min_records=-1"],
                    prefect_api_url)

@@ -103,6 +103,7 @@ def test_facer_label_order_is_celeba_order():
     assert FACER_CELEBA_CLASSES == ATTRIBUTES
 
 
+@pytest.mark.slow
 def test_random_checkpoint_round_trip(random_checkpoint, attributes, astronaut_landmarks):
     """RANDOM weights: the published container loads and runs; outputs prove plumbing, not accuracy."""
     path, state = random_checkpoint

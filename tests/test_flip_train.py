@@ -61,6 +61,7 @@ def test_recall_at_k_counts_the_true_match_rank():
     assert recall_at_k(sim, ks=(1, 2)) == {"R@1": pytest.approx(33.33), "R@2": pytest.approx(66.67)}
 
 
+@pytest.mark.slow
 def test_training_learns_and_evaluation_beats_chance_and_baseline(release, tmp_path):
     out = tmp_path / "run"
     result = train(str(release), str(out), config(steps=100), log=lambda _: None)
@@ -96,6 +97,7 @@ class Crash(RuntimeError):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_continues_the_same_trajectory(release, tmp_path):
     # A queue, soft targets, augmentation, dropout and two loader workers: all state a resume must restore.
     cfg = config(steps=9, checkpoint_every=3, queue_size=40, distill_alpha=0.4, momentum=0.9, dropout=0.1,
@@ -159,6 +161,7 @@ def test_a_too_small_train_split_or_a_hub_id_offline_is_a_clear_error(tmp_path):
               log=lambda _: None)
 
 
+@pytest.mark.e2e
 def test_ddp_with_two_processes_gathers_features_across_ranks(release, tmp_path):
     """torchrun, 2 CPU processes on gloo: the same loop as single-process training, under DDP."""
     import math

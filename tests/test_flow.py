@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
-from helpers import offline_config, read_release, run_curate
+from helpers import example_sources, offline_config, read_release, run_curate
 
 from facecap.schema import image_id_for
 
@@ -30,16 +30,12 @@ EXPECTED = {
 
 
 def sources(example_dir: Path) -> list[Path]:
-    return [example_dir / "folder", example_dir / "webdataset" / "*.tar", example_dir / "parquet" / "bytes.parquet",
-            example_dir / "paths" / "paths.parquet", example_dir / "does-not-exist"]
+    return example_sources(example_dir)
 
 
 @pytest.fixture(scope="module")
-def curated(prefect_api_url, example_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("curate") / "out"
-    cfg = offline_config(ingest={"shard_size": 4}, execution={"n_workers": 2})
-    result = run_curate(sources(example_dir), out, cfg)
-    return out, result, cfg
+def curated(curated_example):
+    return curated_example
 
 
 def test_every_input_record_is_released_or_rejected_with_its_reason(curated, example_dir):

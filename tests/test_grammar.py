@@ -41,6 +41,7 @@ def _consistent_sample(rng: random.Random) -> tuple[list[str], list[str]]:
     return kept, absent
 
 
+@pytest.mark.slow
 def test_every_attribute_and_every_phrasing_can_appear(grammar, lexicon):
     for name in ATTRIBUTES:
         # As rendered: "a oval face" reads "an oval face".
@@ -54,6 +55,7 @@ def test_every_attribute_and_every_phrasing_can_appear(grammar, lexicon):
         assert seen == phrasings, f"{name}: phrasings never sampled: {phrasings - seen}"
 
 
+@pytest.mark.slow
 def test_raw_captions_pass_their_own_check(grammar, lexicon):
     assert grammar_lexicon_mismatches(grammar, lexicon) == []
     rng = random.Random(7)
@@ -64,6 +66,7 @@ def test_raw_captions_pass_their_own_check(grammar, lexicon):
         assert result.passed, (kept, absent, text, result.reason)
 
 
+@pytest.mark.slow
 def test_same_seed_same_text_in_another_process(grammar):
     kept, absent = ["Male", "Young", "Smiling", "Wavy_Hair", "Goatee", "Eyeglasses"], ["Wearing_Hat", "Bald"]
     seed = caption_seed("abc123-00", grammar.version)

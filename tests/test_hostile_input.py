@@ -12,6 +12,7 @@ import tracemalloc
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from helpers import ingest_sources, offline_config
 
 from facecap.example_data import astronaut, write_folder
@@ -265,6 +266,7 @@ def test_the_new_columns_are_ingest_output_and_reach_the_release():
 # --------------------------------------------------------------------------- Parquet sources
 
 
+@pytest.mark.slow
 def test_parquet_of_100k_tiny_row_groups_is_read_in_bounded_time(tmp_path):
     n = 100_000
     png = _png(16)

@@ -163,6 +163,7 @@ def curate(source: Path, out: Path, prefect_api_url: str) -> subprocess.Complete
                           env={**os.environ, "PREFECT_API_URL": prefect_api_url})
 
 
+@pytest.mark.e2e
 def test_curate_on_a_locked_out_is_refused_before_any_work(prefect_api_url, one_face, tmp_path, holder_process):
     out = tmp_path / "out"
     proc = holder_process(out, "run-holding-out")
@@ -175,6 +176,7 @@ def test_curate_on_a_locked_out_is_refused_before_any_work(prefect_api_url, one_
     assert runlock.read_holder(str(out / ".lock")).run_id == "run-holding-out"
 
 
+@pytest.mark.e2e
 def test_curate_takes_over_the_lock_of_a_killed_run_and_completes(prefect_api_url, one_face, tmp_path, holder_process):
     out = tmp_path / "out"
     proc = holder_process(out, "run-that-was-killed")

@@ -100,6 +100,7 @@ def installed_torch(python: Path) -> str:
                           capture_output=True, text=True).stdout.strip()
 
 
+@pytest.mark.e2e
 def test_the_pinned_cpu_build_comes_from_pytorchs_index_then_is_kept(venv, tmp_path):
     version, build = PINNED.group(1), PINNED.group(2)
     index = Index([stand_in_wheel(tmp_path, f"{version}+{build}"), stand_in_wheel(tmp_path, version)])
@@ -118,6 +119,7 @@ def test_the_pinned_cpu_build_comes_from_pytorchs_index_then_is_kept(venv, tmp_p
         index.close()
 
 
+@pytest.mark.e2e
 def test_an_unreachable_index_fails_in_seconds_with_what_to_do(venv):
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
@@ -130,6 +132,7 @@ def test_an_unreachable_index_fails_in_seconds_with_what_to_do(venv):
     assert took < 60, f"an unreachable index cost {took:.0f} s"
 
 
+@pytest.mark.e2e
 def test_keep_refuses_an_environment_without_the_pinned_torch(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
     done = install_torch(tmp_path / "bare" / "bin" / "python", FACECAP_TORCH="keep")
