@@ -50,8 +50,8 @@ def test_curate_annotates_faces_and_applies_min_attributes(prefect_api_url, exam
     assert annotate["status"] == "on" and annotate["model"].startswith("classifier:model@sha256:")
     assert {f.name for f in ATTRIBUTE_FIELDS} <= set(data.column_names)
     faces = data.num_rows
-    funnel = {row["stage"]: row for row in result["funnel"]}
-    assert faces == result["records"] == funnel["detect"]["rows_out"] == funnel["annotate"]["rows_out"] > 0
+    funnel = {row.stage: row.to_dict() for row in result.funnel}
+    assert faces == result.records == funnel["detect"]["rows_out"] == funnel["annotate"]["rows_out"] > 0
     assert set(data.column("attribute_model").to_pylist()) == {annotate["model"]}
     assert not rejects.filter(rejects.column("stage").to_numpy(zero_copy_only=False) == "annotate").num_rows
     # The recorded probabilities are the model's on the released crops, and the labels follow from them.
@@ -86,6 +86,6 @@ def test_curate_annotates_faces_and_applies_min_attributes(prefect_api_url, exam
     assert data2.num_rows + few.num_rows == faces, "kept + few_attributes rejects = detected faces"
     assert set(few.column("stage").to_pylist()) == {"annotate"}
     assert sorted(few.column("sample_id").to_pylist() + expected_kept) == sorted(data.column("sample_id").to_pylist())
-    funnel = {row["stage"]: row for row in result2["funnel"]}
+    funnel = {row.stage: row.to_dict() for row in result2.funnel}
     assert funnel["annotate"]["rows_in"] == faces and funnel["annotate"]["rows_out"] == len(expected_kept)
     assert funnel["detect"]["cached"] == funnel["detect"]["shards"], "detect must be reused, not recomputed"

@@ -169,7 +169,7 @@ def test_keep_all_records_clusters_that_are_the_photos(kept_all, copies):
     for cluster in photos_by_cluster:
         assert len({split[r["sample_id"]] for r in rows if r["dedup_cluster"] == cluster}) == 1
     assert set(split.values()) == {"train", "test"}
-    assert result["validation"]["passed"] and not result["validation"]["failed"]
+    assert result.validation.passed and not result.validation.failed
     report = json.loads((out / "release" / "report" / "report.json").read_text())
     status = {c["name"]: (c["status"], c["observed"]) for c in report["validation"]["checks"]}
     assert status["clusters_in_one_split"] == status["images_in_one_split"] == ("passed", 0)
@@ -193,7 +193,7 @@ def test_keep_best_keeps_one_face_per_photo_and_names_it_in_the_rejects(kept_bes
         assert photo_of(winner["source_offset"]) == photo_of(r["source_offset"])
         # The kept face is the best of its cluster: highest det_score (then larger crop).
         assert (winner["det_score"], winner["width"]) >= (r["det_score"], 0)
-    funnel = {row["stage"]: row for row in result["funnel"]}
+    funnel = {row.stage: row.to_dict() for row in result.funnel}
     assert funnel["dedup (release-wide)"]["rejects"] == {"near_duplicate": len(near)}
     assert funnel["dedup (release-wide)"]["rows_out"] == data.num_rows
     report = (out / "release" / "report" / "index.html").read_text()
@@ -212,7 +212,7 @@ def test_a_new_copy_joins_its_cluster_and_only_its_shard_is_computed(kept_best, 
     run_curate([grown], work, config(keep="best"))
     (grown / "zz_kafka_new.jpg").write_bytes(copy_of(kafka(), np.random.default_rng(99)))
     result = run_curate([grown], work, config(keep="best"))
-    funnel = {row["stage"]: row for row in result["funnel"]}
+    funnel = {row.stage: row.to_dict() for row in result.funnel}
     assert funnel["dedup"]["shards"] == 3 and funnel["dedup"]["cached"] == 2  # only the new file's shard ran
     data, rejects = read_release(work)
     kafkas = [r for r in data.select(["source_offset"]).to_pylist() if "kafka" in r["source_offset"]]
@@ -396,7 +396,7 @@ def test_identity_links_group_the_split_and_are_never_released(prefect_api_url, 
     assert info["release_passes"]["dedup"]["identity_links"] > 0
     assert "identity" in info["split_by"]
     assert "used for the split only and are never released" in (out / "release" / "README.md").read_text()
-    assert result["validation"]["failed"] == []
+    assert result.validation.failed == []
 
 
 def test_a_cluster_on_both_sides_of_the_split_fails_its_check(tmp_path):
@@ -415,7 +415,7 @@ def test_a_cluster_on_both_sides_of_the_split_fails_its_check(tmp_path):
     pq.write_table(table.slice(row, 1), other)
     pq.write_table(pa.concat_tables([table.slice(0, row), table.slice(row + 1)]), source)
     verdict = validate_release(str(staged), log=lambda _: None)
-    assert verdict["failed"] == ["clusters_in_one_split"]
+    assert verdict.failed == ["clusters_in_one_split"]
 
 
 def test_the_offline_plan_does_not_import_torch():

@@ -80,5 +80,5 @@ def test_full_disk_and_read_only_mount_fail_cleanly_and_the_rerun_completes(pref
     # Space freed: the same command finishes, and its release is the one a clean run made.
     filler.unlink()
     result = run_curate(sources(example_dir), out, CFG)
-    assert result["records"] > 0
+    assert result.records > 0
     assert release_rows(out) == release_rows(reference)

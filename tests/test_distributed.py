@@ -146,7 +146,7 @@ def test_gpu_stage_runs_only_on_the_gpu_worker_and_release_equals_a_local_run(cl
         stats = json.loads(stats_file.read_text())
         ran_on.setdefault(stats["stage"], set()).add(int(stats["worker"].rsplit(":", 1)[1]))
     detect_shards = len(list((out / "shards" / "detect").glob("*.json")))
-    assert detect_shards > 2 and result["records"] > 0
+    assert detect_shards > 2 and result.records > 0
     assert ran_on["detect"] == {pids["gpu"]}, (ran_on, pids)
     # The detector loaded once in the GPU worker process and was reused by every detect shard after that.
     assert loads["gpu"]["misses"] == 1, loads  # one load for all of its detect shards

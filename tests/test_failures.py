@@ -197,7 +197,7 @@ def test_both_keeps_every_face_facecaption_keeps(prefect_api_url, tmp_path, attr
     facecaption, _ = read_release(out)
     result = run_curate([folder], out, cfg("both"))
     both, rejects = read_release(out)
-    assert facecaption.num_rows >= 4 and result["records"] == both.num_rows
+    assert facecaption.num_rows >= 4 and result.records == both.num_rows
     assert set(facecaption.column("sample_id").to_pylist()) <= set(both.column("sample_id").to_pylist())
     assert not [r for r in (rejects.to_pylist() if rejects is not None else []) if r["stage"] == "text"]
     rows = both.select(["source_offset", "text_verdict", "text_caption", "caption", "caption_check"]).to_pylist()

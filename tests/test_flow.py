@@ -41,7 +41,7 @@ def curated(curated_example):
 def test_every_input_record_is_released_or_rejected_with_its_reason(curated, example_dir):
     out, result, _ = curated
     data, rejects = read_release(out)
-    assert data.num_rows == result["records"] == sum(v for v in EXPECTED.values() if isinstance(v, int))
+    assert data.num_rows == result.records == sum(v for v in EXPECTED.values() if isinstance(v, int))
     assert len(set(data.column("sample_id").to_pylist())) == data.num_rows, "sample_id must be unique"
     faces: dict = {}
     for row in data.select(["source", "source_offset"]).to_pylist():
@@ -84,17 +84,17 @@ def test_release_columns_and_thresholds(curated):
 def test_manifest_records_every_shard_and_stage(curated):
     out, result, _ = curated
     con = duckdb.connect(str(out / "manifest.duckdb"), read_only=True)
-    status = con.execute("SELECT status FROM runs WHERE run_id = ?", [result["run_id"]]).fetchone()[0]
+    status = con.execute("SELECT status FROM runs WHERE run_id = ?", [result.run_id]).fetchone()[0]
     per_stage = dict(con.execute(
         "SELECT stage, count(*) FROM stage_runs WHERE run_id = ? AND status = 'done' GROUP BY stage",
-        [result["run_id"]]).fetchall())
+        [result.run_id]).fetchall())
     detect_out = con.execute("SELECT sum(rows_out) FROM stage_runs WHERE run_id = ? AND stage = 'detect'",
-                             [result["run_id"]]).fetchone()[0]
+                             [result.run_id]).fetchone()[0]
     con.close()
     assert status == "completed"
     assert per_stage["ingest"] == per_stage["detect"]  # every shard passes every stage, even an empty one
-    assert detect_out == result["records"]
-    funnel = {row["stage"]: row for row in result["funnel"]}
+    assert detect_out == result.records
+    funnel = {row.stage: row.to_dict() for row in result.funnel}
     assert funnel["ingest"]["rows_in"] == len(EXPECTED) + 1
     assert funnel["detect"]["rejects"]["no_face"] == sum(v == "no_face" for v in EXPECTED.values())
 
@@ -107,7 +107,7 @@ def test_tasks_ran_on_dask_workers_under_the_prefect_api(curated):
     workers = {json.loads(p.read_text())["worker"] for p in (out / "shards").glob("*/*.json")}
     assert workers and all(int(w.rsplit(":", 1)[1]) != os.getpid() for w in workers)
     with get_client(sync_client=True) as client:
-        run = client.read_flow_run(result["run_id"])
+        run = client.read_flow_run(result.run_id)
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
     assert run.state.is_completed()
     names = sorted(t.name for t in tasks)
@@ -131,9 +131,9 @@ def test_rerun_skips_finished_work_and_reproduces_the_release(curated, example_d
     before, _ = read_release(out)
     files = {p.name: p.read_bytes() for p in (out / "release" / "data").glob("*.parquet")}
     second = run_curate(sources(example_dir), out, cfg)
-    assert all(row["cached"] == row["shards"] for row in second["funnel"]), second["funnel"]
+    assert all(row.cached == row.shards for row in second.funnel), second.funnel
     # The flow verified every finished output itself: no task ran, so no Dask worker was started.
-    assert second["unchanged"] and _task_run_names(second["run_id"]) == []
+    assert second.unchanged and _task_run_names(second.run_id) == []
     after, _ = read_release(out)
     assert after.equals(before)
     assert files == {p.name: p.read_bytes() for p in (out / "release" / "data").glob("*.parquet")}
@@ -141,9 +141,9 @@ def test_rerun_skips_finished_work_and_reproduces_the_release(curated, example_d
     # Past the flow's verification budget, finished shards go to the workers, which find them done too.
     monkeypatch.setattr(curate, "DRIVER_VERIFY_BYTES", 1)
     third = run_curate(sources(example_dir), out, cfg)
-    assert all(row["cached"] == row["shards"] for row in third["funnel"]), third["funnel"]
-    names = _task_run_names(third["run_id"])
-    assert sum(n.startswith("ingest ") for n in names) == first["funnel"][0]["shards"] > 1
+    assert all(row.cached == row.shards for row in third.funnel), third.funnel
+    names = _task_run_names(third.run_id)
+    assert sum(n.startswith("ingest ") for n in names) == first.funnel[0].shards > 1
 
 
 def test_changed_settings_and_new_files_recompute_only_what_they_affect(prefect_api_url, example_dir, tmp_path):
@@ -152,22 +152,22 @@ def test_changed_settings_and_new_files_recompute_only_what_they_affect(prefect_
     out = tmp_path / "out"
     cfg = offline_config(ingest={"shard_size": 3}, execution={"n_workers": 2})
     first = run_curate([src], out, cfg)
-    shards = {r["stage"]: r["shards"] for r in first["funnel"]}
+    shards = {r.stage: r.shards for r in first.funnel}
 
     strict = cfg.model_copy(deep=True)
     strict.detect.min_score = 0.999  # drops the tilted portrait (0.998), keeps the upright one (0.9995)
     second = run_curate([src], out, strict)
-    funnel = {r["stage"]: r for r in second["funnel"]}
+    funnel = {r.stage: r.to_dict() for r in second.funnel}
     assert funnel["ingest"]["cached"] == shards["ingest"], "ingest settings did not change"
     assert funnel["detect"]["cached"] == 0, "detect settings changed: every detect shard reruns"
-    assert second["records"] < first["records"]
+    assert second.records < first.records
     assert funnel["detect"]["rejects"].get("low_score", 0) > 0
 
     shutil.copy(example_dir / "folder" / "astronaut.png", src / "zz_new_face.png")
     third = run_curate([src], out, strict)
-    funnel = {r["stage"]: r for r in third["funnel"]}
+    funnel = {r.stage: r.to_dict() for r in third.funnel}
     assert funnel["ingest"]["shards"] - funnel["ingest"]["cached"] <= 2
-    assert third["records"] == second["records"] + 1
+    assert third.records == second.records + 1
     data, _ = read_release(out)
     assert "zz_new_face.png" in data.column("source_offset").to_pylist()
 
@@ -206,6 +206,6 @@ def test_failed_shards_fail_the_run_without_a_release_and_a_rerun_finishes_it(pr
 
     (out / "shards" / "detect").unlink()
     result = run_curate([example_dir / "folder"], out, cfg)
-    funnel = {r["stage"]: r for r in result["funnel"]}
+    funnel = {r.stage: r.to_dict() for r in result.funnel}
     assert funnel["ingest"]["cached"] == funnel["ingest"]["shards"]
-    assert result["records"] == sum(v for k, v in EXPECTED.items() if k[0] == "folder" and isinstance(v, int))
+    assert result.records == sum(v for k, v in EXPECTED.items() if k[0] == "folder" and isinstance(v, int))

@@ -25,16 +25,16 @@ def clean(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def _by_name(verdict: dict) -> dict[str, dict]:
-    return {c["name"]: c for c in verdict["checks"]}
+    return {c["name"]: c for c in verdict.checks}
 
 
 def test_a_clean_release_with_every_column_passes_every_check(clean):
     staged, verdict = clean
     checks = _by_name(verdict)
-    assert verdict["passed"] and verdict["publishable"] and not verdict["failed"]
+    assert verdict.passed and verdict.publishable and not verdict.failed
     assert {c["status"] for c in checks.values()} == {"passed"}, "with every stage on nothing is n/a"
     assert checks["rows_match_funnel"]["observed"] == 0
-    assert verdict["decoded_sample"] > 0 and checks["image_bytes_decode"]["observed"] == 0
+    assert verdict.decoded_sample > 0 and checks["image_bytes_decode"]["observed"] == 0
     recorded = json.loads((staged / "release.json").read_text())
     assert recorded["validation"]["passed"] is True and recorded["stages"]["validate"]["status"] == "on"
 
@@ -57,8 +57,8 @@ def test_each_injected_defect_fails_its_expectation_and_blocks_publication(defec
     verdict = validate_release(str(staged), log=_quiet)
     check = _by_name(verdict)[DEFECTS[defect]]
     assert check["status"] == "failed" and check["observed"] != 0, check
-    assert verdict["failed"] == [DEFECTS[defect]], "the defect must fail its own check and no other"
-    assert not verdict["publishable"]
+    assert verdict.failed == [DEFECTS[defect]], "the defect must fail its own check and no other"
+    assert not verdict.publishable
     report = (staged / "report" / "index.html").read_text()
     assert "NOT PUBLISHED" in report and DEFECTS[defect] in report
 
@@ -67,7 +67,7 @@ def test_thresholds_come_from_the_release_config(tmp_path):
     staged = write_synthetic_release(tmp_path)
     # The clean release's scores are 0.985..0.9999: a stricter detect.min_score than the stages used must fail.
     verdict = validate_release(str(staged), overrides=["detect.min_score=0.999"], log=_quiet)
-    assert "det_score_at_least_threshold" in verdict["failed"]
+    assert "det_score_at_least_threshold" in verdict.failed
     assert "0.999" in _by_name(verdict)["det_score_at_least_threshold"]["description"]
 
 
@@ -77,9 +77,9 @@ def test_checks_of_stages_that_were_off_are_not_applicable_not_passed(tmp_path):
     info["stages"]["caption"] = {"status": "off", "why": "no LLM endpoint configured"}
     (staged / "release.json").write_text(json.dumps(info))
     verdict = validate_release(str(staged), log=_quiet)
-    captions = [c for c in verdict["checks"] if c["suite"] == "captions"]
+    captions = [c for c in verdict.checks if c["suite"] == "captions"]
     assert captions and all(c["status"] == "not applicable" and "no LLM endpoint" in c["why"] for c in captions)
-    assert verdict["passed"], "not applicable is neither a pass nor a failure"
+    assert verdict.passed, "not applicable is neither a pass nor a failure"
 
     # A stage that was on but whose column is missing is a failure, not "not applicable".
     info["stages"]["caption"] = {"status": "on"}
@@ -90,7 +90,7 @@ def test_checks_of_stages_that_were_off_are_not_applicable_not_passed(tmp_path):
         table = pq.read_table(f)
         pq.write_table(table.drop_columns(["caption"]), f)
     verdict = validate_release(str(staged), log=_quiet)
-    assert "caption_not_empty" in verdict["failed"]
+    assert "caption_not_empty" in verdict.failed
 
 
 def test_report_is_self_contained_and_holds_the_figures(clean):
@@ -114,7 +114,7 @@ def test_report_is_self_contained_and_holds_the_figures(clean):
     assert fig["rewrite"]["checks"]["omission"] > 0 and not any(":" in k for k in fig["rewrite"]["checks"])
     assert fig["rewrite"]["run_counts"] == {"hallucinated_attributes": 2, "llm_cache_hits": 5, "omitted_attributes": 7}
     assert "hallucinated_attributes" in html
-    for check in verdict["checks"]:  # every expectation with its observed value
+    for check in verdict.checks:  # every expectation with its observed value
         assert check["name"] in html
     assert "33.9" in json.dumps(fig["attributes"]["paper_category_share_pct"])
     assert (staged / "report" / "gx" / "index.html").exists(), "GX Data Docs are kept with the report"
@@ -152,11 +152,11 @@ def test_an_empty_release_is_not_failed_for_missing_columns(tmp_path):
     verdict = validate_release(str(staged), log=_quiet)
     checks = _by_name(verdict)
     # Only the floor on face records fails it (quality.min_records, default 1); with no floor it passes.
-    assert verdict["failed"] == ["min_face_records"] and checks["min_face_records"]["observed"] == 0
+    assert verdict.failed == ["min_face_records"] and checks["min_face_records"]["observed"] == 0
     assert "quality.min_records" in blocked_message(verdict, str(staged))
     verdict = validate_release(str(staged), overrides=["quality.min_records=0"], log=_quiet)
     checks = _by_name(verdict)
-    assert verdict["passed"] and checks["rows_match_funnel"]["status"] == "passed"
+    assert verdict.passed and checks["rows_match_funnel"]["status"] == "passed"
     assert checks["sample_id_unique"]["status"] == "not applicable"
     assert "no face records" in checks["sample_id_unique"]["why"]
     assert json.loads((staged / "report" / "report.json").read_text())["figures"]["rows"] == 0

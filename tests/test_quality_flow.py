@@ -48,7 +48,7 @@ def test_a_failing_release_stays_in_staging_and_allow_failures_publishes_it(pref
         sources=[str(s) for s in sources], out=str(out), config=cfg.model_dump(mode="json"), allow_failures=True)
     release = out / "release"
     info = json.loads((release / "release.json").read_text())
-    assert info["published"] is True and result["validation"]["allow_failures"] is True
+    assert info["published"] is True and result.validation.allow_failures is True
     assert info["validation"]["failed"] == ["duplicate_image_rate"] and "override" in info["validation"]
     assert info["stages"]["validate"]["override"] == "allow_failures"
     assert (release / "README.md").exists() and (release / "report" / "index.html").exists()
@@ -56,8 +56,8 @@ def test_a_failing_release_stays_in_staging_and_allow_failures_publishes_it(pref
 
     # Real detections pass every geometric check (bbox in image, landmarks in bbox, decode, funnel).
     verdict = validate_release(str(release), overrides=["quality.max_duplicate_image_rate=0.5"], log=lambda _: None)
-    assert verdict["passed"], verdict["failed"]
-    checks = {c["name"]: c for c in verdict["checks"]}
+    assert verdict.passed, verdict.failed
+    checks = {c["name"]: c for c in verdict.checks}
     for name in ("bbox_inside_source", "landmarks_inside_bbox", "image_bytes_decode", "rows_match_funnel",
                  "crop_at_least_min_px", "det_score_at_least_threshold"):
         assert checks[name]["status"] == "passed", name

@@ -156,7 +156,7 @@ def test_a_registered_stage_runs_in_a_real_curate(stamp_registered, prefect_api_
     import pyarrow.dataset as ds
 
     data = ds.dataset(release / "data", format="parquet").to_table()
-    assert data.num_rows == result["records"] > 0
+    assert data.num_rows == result.records > 0
     assert set(data.column("stamp_mark").to_pylist()) == {"ok"}
     rejects = ds.dataset(release / "rejects", format="parquet").to_table().to_pylist()
     assert any(r["stage"] == "stamp" and r["reason"] == "unstamped" for r in rejects)
