@@ -107,7 +107,7 @@ class LLMSettings(_Section):
         None, description="Reply cache shared by all workers (one file per request). Unset: OUT/cache/llm.")
 
 
-# --- quality and release (issue 5) ----------------------------------------
+# --- quality and release ----------------------------------------
 class QualitySettings(_Section):
     """Quality suites run on every release before it is published; thresholds shared with the stages
     (detect.min_score, detect.min_face_px, attributes.keep_threshold/min_attributes) are read there."""
@@ -137,7 +137,7 @@ class QualitySettings(_Section):
         20000, ge=100, description="Captions (a deterministic sample) behind the report's unique-4-gram curve.")
 
 
-# --- FLIP training (issue 6) ----------------------------------------------
+# --- FLIP training ----------------------------------------------
 class TrainSettings(_Section):
     """FLIP training and evaluation (facecap train / facecap eval). Defaults are the paper's."""
 
@@ -195,7 +195,7 @@ class TrainSettings(_Section):
     probe_epochs: int = Field(100, ge=1, description="Full-batch epochs of the probe's linear head.")
 
 
-# --- web-scale sources (issue 8) ------------------------------------------
+# --- web-scale sources ------------------------------------------
 class DownloadSettings(_Section):
     """URL-list sources (LAION-style Parquet/CSV/JSONL): how their images are fetched during ingest."""
 
@@ -235,7 +235,7 @@ class DownloadSettings(_Section):
         return value
 
 
-# --- operations: deployments and schedules (issue 7) -----------------------
+# --- operations: deployments and schedules -----------------------
 class DeploySettings(_Section):
     """What `facecap deploy` / `facecap serve` register on the Prefect server."""
 

@@ -101,7 +101,7 @@ class AnnotateReason(Reason):
     FEW_ATTRIBUTES = "few_attributes"
 
 
-# Columns the annotate stage adds (issue 3). Probabilities are in CelebA order
+# Columns the annotate stage adds. Probabilities are in CelebA order
 # (facecap.attributes.ATTRIBUTES); the name lists follow that order too.
 ATTRIBUTE_FIELDS: list[pa.Field] = [
     pa.field("attribute_probs", pa.list_(pa.float32(), 40), nullable=False),

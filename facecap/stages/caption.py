@@ -64,7 +64,7 @@ class CaptionReason(Reason):
     UNKNOWN_ATTRIBUTE = "unknown_attribute"  # a name that is not one of the 40 CelebA attributes
 
 
-# Columns the caption stage adds (issue 4).
+# Columns the caption stage adds.
 CAPTION_FIELDS: list[pa.Field] = [
     pa.field("caption", pa.string(), nullable=False),  # the caption people train on
     pa.field("raw_caption", pa.string(), nullable=False),  # the grammar's text
