@@ -11,6 +11,8 @@ import pytest
 
 from facecap.prefect_api import PrefectServer, answers
 
+pytestmark = pytest.mark.flow  # each test starts a Prefect server
+
 
 def test_embedded_server_answers_and_stops():
     server = PrefectServer()
