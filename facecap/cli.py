@@ -251,7 +251,7 @@ def _curate(args: argparse.Namespace) -> int:
     if args.then_train:
         from facecap.commands.train import run_train_flow
 
-        print(f"\nTraining FLIP on {result['release']} (--then-train)", flush=True)
+        print(f"\nTraining FLIP on {result.release} (--then-train)", flush=True)
         return run_train_flow(result.release, args.train_out or os.path.join(args.out, "flip"), cfg)
     return 0
 

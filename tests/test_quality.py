@@ -142,7 +142,7 @@ def test_validate_flow_fails_on_a_defective_release(prefect_api_url, tmp_path):
     with pytest.raises(ReleaseBlocked, match="sample_id_unique"):
         state.result()
     good = write_synthetic_release(tmp_path / "good")
-    assert validate(str(good))["passed"] is True
+    assert validate(str(good)).passed is True
     shutil.rmtree(tmp_path)
 
 
