@@ -202,8 +202,10 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
         if done is not None:
             executor.done((k, index), done)
             return
-        executor.submit(stage_task(stage), stage, (k, index), stage.name, *args)
+        executor.submit(stage_task(stage), stage, (k, index), stage.name, *args,
+                        larger=shard_rows(shards[index]) / largest)
 
+    largest = max([shard_rows(s) for s in shards] + [1])
     for index in range(len(specs)):
         submit(0, index)
     first_error = None
@@ -281,3 +283,12 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
     return CurateResult(run_id=run_id, release=storage.join(out, "release"), records=published["records"],
                         rejects=published["rejects"], funnel=funnel,
                         validation=ValidationSummary.from_dict(published.get("validation")))
+
+
+def shard_rows(shard: ShardInput) -> int:
+    """A shard's size in records, as far as it is known before its next task: the rows of its last output, else
+    the images its spec lists (0 for a tar, whose members are counted only by reading it)."""
+    if shard.outputs:
+        return shard.outputs[-1].rows
+    spec = shard.spec
+    return len(spec.members) or max(spec.stop - spec.start, 0)
