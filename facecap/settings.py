@@ -270,7 +270,7 @@ class CoreSections(_Section):
 
 class ConfigBase(_Section):
     """What every Config model has besides its sections: the run's configuration is the core sections
-    (CoreSections) plus one section per registered stage, built by `config_model`. Every section is a key
+    (CoreSections) plus one section per registered stage, built by `model_for`. Every section is a key
     of the YAML file and of ``--set section.key=value``."""
 
     stages: ClassVar[tuple[type, ...]] = ()  # the stages the model was built for
