@@ -27,15 +27,13 @@ from facecap.stages.dedup import DedupSettings
 from facecap.example_data import astronaut
 from facecap.schema import is_test
 from facecap.schema import image_id_for
+from facecap import package_photos
 from facecap.stages.base import Counters
 from facecap.stages.dedup import (NearDuplicates, cluster_faces, face_hashes, grey_thumbnail, hamming, hash_faces,
                                   near_duplicate_pairs)
 
-DATA = Path(__file__).parent / "data"
-
-
 def kafka() -> Image.Image:
-    return Image.open(DATA / "franz-kafka.jpg").convert("RGB")
+    return package_photos.photo("kafka")
 
 
 def cameraman() -> Image.Image:
