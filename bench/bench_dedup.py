@@ -76,7 +76,7 @@ TARGET_SECONDS = 120
 TARGET_GIB = 4
 DISTANCES = np.array([0, 2, 4, 6, 8])
 DISTANCE_P = np.array([0.05, 0.2, 0.3, 0.3, 0.15])
-SMOKE = {"n": 200_000, "crops": 20}
+SMOKE = {"n": 200_000, "crops": 20, "copies": 60}
 GIB = 2 ** 30
 
 
@@ -316,6 +316,85 @@ def time_hashes(crops: list[np.ndarray], repeats: int) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- web copies (real photos, real detector)
+
+
+def web_copy_figures(n: int, seed: int, test_fraction: float = 0.05) -> dict:
+    """Pair recall/precision of the release-wide clusters over the faces detected in `n` web copies.
+
+    The copies and their ground truth come from facecap.webcopies; the faces
+    from the detect stage's code with the offline detector (RetinaFace
+    mobilenet0.25, no identity model); the hashes from the dedup stage's
+    `hash_faces`, the clusters and the split from its release pass. The same
+    faces hashed as before (pHash of the whole aligned crop) give the baseline.
+    """
+    import pyarrow as pa
+
+    from facecap.config import Config
+    from facecap.stages.base import Counters
+    from facecap.webcopies import detect_copies, pair_scores, web_copies
+
+    cfg = Config.model_validate({"profile": "offline"})
+    out: dict = {"copies": n, "seed": seed}
+    started = time.perf_counter()
+    copies = web_copies(n, seed)
+    out["make_seconds"] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    faces, rejects = detect_copies(copies, cfg)
+    out["detect_seconds"] = round(time.perf_counter() - started, 1)
+    out["detect_rejects"] = rejects
+    started = time.perf_counter()
+    chunks = list(dedup.hash_faces([faces], cfg.image, Counters()))
+    hashed = pa.concat_tables([c.kept for c in chunks if c.kept is not None])
+    out["hash_ms_per_face"] = round(1000 * (time.perf_counter() - started) / max(1, faces.num_rows), 2)
+    assert hashed.column("sample_id").equals(faces.column("sample_id")), "hash_faces reordered or dropped faces"
+    persons = faces.column("person").to_pylist()
+    records = faces.select(["sample_id", "image_id", "det_score", "width"]).append_column(
+        "phash", hashed.column("phash")).append_column("phash_mirror", hashed.column("phash_mirror"))
+    settings = DedupSettings(keep="best")
+    release = dedup.NearDuplicates(settings, test_fraction)
+    release.fit(records)
+    out["face_normalised"] = pair_scores(persons, release.kept_index.tolist())
+    out["split"] = release.stats["split"]
+    kept = release.kept_index == np.arange(len(persons))
+    out["kept_faces"] = int(kept.sum())
+    out["kept_per_person"] = {p: int(sum(1 for k, q in zip(kept, persons) if k and q == p))
+                              for p in sorted({q for q in persons if q})}
+    # The hash before: pHash of the whole aligned crop (padding, background and scale included).
+    from PIL import Image
+    import io
+
+    thumbs = np.stack([dedup.grey_thumbnail(np.asarray(Image.open(io.BytesIO(b)).convert("RGB")))
+                       for b in faces.column("image").to_pylist()])
+    h, m = dedup.face_hashes(thumbs)
+    before = dedup.cluster_faces(h, m, np.arange(len(h)), settings)
+    out["whole_crop"] = pair_scores(persons, before.kept.tolist())
+    out["whole_crop"]["kept_faces"] = int((before.kept == np.arange(len(h))).sum())
+    return out
+
+
+def print_web_copies(w: dict) -> None:
+    print(f"web copies: {w['copies']} copies (seed {w['seed']}) of 6 real photos, made in {w['make_seconds']} s; "
+          f"offline detector kept {w['face_normalised']['faces'] + w['face_normalised']['unlabelled_faces']} faces "
+          f"in {w['detect_seconds']} s (rejects {w['detect_rejects']}); {w['face_normalised']['unlabelled_faces']} "
+          f"matched no carried face box; hash {w['hash_ms_per_face']} ms per face")
+    print(f"{'hash':<34}{'recall':>8}{'precision':>11}{'true pairs':>12}{'false pairs':>13}{'missed':>8}"
+          f"{'clusters':>10}{'mixed':>7}")
+    for name, key in (("face-normalised inner face (now)", "face_normalised"), ("whole aligned crop (before)",
+                                                                                 "whole_crop")):
+        s = w[key]
+        print(f"{name:<34}{pct(s['pair_recall']):>8}{pct(s['pair_precision']):>11}{s['true_pairs']:>12,}"
+              f"{s['false_pairs']:>13,}{s['missed_pairs']:>8,}{s['clusters']:>10}{s['mixed_clusters']:>7}")
+    s = w["face_normalised"]
+    print(f"goal: pair recall >= 95 % (ratio {(s['pair_recall'] or 0) / 0.95:.3f}), pair precision >= 99 % (ratio "
+          f"{(s['pair_precision'] or 0) / 0.99:.3f}); faces kept with dedup.keep=best: {w['kept_faces']} for "
+          f"{s['persons']} persons (before: {w['whole_crop']['kept_faces']}); per person {w['kept_per_person']}")
+    sp = w["split"]
+    print(f"split: test share {sp['achieved']:.2%} of the kept faces for a target of {sp['target']:.2%} "
+          f"({sp['test_components']} of {sp['components']} groups); groups alone above the target: "
+          f"{sp['oversized'] or 'none'}")
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -353,10 +432,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crops", type=int, default=200, help="face crops for the hash timing (default 200)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
-    ap.add_argument("--smoke", action="store_true", help=f"CI size: N = {SMOKE['n']:,}, {SMOKE['crops']} crops")
+    ap.add_argument("--copies", type=int, default=600, help="web copies for recall/precision (default 600; 0: skip)")
+    ap.add_argument("--copies-only", action="store_true", help="only the web-copy figures, not the N-hash clustering")
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"CI size: N = {SMOKE['n']:,}, {SMOKE['crops']} crops, {SMOKE['copies']} web copies")
     args = ap.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
+    if args.copies_only:
+        web = web_copy_figures(args.copies, args.seed)
+        print_web_copies(web)
+        print(json.dumps({"web_copies": web}), flush=True)
+        return 0
     settings = DedupSettings()
     load_before = os.getloadavg()[0]
     phases = Phases()
@@ -389,6 +476,12 @@ def main(argv: list[str] | None = None) -> int:
         scores = evaluate(planted, clusters.kept, clusters.pairs)
     with phases("hash timing"):
         hashing = time_hashes(face_crops(args.crops, args.seed), repeats=3)
+
+    web = None
+    if args.copies:
+        print(f"web copies: {args.copies} ...", flush=True)
+        with phases("web copies"):
+            web = web_copy_figures(args.copies, args.seed)
 
     pairs = clusters.pairs
     s = scores
@@ -441,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         line += f" | imagehash {hashing['imagehash']}"
     print(line)
+    if web:
+        print_web_copies(web)
 
     figures = {"n": args.n, "seed": args.seed, "dup_share": args.dup_share, "mirrored": args.mirrored,
                "mirror_flips": args.mirror_flips, "settings": settings.model_dump(mode="json"), "path": path,
@@ -450,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                "phase_peak_rss_mib": {k: round(v / 2**20) for k, v in phases.peak.items()},
                "rss_after_generate_gib": round(rss_data / GIB, 3),
                "candidates": pairs.candidates, "pairs": len(pairs.left), "oversized_buckets": pairs.oversized_buckets,
-               "scores": scores, "hashing": hashing, "load_avg_before": round(load_before, 2)}
+               "scores": scores, "hashing": hashing, "web_copies": web, "load_avg_before": round(load_before, 2)}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(figures, fh, indent=2)

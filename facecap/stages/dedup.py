@@ -116,6 +116,51 @@ def phash(thumbs: np.ndarray) -> np.ndarray:
     return np.packbits(bits, axis=1).view(">u8").astype(np.uint64).reshape(-1)
 
 
+# Five-point face template (eyes, nose tip, mouth corners) in a 112 x 112 frame: ArcFace's, made mirror-symmetric
+# about x = 56 so that the canonical face of a mirrored photo is the mirror image of the original's.
+FACE_TEMPLATE = np.array([[38.3, 51.6], [73.7, 51.6], [56.0, 71.7], [41.5, 92.3], [70.5, 92.3]])
+# The hashed region of that frame: brows to chin, cheek to cheek. It lies inside the face, so neither the padding
+# of a crop cut at the image edge nor the background and hair that a re-crop or a rescale changes enter the hash.
+FACE_REGION = (18.0, 30.0, 94.0, 106.0)
+_CANONICAL_PX = 128  # the region is warped to this many pixels, then reduced to 32x32 with Lanczos as pHash
+
+
+def crop_landmarks(landmarks: Iterable[float], crop_box: Iterable[float], align_angle: float,
+                   crop_px: int) -> np.ndarray:
+    """The five landmarks (source pixels) in the aligned crop's pixels [5, 2].
+
+    detect cuts the crop about the centre of `crop_box`, rotated by
+    `align_angle` and not resized (`crop_px` = its side), so this inverts
+    that map: crop = R(-angle) (source - centre) + side / 2.
+    """
+    x1, y1, x2, y2 = (float(v) for v in crop_box)
+    a = np.radians(float(align_angle))
+    cos, sin = np.cos(a), np.sin(a)
+    p = np.asarray(list(landmarks), np.float64).reshape(5, 2) - [(x1 + x2) / 2.0, (y1 + y2) / 2.0]
+    return np.stack([cos * p[:, 0] + sin * p[:, 1], -sin * p[:, 0] + cos * p[:, 1]], axis=1) + crop_px / 2.0
+
+
+def face_thumbnail(rgb: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """32x32 grey thumbnail of the inner face, normalised by its landmarks (`points`, crop pixels [5, 2]).
+
+    A similarity transform (least squares over the five points) maps the face
+    template onto the crop; the template's FACE_REGION is sampled from it. Two
+    copies of one photo, whatever their crop, scale, rotation or padding, give
+    the same thumbnail up to landmark noise and resampling.
+    """
+    x0, y0, x1, y1 = FACE_REGION
+    dst = (FACE_TEMPLATE - [x0, y0]) * (_CANONICAL_PX / (x1 - x0))
+    # crop point = [[a, -b], [b, a]] @ canonical point + (tx, ty)
+    u, v = dst[:, 0], dst[:, 1]
+    rows = np.zeros((10, 4))
+    rows[0::2] = np.stack([u, -v, np.ones(5), np.zeros(5)], axis=1)
+    rows[1::2] = np.stack([v, u, np.zeros(5), np.ones(5)], axis=1)
+    a, b, tx, ty = np.linalg.lstsq(rows, np.asarray(points, np.float64).reshape(-1), rcond=None)[0]
+    face = Image.fromarray(rgb).transform((_CANONICAL_PX, _CANONICAL_PX), Image.AFFINE, (a, -b, tx, b, a, ty),
+                                          resample=Image.BICUBIC)
+    return grey_thumbnail(np.asarray(face))
+
+
 def face_hashes(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(hash, hash of the mirror image) per thumbnail: a mirrored copy matches the other's mirror hash."""
     return phash(thumbs), phash(thumbs[:, :, ::-1])
@@ -356,20 +401,86 @@ def same_value_links(values: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np
     return order[:-1][same], order[1:][same]
 
 
-def split_test_flags(groups: np.ndarray, image_ids: pa.ChunkedArray | pa.Array, test_fraction: float) -> np.ndarray:
-    """Test-split flag per face: a group goes where its smallest image_id goes (blake2b, as before groups)."""
-    from facecap.schema import is_test
+@dataclass(frozen=True)
+class Split:
+    """Test flag per face and how the components were assigned."""
 
-    if not len(groups):
-        return np.zeros(0, bool)
-    order = pc.sort_indices(pa.table({"group": groups, "image_id": image_ids}),
-                            [("group", "ascending"), ("image_id", "ascending")]).to_numpy()
+    test: np.ndarray  # bool per face
+    target: float  # quality.test_fraction
+    achieved: float  # share of faces in test
+    components: int
+    test_components: int
+    oversized: list[dict[str, Any]]  # components alone larger than the target: leader sample_id, size (train)
+    cut: int = 0  # components whose key is at most this went to test (oversized ones aside); 0: none
+
+
+def component_keys(image_ids: list[str]) -> np.ndarray:
+    """A component's place in the fill order: blake2b of its leader image_id as a uint64 (schema.is_test's)."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big") for i in image_ids],
+                    np.uint64)
+
+
+def assign_split(groups: np.ndarray, image_ids: pa.ChunkedArray | pa.Array, test_fraction: float,
+                 sample_ids: pa.ChunkedArray | pa.Array | None = None, released: np.ndarray | None = None) -> Split:
+    """Whole components to test, as close to `test_fraction` of the released faces as their sizes allow.
+
+    A component's size is its number of released faces (`released`, a bool per
+    face: with dedup.keep=best one per near-duplicate cluster; default all).
+
+    Each component's leader is its face with the smallest image_id (then
+    sample_id), and its key the blake2b hash of that image_id. Components are
+    taken in key order and test is the prefix whose face count comes closest to
+    the target (the shorter prefix on a tie); a component larger than the target
+    on its own (and holds more than one face) never goes to test, and is named
+    in `oversized`. With many small
+    components the cut lands near key = test_fraction x 2^64, which is the old
+    per-image rule; whatever the sizes, one large component can no longer pull
+    the share far from the target.
+
+    Deterministic, and stable under added sources: a component that does not
+    merge keeps its leader and key, so it keeps its split unless its key lies
+    between the old cut and the new one (the cut moves by about the share the
+    new faces shift; see docs/quality.md).
+    """
+    n = len(groups)
+    if not n:
+        return Split(np.zeros(0, bool), test_fraction, 0.0, 0, 0, [])
+    cols = {"group": groups, "image_id": image_ids}
+    keys = [("group", "ascending"), ("image_id", "ascending")]
+    if sample_ids is not None:
+        cols["sample_id"] = sample_ids
+        keys.append(("sample_id", "ascending"))
+    order = pc.sort_indices(pa.table(cols), keys).to_numpy()
     first = np.r_[True, groups[order][1:] != groups[order][:-1]]
-    leaders = order[first]  # per group: the face with the smallest image_id
-    flags = np.asarray(is_test(pc.take(image_ids, pa.array(leaders)).to_pylist(), test_fraction), bool)
+    leaders = order[first]  # per component (in label order): its leader face
+    weight = np.ones(n, np.int64) if released is None else np.asarray(released, np.int64)
+    sizes = np.bincount(groups, weights=weight).astype(np.int64)[groups[leaders]]
+    total = int(weight.sum())
+    key = component_keys(pc.take(image_ids, pa.array(leaders)).to_pylist())
+    target = test_fraction * total
+    oversized = (sizes > target) & (sizes > 1)  # one face is the finest grain there is: never held back
+    fill = np.flatnonzero(~oversized)
+    fill = fill[np.lexsort((groups[leaders][fill], key[fill]))]
+    counts = np.r_[0, np.cumsum(sizes[fill])]
+    take = int(np.argmin(np.abs(counts - target)))  # argmin takes the first, i.e. the shorter prefix, on a tie
     by_group = np.zeros(int(groups.max()) + 1, bool)
-    by_group[groups[leaders]] = flags
-    return by_group[groups]
+    by_group[groups[leaders][fill[:take]]] = True
+    test = by_group[groups]
+    named = sample_ids if sample_ids is not None else image_ids
+    big = np.flatnonzero(oversized)
+    big = big[np.argsort(-sizes[big], kind="stable")]
+    achieved = float((test * weight).sum()) / total if total else 0.0
+    cut = int(key[fill[take - 1]]) if take else 0
+    return Split(test, test_fraction, achieved, len(leaders), take,
+                 [{"leader": pc.take(named, pa.array([leaders[g]]))[0].as_py(), "size": int(sizes[g]),
+                   "share": round(float(sizes[g]) / total, 4)} for g in big], cut)
+
+
+def split_test_flags(groups: np.ndarray, image_ids: pa.ChunkedArray | pa.Array, test_fraction: float) -> np.ndarray:
+    """Test-split flag per face, whole components at a time (see assign_split)."""
+    return assign_split(groups, image_ids, test_fraction).test
 
 
 # --- identity links (split only) ------------------------------------------------------------------
@@ -406,13 +517,15 @@ def hash_faces(batches: Iterable[pa.Table], limits: ImageLimits, counters: Count
         counters.rows_in += table.num_rows
         rows, thumbs, crops, rejects = [], [], [], []
         meta = table.select(list(FACE_REJECT_COLUMNS)).to_pylist()
-        for i, data in enumerate(table.column("image").to_pylist()):
+        geometry = zip(table.column("landmarks").to_pylist(), table.column("crop_box").to_pylist(),
+                       table.column("align_angle").to_pylist())
+        for i, (data, (landmarks, crop_box, angle)) in enumerate(zip(table.column("image").to_pylist(), geometry)):
             rgb, p = decode_rgb(data, limits)
             if rgb is None:  # crops come from detect, so this means a damaged shard: record it, do not crash
                 rejects.append(reject_row("dedup", meta[i], p.reason, f"face crop: {p.detail}"))
                 continue
             rows.append(i)
-            thumbs.append(grey_thumbnail(rgb))
+            thumbs.append(face_thumbnail(rgb, crop_landmarks(landmarks, crop_box, angle, rgb.shape[1])))
             if embedder is not None:
                 crops.append(rgb)
         kept = None
@@ -439,8 +552,8 @@ class Dedup(Stage):
                          "straddle the split",
         "dedup_cluster_size": "faces in the near-duplicate cluster, this one included (before removal)",
     }
-    version = "1"
-    reads = FACE_REJECT_COLUMNS + ("image",)
+    version = "2"
+    reads = FACE_REJECT_COLUMNS + ("image", "landmarks", "crop_box", "align_angle")
     keyed_sections = ("dedup", "image")
     # What is decided release-wide changes no hash: only the identity model (by its identity) keys the outputs.
     unkeyed = frozenset({"dedup.keep", "dedup.max_distance", "dedup.lsh_tables", "dedup.lsh_bits",
@@ -474,6 +587,16 @@ class Dedup(Stage):
         notes = {}
         if "near-duplicate" in split_by:
             notes["split"] = " or one near-duplicate cluster (`dedup_cluster`)"
+        split = ((info.get("release_passes") or {}).get("dedup") or {}).get("split") or {}
+        if split:
+            notes["split"] = notes.get("split", "") + (
+                f" (test holds {split['achieved']:.1%} of the faces for a target of {split['target']:.1%}: whole groups "
+                "are assigned, so the share is as close as their sizes allow)")
+        if split.get("oversized"):
+            big = "; ".join(f"`{c['leader']}` ({c['size']:,} faces, {c['share']:.1%})" for c in split["oversized"][:5])
+            notes["warning"] = (f"{len(split['oversized'])} group(s) of linked faces alone exceed the test share "
+                                f"{split['target']:.1%} and were put in train: {big}. Check what links them "
+                                "(near-duplicate clusters or shared source images).")
         if "identity" in split_by:
             notes["ethics"] = (" Face embeddings (FaceNet) grouped likely photos of one person so that they share "
                                "a split; the embeddings, their hashes and the groups were used for the split only "
@@ -533,8 +656,8 @@ class NearDuplicates(ReleasePass):
     test_fraction: float
     identity: bool = False
     name: str = "dedup"
-    split_by: str = ("groups of faces linked by a near-duplicate cluster or a shared source image (blake2b of the "
-                     "group's smallest image_id)")
+    split_by: str = ("groups of faces linked by a near-duplicate cluster or a shared source image (whole groups "
+                     "to test in the order of the blake2b of their smallest image_id, up to quality.test_fraction)")
     reads: tuple[str, ...] = ("sample_id", "image_id", "det_score", "width", "phash", "phash_mirror")
     kept_index: np.ndarray = field(default=None, repr=False)
     stats: dict[str, Any] = field(default_factory=dict)
@@ -566,8 +689,10 @@ class NearDuplicates(ReleasePass):
             links.append((same.left, same.right))
             identity_links = len(same.left)
         groups = components(n, links)
-        self.test = split_test_flags(groups, records.column("image_id"), self.test_fraction)
         is_kept = self.kept_index == np.arange(n)
+        split = assign_split(groups, records.column("image_id"), self.test_fraction, self.sample_ids,
+                             released=is_kept if s.keep == "best" else None)
+        self.test = split.test
         multi = is_kept & (self.sizes > 1)
         self.removed = int((~is_kept).sum()) if s.keep == "best" else 0
         # The largest clusters first (then by kept sample_id): the report's gallery.
@@ -582,6 +707,10 @@ class NearDuplicates(ReleasePass):
             "candidate_pairs": clusters.pairs.candidates, "near_duplicate_pairs": len(clusters.pairs.left),
             "oversized_buckets": clusters.pairs.oversized_buckets,
             "split_groups": int(groups.max(initial=-1)) + 1,
+            "split": {"target": split.target, "achieved": round(split.achieved, 4), "components": split.components,
+                      "test_components": split.test_components,
+                      "test_faces": int((split.test & (is_kept | (s.keep == "all"))).sum()),
+                      "oversized": split.oversized},
             "identity_links": identity_links if self.identity else None,
             "largest": [{"kept": self.sample_ids[int(k)].as_py(), "size": int(self.sizes[k])} for k in big],
         }
@@ -632,8 +761,13 @@ class NearDuplicates(ReleasePass):
         found = self.stats
         if not found.get("faces"):
             return None
-        return (f"{found['faces']:,} faces in {found['clusters']:,} clusters ({found['clusters_with_duplicates']:,} "
-                f"with near-duplicates); {found['removed']:,} removed (dedup.keep={found['keep']})")
+        split = found["split"]
+        line = (f"{found['faces']:,} faces in {found['clusters']:,} clusters ({found['clusters_with_duplicates']:,} "
+                f"with near-duplicates); {found['removed']:,} removed (dedup.keep={found['keep']}); test share "
+                f"{split['achieved']:.2%} for a target of {split['target']:.2%}")
+        for c in split["oversized"]:
+            line += f"; WARNING: group led by {c['leader']} ({c['size']:,} faces) alone exceeds the test share"
+        return line
 
     def funnel_row(self) -> dict[str, Any]:
         n = self.stats.get("faces", 0)
@@ -657,6 +791,18 @@ def _write_thumbnail(data: bytes, path: str, side: int = 96) -> bool:
 
 
 # --- report ----------------------------------------------------------------------------------------
+def _split_html(split: dict | None, escape) -> str:
+    if not split:
+        return ""
+    out = (f"<p>Split: {split['test_faces']:,} faces in test = <b>{split['achieved']:.2%}</b> (target "
+           f"quality.test_fraction = {split['target']:.2%}), {split['test_components']:,} of "
+           f"{split['components']:,} groups.</p>")
+    for c in split.get("oversized") or []:
+        out += (f"<p><b>Warning:</b> the group led by <code>{escape(str(c['leader']))}</code> holds {c['size']:,} "
+                f"faces ({c['share']:.1%}), more than the test share alone: it went to train.</p>")
+    return out
+
+
 class DedupReport(ReportSection):
     """Clusters of near-duplicate faces: counts, sizes, and the largest clusters' faces (kept one first)."""
 
@@ -678,6 +824,7 @@ class DedupReport(ReportSection):
                f"or its mirror within {found.get('max_distance')} bits). dedup.keep={keep}: "
                f"<b>{removed:,} faces removed ({removed / faces if faces else 0:.1%})</b>. Splits keep every cluster "
                "and every source image on one side.</p>",
+               _split_html(found.get("split"), escape),
                table(["cluster size", "clusters"],
                      [[k, f"{v:,}"] for k, v in (found.get("cluster_sizes") or {}).items()])]
         for cluster in found.get("gallery") or []:
