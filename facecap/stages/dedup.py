@@ -1,9 +1,15 @@
 """Dedup: near-duplicate faces (resized, re-encoded, re-cropped or mirrored copies of one photo), found release-wide.
 
-Per shard, the stage hashes every aligned face crop and its mirror image with
+Per shard, the stage hashes every face's inner face and its mirror image with
 a 64-bit perceptual hash (pHash: the signs of the 8x8 lowest frequencies of a
-32x32 DCT against their median, bit for bit what ``imagehash.phash`` gives).
-Hashing is cheap and needs no model, so the stage is on in every profile.
+32x32 DCT against their median, bit for bit what ``imagehash.phash`` gives of
+the thumbnail). The inner face is normalised by the five landmarks: a
+similarity transform maps them onto a fixed mirror-symmetric template and the
+hash sees only a region inside the face (brows to chin, cheek to cheek), never
+the black padding of a crop cut at the image edge, the background or the
+crop's scale, which the whole crop's pHash saw (docs/stages.md has the
+measurement). Hashing is cheap and needs no model, so the stage is on in every
+profile.
 
 Clusters are formed once all shards are done, over the whole release
 (:class:`NearDuplicates`, run by the driver before the release is written):
@@ -27,7 +33,9 @@ the clusters are only recorded (``dedup_cluster``, ``dedup_cluster_size``).
 
 Splits: the release assigns train/test per group of faces linked by a
 cluster or by a shared source image, so no cluster and no image straddles
-the split. With ``dedup.identity`` on (full profile, FaceNet VGGFace2
+the split; groups fill test in the order of their leader's hash up to
+``quality.test_fraction`` of the released faces (``assign_split``). With
+``dedup.identity`` on (full profile, FaceNet VGGFace2
 weights), faces whose identity embeddings are close are linked too, for the
 split only: identities are never written to the release.
 """
@@ -499,8 +507,8 @@ def identity_hashes(embeddings: np.ndarray) -> np.ndarray:
 # --- the stage ------------------------------------------------------------------------------------
 
 DEDUP_SCHEMA = keyed_schema([
-    pa.field("phash", pa.uint64()),  # pHash of the aligned crop (imagehash.phash's bits, first bit most significant)
-    pa.field("phash_mirror", pa.uint64()),  # pHash of the crop mirrored left-right
+    pa.field("phash", pa.uint64()),  # pHash of the normalised inner face (imagehash.phash's bits, MSB first)
+    pa.field("phash_mirror", pa.uint64()),  # pHash of it mirrored left-right
 ])
 # Added by the release-wide pass.
 CLUSTER_FIELDS = [
@@ -546,10 +554,11 @@ class Dedup(Stage):
     section, settings_model, section_after = "dedup", DedupSettings, "text"
     output_fields, reasons = tuple(DEDUP_SCHEMA)[1:] + tuple(CLUSTER_FIELDS), DedupReason
     column_docs = {
-        "phash": "64-bit perceptual hash of the crop (imagehash.phash bits)",
-        "phash_mirror": "pHash of the mirrored crop",
+        "phash": "64-bit perceptual hash (imagehash.phash bits) of the inner face, normalised by its five "
+                 "landmarks to a fixed template: padding, background and scale do not enter it",
+        "phash_mirror": "the same hash of the mirrored inner face",
         "dedup_cluster": "sample_id of the face kept for this face's near-duplicate cluster; clusters never "
-                         "straddle the split",
+                         "straddle the split, and whole groups of them fill test up to quality.test_fraction",
         "dedup_cluster_size": "faces in the near-duplicate cluster, this one included (before removal)",
     }
     version = "2"
@@ -590,8 +599,8 @@ class Dedup(Stage):
         split = ((info.get("release_passes") or {}).get("dedup") or {}).get("split") or {}
         if split:
             notes["split"] = notes.get("split", "") + (
-                f" (test holds {split['achieved']:.1%} of the faces for a target of {split['target']:.1%}: whole groups "
-                "are assigned, so the share is as close as their sizes allow)")
+                f" (test holds {split['achieved']:.1%} of the faces for a target of {split['target']:.1%}: "
+                "whole groups are assigned, so the share is as close as their sizes allow)")
         if split.get("oversized"):
             big = "; ".join(f"`{c['leader']}` ({c['size']:,} faces, {c['share']:.1%})" for c in split["oversized"][:5])
             notes["warning"] = (f"{len(split['oversized'])} group(s) of linked faces alone exceed the test share "
@@ -609,7 +618,8 @@ class Dedup(Stage):
         if not s.enabled:
             return StagePlan(False, why="dedup.enabled is false: near-duplicate faces are neither found nor removed, "
                                         "and the split is by source image only")
-        info: dict[str, Any] = {"keep": s.keep, "max_distance": s.max_distance, "hash": "pHash 64-bit + mirror",
+        info: dict[str, Any] = {"keep": s.keep, "max_distance": s.max_distance,
+                                "hash": "pHash 64-bit + mirror of the landmark-normalised inner face",
                                 "lsh": f"{s.lsh_tables} tables x {s.lsh_bits} bits"}
         from facecap.models.identity import plan_identity
 
