@@ -156,17 +156,36 @@ def face_thumbnail(rgb: np.ndarray, points: np.ndarray) -> np.ndarray:
     copies of one photo, whatever their crop, scale, rotation or padding, give
     the same thumbnail up to landmark noise and resampling.
     """
+    img = Image.fromarray(rgb)
+    points = np.asarray(points, np.float64).reshape(5, 2)
+    a, b, tx, ty = _similarity(points)
+    scale = float(np.hypot(a, b))  # crop pixels per canonical pixel
+    if scale > _MAX_SAMPLING:
+        # Bicubic sampling of a much larger face would alias: reduce it with Lanczos first, as a rescale would.
+        shrink = _MAX_SAMPLING / scale
+        size = (max(1, round(img.width * shrink)), max(1, round(img.height * shrink)))
+        points = points * [size[0] / img.width, size[1] / img.height]
+        img = img.resize(size, Image.Resampling.LANCZOS)
+        a, b, tx, ty = _similarity(points)
+    face = img.transform((_CANONICAL_PX, _CANONICAL_PX), Image.AFFINE, (a, -b, tx, b, a, ty),
+                         resample=Image.BICUBIC)
+    return grey_thumbnail(np.asarray(face))
+
+
+_MAX_SAMPLING = 1.5  # crop pixels per canonical pixel above which the crop is reduced before the warp
+
+
+def _similarity(points: np.ndarray) -> tuple[float, float, float, float]:
+    """(a, b, tx, ty) of the least-squares similarity taking the template's region frame onto `points`:
+    crop point = [[a, -b], [b, a]] @ canonical point + (tx, ty)."""
     x0, y0, x1, y1 = FACE_REGION
     dst = (FACE_TEMPLATE - [x0, y0]) * (_CANONICAL_PX / (x1 - x0))
-    # crop point = [[a, -b], [b, a]] @ canonical point + (tx, ty)
     u, v = dst[:, 0], dst[:, 1]
     rows = np.zeros((10, 4))
     rows[0::2] = np.stack([u, -v, np.ones(5), np.zeros(5)], axis=1)
     rows[1::2] = np.stack([v, u, np.zeros(5), np.ones(5)], axis=1)
-    a, b, tx, ty = np.linalg.lstsq(rows, np.asarray(points, np.float64).reshape(-1), rcond=None)[0]
-    face = Image.fromarray(rgb).transform((_CANONICAL_PX, _CANONICAL_PX), Image.AFFINE, (a, -b, tx, b, a, ty),
-                                          resample=Image.BICUBIC)
-    return grey_thumbnail(np.asarray(face))
+    a, b, tx, ty = np.linalg.lstsq(rows, points.reshape(-1), rcond=None)[0]
+    return float(a), float(b), float(tx), float(ty)
 
 
 def face_hashes(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -440,12 +459,11 @@ def assign_split(groups: np.ndarray, image_ids: pa.ChunkedArray | pa.Array, test
     Each component's leader is its face with the smallest image_id (then
     sample_id), and its key the blake2b hash of that image_id. Components are
     taken in key order and test is the prefix whose face count comes closest to
-    the target (the shorter prefix on a tie); a component larger than the target
-    on its own (and holds more than one face) never goes to test, and is named
-    in `oversized`. With many small
-    components the cut lands near key = test_fraction x 2^64, which is the old
-    per-image rule; whatever the sizes, one large component can no longer pull
-    the share far from the target.
+    the target (the shorter prefix on a tie); a component of more than one face
+    that alone exceeds the target never goes to test, and is named in
+    `oversized`. With many small components the cut lands near
+    key = test_fraction x 2^64, which is the old per-image rule; whatever the
+    sizes, one large component can no longer pull the share far from the target.
 
     Deterministic, and stable under added sources: a component that does not
     merge keeps its leader and key, so it keeps its split unless its key lies
