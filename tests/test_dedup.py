@@ -383,6 +383,42 @@ def test_the_card_report_and_log_show_the_achieved_share_and_name_the_big_compon
     assert big["leader"] in release.outcome() and f"{split['achieved']:.2%}" in release.outcome()
 
 
+def test_web_copy_groups_keep_their_split_when_more_copies_are_added(web_faces):
+    """The release of the fixture's copies, then of those plus 48 more (new sources): every old group that
+    neither merged nor changed its leader keeps its side, unless its key lies between the two cuts."""
+    more = web_copies(WEB_COPIES + 48, seed=3)[WEB_COPIES:]
+    faces, _ = detect_copies(more)
+    hashed = pa.concat_tables([c.kept for c in hash_faces([faces], offline_config().image, Counters()) if c.kept])
+    new = faces.select(["sample_id", "image_id", "det_score", "width"]).append_column(
+        "phash", hashed.column("phash")).append_column("phash_mirror", hashed.column("phash_mirror"))
+    old_records, first = web_faces["records"], web_faces["release"]
+    for fraction in (0.05, 0.3):
+        before, after = NearDuplicates(DedupSettings(keep="best"), fraction), \
+            NearDuplicates(DedupSettings(keep="best"), fraction)
+        before.fit(old_records)
+        after.fit(pa.concat_tables([old_records, new]))
+        n_old = old_records.num_rows
+        ids = np.array(old_records.column("image_id").to_pylist())
+        low, high = sorted((before.split.cut, after.split.cut))
+        kept_side = 0
+        for g in np.unique(before.groups):
+            members = np.flatnonzero(before.groups == g)
+            now = np.flatnonzero(after.groups[:n_old] == after.groups[members[0]])
+            merged = not np.array_equal(members, now)
+            leader_changed = after.groups[n_old:].tolist().count(after.groups[members[0]]) and \
+                min(np.r_[ids[members], np.array(new.column("image_id").to_pylist())[
+                    after.groups[n_old:] == after.groups[members[0]]]]) != min(ids[members])
+            if merged or leader_changed:
+                continue
+            key = int(component_keys([min(ids[members])])[0])
+            if before.test[members[0]] != after.test[members[0]]:
+                assert low <= key <= high, (g, key, low, high)
+            else:
+                kept_side += 1
+        assert kept_side >= 1
+    assert first.split.components == before.split.components  # the fixture's release, refitted alike
+
+
 def test_a_split_is_deterministic_and_stable_when_sources_are_added():
     rng = np.random.default_rng(1)
     sizes = rng.integers(1, 8, size=400)

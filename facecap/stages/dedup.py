@@ -717,10 +717,11 @@ class NearDuplicates(ReleasePass):
             links.append((same.left, same.right))
             identity_links = len(same.left)
         groups = components(n, links)
+        self.groups = groups
         is_kept = self.kept_index == np.arange(n)
         split = assign_split(groups, records.column("image_id"), self.test_fraction, self.sample_ids,
                              released=is_kept if s.keep == "best" else None)
-        self.test = split.test
+        self.test, self.split = split.test, split
         multi = is_kept & (self.sizes > 1)
         self.removed = int((~is_kept).sum()) if s.keep == "best" else 0
         # The largest clusters first (then by kept sample_id): the report's gallery.
