@@ -26,7 +26,7 @@ from helpers import example_sources, offline_config, read_release, run_curate
 from facecap.example_data import astronaut, generated
 
 DASK = str(Path(sys.executable).with_name("dask"))
-BUSY_IMAGES = 80
+BUSY_IMAGES = 40
 
 
 class DaskProcesses:
@@ -165,7 +165,7 @@ def test_gpu_stage_runs_only_on_the_gpu_worker_and_release_equals_a_local_run(cl
 
 @pytest.fixture(scope="module")
 def busy_images(tmp_path_factory) -> Path:
-    """80 distinct images (most with a face) in about 20 shards: enough detect work to kill a worker mid-run."""
+    """40 distinct images (most with a face) in about 10 shards: enough detect work to kill a worker mid-run."""
     root = tmp_path_factory.mktemp("busy")
     face = astronaut()
     for i in range(BUSY_IMAGES):
