@@ -93,16 +93,25 @@ def write_pairs(release: str, n: int, to: str) -> list[dict]:
                           "--set text.caption_path=flip80m for captions from face-related alt-text (runs offline), "
                           "or give an attribute model (attributes.model).")
     columns = [c for c in dict.fromkeys(PAIR_COLUMNS + CAPTION_SOURCE_COLUMNS) if c in names]
-    chosen = choose_pairs(dataset.to_table(columns=columns).to_pylist(), n)
+    rows: list[dict] = []
+    images: set = set()
+    # A large release is not read whole: once n source images have a captioned face, one face each will do.
+    for batch in dataset.to_batches(columns=columns):
+        part = batch.to_pylist()
+        rows += part
+        images.update(r.get("image_id") or r["sample_id"] for r in part if r.get("caption"))
+        if len(images) >= n:
+            break
+    chosen = choose_pairs(rows, n)
     if not chosen:
         return []
     wanted = [r["sample_id"] for r in chosen]
-    images = dict(zip(*dataset.to_table(columns=["sample_id", "image"],
-                                        filter=ds.field("sample_id").isin(wanted)).to_pydict().values()))
+    crops = dict(zip(*dataset.to_table(columns=["sample_id", "image"],
+                                       filter=ds.field("sample_id").isin(wanted)).to_pydict().values()))
     os.makedirs(to, exist_ok=True)
     pairs = []
     for row in chosen:
-        data_bytes = image_bytes(images[row["sample_id"]]) or b""
+        data_bytes = image_bytes(crops[row["sample_id"]]) or b""
         path = os.path.join(to, f"{row['sample_id']}.jpg")
         if not data_bytes.startswith(b"\xff\xd8"):  # crops are JPEG; anything else is re-encoded to match the name
             buf = io.BytesIO()
