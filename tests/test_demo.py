@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from html import escape
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -124,10 +125,12 @@ def test_the_report_gallery_shows_captions_and_where_they_came_from(demo_release
     captions = {r["sample_id"]: r["caption"] for r in ds.dataset(
         demo_release / "release" / "data", format="parquet").to_table(columns=["sample_id", "caption"]).to_pylist()}
     gallery = report["gallery"]
-    assert len(gallery) == len(captions)
+    # A row-group sample spread over the split files: most of a small release, not necessarily all of it.
+    assert len(captions) // 2 <= len(gallery) <= len(captions)
+    assert len({face["sample_id"] for face in gallery}) == len(gallery)
     for face in gallery:
         assert face["caption"] == captions[face["sample_id"]] and face["caption"]
         assert face["caption_source"].startswith("alt-text (FLIP-80M path)")
     html = (demo_release / "release" / "report" / "index.html").read_text()
     assert html.count("caption source: alt-text (FLIP-80M path)") == len(gallery)
-    assert "Franz Kafka portrait, 1923" in html
+    assert all(escape(face["caption"]) in html for face in gallery)
