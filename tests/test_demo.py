@@ -134,3 +134,21 @@ def test_the_report_gallery_shows_captions_and_where_they_came_from(demo_release
     html = (demo_release / "release" / "report" / "index.html").read_text()
     assert html.count("caption source: alt-text (FLIP-80M path)") == len(gallery)
     assert all(escape(face["caption"]) in html for face in gallery)
+
+
+def test_caption_source_tells_the_paths_apart():
+    from facecap.quality.report import caption_source
+
+    grammar = {"caption": "A smiling man.", "caption_model": "none", "caption_check": "not_rewritten",
+               "attribute_model": "classifier:model@sha256:abc"}
+    assert caption_source(grammar).startswith("grammar: attributes from classifier:model@sha256:abc")
+    assert "not rewritten (no LLM)" in caption_source(grammar)
+    rewritten = grammar | {"caption_model": "Qwen/Qwen2.5-7B-Instruct", "caption_check": "passed"}
+    assert "rewritten by Qwen/Qwen2.5-7B-Instruct" in caption_source(rewritten)
+    fallback = grammar | {"caption_model": "Qwen/Qwen2.5-7B-Instruct", "caption_check": "omission: Smiling"}
+    assert "was not used (omission: Smiling)" in caption_source(fallback)
+    alt = {"caption": "smiling girl", "text_verdict": "face_caption", "text_denoise": "llm",
+           "text_filter": "minilm-logistic:abc"}
+    assert caption_source(alt) == ("alt-text (FLIP-80M path): judged about a face by minilm-logistic:abc, "
+                                   "denoised by the LLM")
+    assert caption_source({"caption": None}).startswith("no caption")
