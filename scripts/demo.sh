@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
-# Written once: rewriting the files would change their fingerprints and redo the work.
-[ -d example-data ] || facecap example-data example-data
+# Written once: rewriting the files would change their fingerprints and redo the work. The group photo
+# marks the current example data (an older example-data/ held one portrait only).
+[ -f example-data/folder/group.jpg ] || facecap example-data example-data
 # Offline there is no attribute model, so the attribute captions (grammar, LLM rewrite) cannot be made;
 # the FLIP-80M path can: face-related alt-text, judged by the keyword filter and cleaned by the pre-cleaner.
 facecap curate example-data/folder example-data/webdataset/*.tar example-data/parquet/*.parquet \
