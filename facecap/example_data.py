@@ -1,10 +1,17 @@
-"""Example sources built from photos that ship inside PyPI wheels, plus generated images.
+"""Example sources built from photos that ship inside PyPI packages, plus generated images.
 
-The only real face photo is NASA's portrait of Eileen Collins that scikit-image
-ships (``skimage.data.astronaut()``). Around it we build the cases a curation
-run meets: rotated and multi-face images, a face too small to keep, non-face
-photos and generated images, broken files, and all three source kinds
-(folder with sidecars, WebDataset tar, Parquet with bytes and with paths).
+The people are the real photos of facecap.package_photos: NASA's portrait of
+Eileen Collins (scikit-image), Franz Kafka's 1923 portrait, insightface's
+six-person group photo, and its 112 px aligned face of Tom Hanks (a face too
+small to keep). Their captions read like web alt-text: some about the face,
+some noisy (HTML entities, camera file names, stock-site boilerplate), some
+not about a face at all, so the FLIP-80M text path has something to keep, to
+clean and to reject. Around them we build the cases a curation run meets:
+copies of one photo in several containers, rotated, mirrored, rescaled and
+multi-face images, non-face photos and generated images, broken files, and all
+three source kinds (folder with sidecars, WebDataset tar, Parquet with bytes
+and with paths). New records are appended to each container, so the offsets
+of the older ones stay put.
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-ASTRONAUT_CAPTION = "Eileen Collins, NASA astronaut, in her orange launch and entry suit"
+ASTRONAUT_CAPTION = "Eileen Collins, NASA astronaut, smiling in her orange launch and entry suit"
+# Distinct people whose faces the example data keeps (astronaut 1, Kafka 1, the group photo 6); Tom Hanks'
+# 112 px face is too small to keep.
+DISTINCT_PEOPLE = 8
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -47,10 +57,15 @@ def astronaut() -> Image.Image:
 
 
 def photo(name: str) -> Image.Image:
+    """A scikit-image sample photo (coffee, rocket...): the example data's non-face photos."""
     from skimage import data
 
     arr = getattr(data, name)()
     return Image.fromarray(arr).convert("RGB")
+
+
+def _rescaled(img: Image.Image, factor: float) -> Image.Image:
+    return img.resize((round(img.width * factor), round(img.height * factor)), Image.LANCZOS)
 
 
 def exif_rotated(img: Image.Image) -> bytes:
@@ -88,11 +103,30 @@ def face_images() -> dict[str, tuple[bytes, str]]:
     return {
         "astronaut.png": (_encode(face, "PNG"), ASTRONAUT_CAPTION),
         "astronaut_tilted.jpg": (_encode(face.rotate(20, resample=Image.BICUBIC, expand=True), "JPEG", quality=92),
-                                 "the astronaut portrait, tilted"),
+                                 "NASA Space Shuttle mission STS-93 crew photo, 1999"),  # not about a face
         "astronaut_pair.jpg": (_encode(pair, "JPEG", quality=92), "the astronaut portrait next to its mirror image"),
-        "astronaut_exif.jpg": (exif_rotated(face), "the astronaut portrait stored sideways with an EXIF orientation"),
+        "astronaut_exif.jpg": (exif_rotated(face), "DSC01234.JPG"),  # a camera file name: nothing left once cleaned
         "astronaut_small.jpg": (_encode(face.resize((160, 160)), "JPEG", quality=92), "a thumbnail: face too small"),
         "astronaut_webp.webp": (_encode(face, "WEBP", quality=90), "the astronaut portrait as WebP"),
+    }
+
+
+def people_images() -> dict[str, tuple[bytes, str]]:
+    """name -> (encoded image, alt-text) for the other people's photos, as the web serves them."""
+    from facecap.package_photos import photo as packaged, photo_bytes
+
+    group = packaged("group")
+    return {
+        "kafka.jpg": (photo_bytes("kafka"),
+                      "Franz Kafka portrait, 1923: the writer with dark eyes and slicked-back hair | Stock Photo"),
+        "kafka_small.jpg": (_encode(_rescaled(packaged("kafka"), 0.85), "JPEG", quality=80),
+                            "&lt;b&gt;Franz Kafka&lt;/b&gt; black and white portrait photo, serious expression "
+                            "- IMG_0412.jpg"),
+        "group.jpg": (photo_bytes("group"), "Smiling colleagues: six friends pose for a group photo, happy faces"
+                                            "&amp;nbsp;\\n Royalty Free Stock Photo"),
+        "group_mirror.jpg": (_encode(group.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "JPEG", quality=85),
+                             "Team building day at the office, summer 2019"),  # six faces, alt-text not about them
+        "hanks.png": (photo_bytes("hanks"), "Tom Hanks headshot"),  # 112 px: too small to keep
     }
 
 
@@ -167,13 +201,15 @@ def write_parquet_paths(path: Path, images: dict[str, tuple[bytes, str]]) -> Non
 def write_example_data(root: str | Path) -> dict[str, int]:
     """Write the example sources under root; returns the number of records per source."""
     root = Path(root)
-    faces, others, broken = face_images(), non_face_images(), broken_images()
-    write_folder(root / "folder", {**faces, **others, **broken})
-    wds = {k: faces[k] for k in ("astronaut.png", "astronaut_pair.jpg")} | {"rocket.jpg": others["rocket.jpg"]}
+    faces, others, broken, people = face_images(), non_face_images(), broken_images(), people_images()
+    folder = {**faces, **others, **broken} | {k: people[k] for k in ("kafka.jpg", "group.jpg", "hanks.png")}
+    write_folder(root / "folder", folder)
+    wds = ({k: faces[k] for k in ("astronaut.png", "astronaut_pair.jpg")} | {"rocket.jpg": others["rocket.jpg"]}
+           | {"kafka_small.jpg": people["kafka_small.jpg"]})
     write_webdataset(root / "webdataset" / "00000.tar", wds)
-    write_parquet_bytes(root / "parquet" / "bytes.parquet",
-                        {k: faces[k] for k in ("astronaut_tilted.jpg", "astronaut_exif.jpg")} | {"noise.jpg": others["noise.jpg"]})
+    parquet = ({k: faces[k] for k in ("astronaut_tilted.jpg", "astronaut_exif.jpg")} | {"noise.jpg": others["noise.jpg"]}
+               | {"group_mirror.jpg": people["group_mirror.jpg"]})
+    write_parquet_bytes(root / "parquet" / "bytes.parquet", parquet)
     write_parquet_paths(root / "paths" / "paths.parquet",
                         {"astronaut_webp.webp": faces["astronaut_webp.webp"], "coffee.png": others["coffee.png"]})
-    return {"folder": len(faces) + len(others) + len(broken), "webdataset": len(wds), "parquet_bytes": 3,
-            "parquet_paths": 3}
+    return {"folder": len(folder), "webdataset": len(wds), "parquet_bytes": len(parquet), "parquet_paths": 3}

@@ -115,18 +115,51 @@ def _thumbnail(data: bytes, limits, box: list[float] | None = None) -> str | Non
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+# Columns that say where a record's caption came from (see caption_source).
+CAPTION_SOURCE_COLUMNS = ("caption", "caption_model", "caption_check", "attribute_model", "text_verdict",
+                          "text_caption", "text_denoise", "text_filter")
+
+
+def caption_source(rec: dict) -> str:
+    """Where a face record's caption came from, said plainly: the attribute path (grammar, LLM rewrite or
+    not), the FLIP-80M alt-text path (filter, and whether an LLM or the rules alone cleaned it), or no caption
+    at all (the unfiltered source alt-text is not a caption)."""
+    if rec.get("caption_model") is not None:
+        attrs = f"attributes from {rec['attribute_model']}" if rec.get("attribute_model") else "attributes"
+        check = rec.get("caption_check") or ""
+        if rec["caption_model"] == "none":
+            return f"grammar: {attrs} -> PCFG text, not rewritten (no LLM)"
+        if check == "passed":
+            return f"grammar: {attrs} -> PCFG text, rewritten by {rec['caption_model']} (faithfulness check passed)"
+        return f"grammar: {attrs} -> PCFG text; the {rec['caption_model']} rewrite was not used ({check})"
+    if rec.get("caption") and rec.get("text_verdict") == "face_caption":
+        denoise = rec.get("text_denoise") or "rules"
+        cleaned = "denoised by the LLM" if denoise == "llm" else "cleaned by the rule-based pre-cleaner"
+        judge = rec.get("text_filter") or "the text filter"
+        if judge.startswith("keyword-match"):
+            judge = "the face-keyword filter (no classifier configured)"
+        return f"alt-text (FLIP-80M path): judged about a face by {judge}, {cleaned}"
+    if rec.get("caption"):
+        return "caption column of unknown origin"
+    return "no caption: the unfiltered source alt-text (no caption stage ran)"
+
+
 def gallery(db: ReleaseDB) -> list[dict]:
-    """Sample faces spread over the release (row-group sample: no scan of the image column)."""
+    """Sample faces spread over the release (row-group sample: no scan of the image column), each with its
+    caption and where that caption came from."""
     n = db.cfg.quality.gallery_size
     if n <= 0 or "image" not in db.columns:
         return []
     fields: dict[str, str] = {}
     for section in _sections():
         fields.update(section.gallery_columns(db))
-    wanted = list(dict.fromkeys(["sample_id", "image"] + [c for c in fields.values() if c in db.columns]))
+    source_cols = [c for c in CAPTION_SOURCE_COLUMNS if c in db.columns]
+    wanted = list(dict.fromkeys(["sample_id", "image"] + [c for c in fields.values() if c in db.columns]
+                                + source_cols))
     out = []
     for rec in sample_rows(data_files(db.path), n, wanted):
         face = {"sample_id": rec["sample_id"], **{f: rec.get(c) for f, c in fields.items()}}
+        face["caption_source"] = caption_source({c: rec.get(c) for c in source_cols})
         face["thumbnail"] = _thumbnail(image_bytes(rec.get("image")) or b"", db.cfg.image)
         out.append(face)
     return out
@@ -230,7 +263,9 @@ def render_html(report: dict[str, Any]) -> str:
     for g in report["gallery"]:
         img = f'<img src="{g["thumbnail"]}" alt="face">' if g.get("thumbnail") else "<p>(undecodable)</p>"
         shown = "".join(section.gallery_html(g) for section in _sections())
-        parts.append(f'<div class="card">{img}<code>{escape(g["sample_id"])}</code>{shown}</div>')
+        source = (f'<div class="na">caption source: {escape(g["caption_source"])}</div>'
+                  if g.get("caption_source") else "")
+        parts.append(f'<div class="card">{img}<code>{escape(g["sample_id"])}</code>{shown}{source}</div>')
     parts.append("</div>")
 
     rej = report["rejects"]

@@ -23,8 +23,11 @@ EXPECTED = {
     ("folder", "shapes.png"): "no_face", ("folder", "truncated.jpg"): "decode_error",
     ("folder", "empty.jpg"): "empty_file", ("folder", "not_an_image.jpg"): "decode_error",
     ("folder", "bomb.png"): "too_large",
+    ("folder", "kafka.jpg"): 1, ("folder", "group.jpg"): 6, ("folder", "hanks.png"): "too_small",
     ("00000.tar", "000000000"): 1, ("00000.tar", "000000001"): 2, ("00000.tar", "000000002"): "no_face",
+    ("00000.tar", "000000003"): 1,
     ("bytes.parquet", "0"): 1, ("bytes.parquet", "1"): 1, ("bytes.parquet", "2"): "no_face",
+    ("bytes.parquet", "3"): 6,
     ("paths.parquet", "0"): 1, ("paths.parquet", "1"): "no_face", ("paths.parquet", "2"): "missing_file",
 }
 

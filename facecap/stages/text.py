@@ -92,6 +92,9 @@ TEXT_FIELDS_NULL_WHEN_NOT_FACE = frozenset({"keywords", "text_caption", "text_sc
 
 
 FACE_CAPTION = "face_caption"  # text_verdict of an alt-text about a face
+NO_CAPTION_PATH = ("no caption path: text.caption_path is facecaption, whose captions come from attributes, and "
+                   "the annotate stage is off, so no stage captions; set text.caption_path=flip80m for captions "
+                   "from the face-related alt-text (filtered and cleaned; needs no model download)")
 
 
 def rejects_non_face(settings: TextSettings) -> bool:
@@ -211,6 +214,17 @@ class Text(Stage):
     retry_delay_seconds = (5, 30)
 
     @classmethod
+    def card_notes(cls, info: dict) -> dict[str, str]:
+        s = (info.get("stages") or {}).get(cls.name) or {}
+        if s.get("status") == "on" or not str(s.get("why") or "").startswith(NO_CAPTION_PATH):
+            return {}
+        return {"warning": "NO CAPTIONS: the attribute caption path needs the annotate stage, which was off, and "
+                           "the alt-text path (text.caption_path=flip80m) was not chosen; faces carry only their "
+                           "unfiltered source alt-text (source_caption). Re-curate with --set "
+                           "text.caption_path=flip80m for captions from face-related alt-text (runs offline), or "
+                           "give an attribute model (attributes.model)."}
+
+    @classmethod
     def settings(cls, cfg):
         keyed = super().settings(cfg)
         if not cfg.text.denoise:
@@ -225,6 +239,9 @@ class Text(Stage):
 
         t = cfg.text
         if t.caption_path == "facecaption":
+            if planned is not None and "annotate" in planned and not planned["annotate"].on:
+                # Then neither path captions: the offline profile's default run ends with no caption at all.
+                return StagePlan(False, why=f"{NO_CAPTION_PATH}: {planned['annotate'].why}")
             return StagePlan(False, why="text.caption_path is facecaption: captions come from attributes "
                                         "(set it to flip80m or both for the filtered, denoised alt-text)")
         matcher = KeywordMatcher.from_file(t.keywords_file)
