@@ -182,7 +182,7 @@ def test_killed_run_resumes_to_the_same_release(prefect_api_url, many_images, tm
 
     a, a_rejects = read_release(out)
     b, b_rejects = read_release(clean)
-    assert a.num_rows == b.num_rows > 12
+    assert a.num_rows == b.num_rows >= 10
     assert len(set(a.column("sample_id").to_pylist())) == a.num_rows, "no duplicate sample_id after resume"
     assert a.equals(b), "the resumed release must equal a clean run's"
     key = [("image_id", "ascending"), ("reason", "ascending")]
