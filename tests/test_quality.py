@@ -160,3 +160,47 @@ def test_an_empty_release_is_not_failed_for_missing_columns(tmp_path):
     assert checks["sample_id_unique"]["status"] == "not applicable"
     assert "no face records" in checks["sample_id_unique"]["why"]
     assert json.loads((staged / "report" / "report.json").read_text())["figures"]["rows"] == 0
+
+
+def test_a_mean_that_used_to_block_publishes_and_blocks_only_as_a_policy(tmp_path):
+    """Every face padded 0.2 (an edge-crop corpus; each within detect.max_pad_fraction): the mean 0.2 is above the
+    0.1 that used to refuse the release. Unset, the mean is reported; set as a policy, it blocks and says which
+    records to look at, with a query that runs on the release as it is."""
+    import duckdb
+
+    staged = write_synthetic_release(tmp_path, pad_fraction=0.2)
+    verdict = validate_release(str(staged), log=_quiet)
+    mean = _by_name(verdict)["mean_pad_fraction"]
+    assert verdict.passed and verdict.publishable, verdict.failed
+    assert mean["status"] == "passed" and abs(mean["observed"] - 0.2) < 1e-6 and mean["policy"]
+    assert "reported, no policy" in mean["description"]
+    assert _by_name(verdict)["pad_fraction_within_rule"]["status"] == "passed"
+
+    verdict = validate_release(str(staged), overrides=["quality.max_mean_pad_fraction=0.1"], log=_quiet)
+    assert verdict.failed == ["mean_pad_fraction"] and not verdict.publishable
+    check = _by_name(verdict)["mean_pad_fraction"]
+    assert "a policy set for this run" in check["description"]
+    rows = duckdb.sql(check["look_at"]).fetchall()
+    n = sum(1 for _ in pq_rows(staged))
+    assert len(rows) == n and all(abs(pad - 0.2) < 1e-6 for _, pad in rows), "every padded face is listed"
+    assert check["look_at"] in blocked_message(verdict, str(staged))
+
+
+def test_duplicate_image_rate_names_the_repeated_records_when_set(tmp_path):
+    """Copies of one photo are dedup's to remove per face; the byte-duplicate share blocks only as a policy."""
+    import duckdb
+
+    staged = write_synthetic_release(tmp_path, defect="duplicate_image")
+    verdict = validate_release(str(staged), log=_quiet)
+    assert verdict.passed and _by_name(verdict)["duplicate_image_rate"]["observed"] > 0
+    verdict = validate_release(str(staged), overrides=["quality.max_duplicate_image_rate=0.01"], log=_quiet)
+    assert verdict.failed == ["duplicate_image_rate"]
+    listed = {r[0] for r in duckdb.sql(_by_name(verdict)["duplicate_image_rate"]["look_at"]).fetchall()}
+    assert len(listed) == 2, listed
+
+
+def pq_rows(staged: Path):
+    import pyarrow.parquet as pq
+
+    for f in sorted((staged / "data").glob("*.parquet")):
+        yield from pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist()
