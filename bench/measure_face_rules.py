@@ -101,6 +101,15 @@ def detect(detector, named: dict[str, bytes], cfg: Config) -> list[dict]:
     return out
 
 
+def landmark_reach(face: dict) -> float:
+    """How far the farthest landmark lies past the face box, as a share of the box side (0: all inside)."""
+    x1, y1, x2, y2 = face["bbox"]
+    p = np.asarray(face["landmarks"]).reshape(5, 2)
+    dx = np.maximum(np.maximum(x1 - p[:, 0], p[:, 0] - x2), 0) / max(x2 - x1, 1e-6)
+    dy = np.maximum(np.maximum(y1 - p[:, 1], p[:, 1] - y2), 0) / max(y2 - y1, 1e-6)
+    return float(max(dx.max(), dy.max()))
+
+
 def summary(label: str, faces: list[dict]) -> None:
     if not faces:
         print(f"{label:<22} no faces kept")
@@ -157,6 +166,10 @@ def main(argv=None) -> int:
     web = np.array([f["pad_fraction"] for f in groups["web copy"] + groups["edge crop"]])
     print(f"edge crops: {len(edge)} faces kept, {np.mean(edge > 0):.0%} padded, pad p95 {np.percentile(edge, 95):.3f}, "
           f"max {edge.max():.3f}; web copies and edge crops together: mean pad {web.mean():.3f}")
+    every = [f for faces in groups.values() for f in faces]
+    reach = [landmark_reach(f) for f in every]
+    print(f"landmarks past the face box, in box sides (the release check allows quality.landmark_tolerance): "
+          f"max {max(reach):.3f} over {len(every)} faces")
     for limit in (0.25, 0.3, 0.35, 0.4):
         print(f"  detect.max_pad_fraction={limit}: rejects {int((edge > limit).sum())} of {len(edge)} edge-crop faces, "
               f"{int((web > limit).sum())} of {len(web)} web-copy and edge-crop faces")
