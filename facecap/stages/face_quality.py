@@ -2,7 +2,8 @@
 
 A stage of its own right after detect, so the rules can be re-tuned without
 running the detector again (this stage reads the crops detect wrote; the
-measures cost about a millisecond a face).
+measures cost 0.9 ms a face on 140-220 px crops, 11 ms on 1024 px ones, mostly
+JPEG decoding).
 
 - Sharpness: variance of the Laplacian of the face box's part of the aligned
   crop (grey, resized to ``WORK_SIDE`` px with area averaging). A fixed
@@ -26,6 +27,7 @@ crop's pixels whose source point lies outside the image are masked.
 from __future__ import annotations
 
 import math
+import re
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -279,7 +281,8 @@ class FaceQuality(Stage):
 
 # --- report ----------------------------------------------------------------------------------------
 HISTOGRAMS = {  # column -> (low, high, bins, label); fixed ranges, so the figures need no extra scan
-    "sharpness": (0.0, 1000.0, 25, "sharpness (variance of the Laplacian)"),
+    # Sharpness spans decades (blurred faces score ~10, web photos hundreds to thousands): binned by log10.
+    "sharpness": (0.0, 4.0, 20, "log10 sharpness (variance of the Laplacian)"),
     "yaw": (-90.0, 90.0, 18, "yaw, degrees"),
     "pitch": (-90.0, 90.0, 18, "pitch, degrees"),
     "roll": (-90.0, 90.0, 18, "roll, degrees"),
@@ -299,7 +302,8 @@ class FaceQualityReport(ReportSection):
         exprs = {}
         for col, (lo, hi, bins, _) in HISTOGRAMS.items():
             if col in db.columns:
-                exprs[f"fq_{col}_hist"] = f"histogram({bin_expr(col, lo, hi, bins)})"
+                value = "log10(greatest(sharpness, 1))" if col == "sharpness" else col
+                exprs[f"fq_{col}_hist"] = f"histogram({bin_expr(value, lo, hi, bins)})"
                 exprs[f"fq_{col}_median"] = f"median({col})"
         return exprs, {}
 
@@ -315,16 +319,18 @@ class FaceQualityReport(ReportSection):
                 rejects = {r: int(n) for r, n in (row.get("rejects") or {}).items()}
         rules = []
         for reason, condition in rule_sql(s).items():
-            rules.append({"reason": reason, "rule": condition, "rejected": rejects.get(reason, 0)})
+            rules.append({"reason": reason, "rule": re.sub(r"CAST\((\S+) AS FLOAT\)", r"\1", condition),
+                          "rejected": rejects.get(reason, 0)})
         fig = {"kept": int(agg["n_rows"]), "rules": rules, "measures": {}}
         for col, (lo, hi, bins, label) in HISTOGRAMS.items():
             if f"fq_{col}_hist" in agg:
-                marks = [getattr(s, m) for m in RULE_MARKS.get(col, ()) if getattr(s, m) is not None]
+                values = [getattr(s, m) for m in RULE_MARKS.get(col, ()) if getattr(s, m) is not None]
                 if col in ("yaw", "pitch"):
-                    marks = [v for m in marks for v in (-m, m)]
+                    values = [v for m in values for v in (-m, m)]
+                marks = [round(math.log10(max(m, 1.0)), 4) for m in values] if col == "sharpness" else values
                 median = agg.get(f"fq_{col}_median")
                 fig["measures"][col] = {"label": label, "median": None if median is None else round(float(median), 3),
-                                        "rule_at": marks, **hist(agg[f"fq_{col}_hist"], lo, hi, bins)}
+                                        "rule_at": marks, "rule_values": values, **hist(agg[f"fq_{col}_hist"], lo, hi, bins)}
         return {"face_quality": fig}
 
     def headline(self, fig) -> dict:
@@ -348,7 +354,7 @@ class FaceQualityReport(ReportSection):
             mark = m["rule_at"][-1] if m["rule_at"] else None
             parts.append(svg.histogram(m["edges"], m["counts"], f"{m['label']} (median {m['median']}; the last bin "
                                        f"holds everything above)", mark=mark,
-                                       mark_label=f"rule {mark:g}" if mark is not None else ""))
+                                       mark_label=f"rule {m['rule_values'][-1]:g}" if mark is not None else ""))
         return "".join(parts)
 
     def gallery_columns(self, db) -> dict[str, str]:
