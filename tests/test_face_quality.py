@@ -215,7 +215,7 @@ def test_a_corpus_of_edge_crops_is_published_and_its_figures_reported(prefect_ap
     per-face rules, so the release is published; the mean blocks only as a policy the user sets."""
     import json
 
-    from helpers import run_curate
+    from helpers import read_release, run_curate
 
     from facecap.quality.validate import validate_release
 
@@ -253,4 +253,17 @@ def test_a_corpus_of_edge_crops_is_published_and_its_figures_reported(prefect_ap
 
     verdict = validate_release(str(out / "release"), overrides=["quality.max_mean_pad_fraction=0.1"], log=lambda _: 0)
     assert verdict.failed == ["mean_pad_fraction"]
+
+    # Re-tuning a face-quality rule reruns face_quality and what follows, never detection.
+    data, _ = read_release(out)
+    sharpness = sorted(data.column("sharpness").to_pylist())
+    limit = round((sharpness[len(sharpness) // 2 - 1] + sharpness[len(sharpness) // 2]) / 2, 1)
+    retuned = cfg.model_copy(deep=True)
+    retuned.face_quality.min_sharpness = limit
+    result = run_curate([folder], out, retuned)
+    funnel = {r.stage: r for r in result.funnel}
+    assert funnel["detect"].cached == funnel["detect"].shards > 0, "detect must be reused"
+    assert funnel["face_quality"].cached == 0
+    below = sum(v < limit for v in sharpness)
+    assert funnel["face_quality"].rejects == {"too_blurry": below} and result.records == len(sharpness) - below
 
