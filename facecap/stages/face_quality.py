@@ -133,6 +133,8 @@ def face_box_mask(crop_side: int, crop_box: list[float], angle: float, margin: f
     ox, oy = np.meshgrid(grid, grid)
     sx = cx + math.cos(a) * ox - math.sin(a) * oy
     sy = cy + math.sin(a) * ox + math.cos(a) * oy
+    if not width or not height:  # source size unknown: nothing can be told apart as padding
+        return (x0, x0, x1, x1), np.ones((side, side), dtype=bool)
     inside = (sx >= 0) & (sx < width) & (sy >= 0) & (sy < height)
     return (x0, x0, x1, x1), inside
 
