@@ -44,11 +44,10 @@ def _as_policies(checks: list[Check], cfg: "Config") -> list[Check]:
     q, out = cfg.quality, []
     for c in checks:
         if c.name == "duplicate_caption_rate" and c.policy is None:
-            made = policy_check(c.name, c.suite, "share of rows repeating another row's caption", c.metric,
-                                c.columns, "quality.max_duplicate_caption_rate", q.max_duplicate_caption_rate,
-                                "SELECT sample_id, caption FROM faces QUALIFY count(*) OVER (PARTITION BY caption) "
-                                "> 1 ORDER BY caption, sample_id")
-            c = made
+            c = policy_check(c.name, c.suite, "share of rows repeating another row's caption", c.metric, c.columns,
+                             "quality.max_duplicate_caption_rate", q.max_duplicate_caption_rate,
+                             "SELECT sample_id, caption FROM faces QUALIFY count(*) OVER (PARTITION BY caption) > 1 "
+                             "ORDER BY caption, sample_id")
         out.append(c)
     return out
 

@@ -105,6 +105,8 @@ def _defect(rows: list[dict], name: str | None) -> None:
         rows[7]["pad_fraction"] = 0.45
     elif name == "duplicate_image":  # one crop's bytes twice (no check fails: dedup's to remove, per face)
         rows[10]["image"] = rows[9]["image"]
+    elif name == "duplicate_caption":  # one caption twice (no check fails: a share that is a policy)
+        rows[12]["caption"] = rows[11]["caption"]
     elif name == "blurry_kept":  # a face the too_blurry rule should have rejected
         rows[8]["sharpness"] = 3.0
     elif name is not None and name not in ("funnel_mismatch",):

@@ -186,16 +186,19 @@ def test_a_mean_that_used_to_block_publishes_and_blocks_only_as_a_policy(tmp_pat
     assert check["look_at"] in blocked_message(verdict, str(staged))
 
 
-def test_duplicate_image_rate_names_the_repeated_records_when_set(tmp_path):
-    """Copies of one photo are dedup's to remove per face; the byte-duplicate share blocks only as a policy."""
+@pytest.mark.parametrize("defect, check", [("duplicate_image", "duplicate_image_rate"),
+                                           ("duplicate_caption", "duplicate_caption_rate")])
+def test_duplicate_shares_block_only_as_policies_and_name_the_repeated_records(defect, check, tmp_path):
+    """Copies of one photo are dedup's to remove per face, and faces alike get alike template captions: the
+    shares of repeats are reported, and block only when the user sets a limit."""
     import duckdb
 
-    staged = write_synthetic_release(tmp_path, defect="duplicate_image")
+    staged = write_synthetic_release(tmp_path, defect=defect)
     verdict = validate_release(str(staged), log=_quiet)
-    assert verdict.passed and _by_name(verdict)["duplicate_image_rate"]["observed"] > 0
-    verdict = validate_release(str(staged), overrides=["quality.max_duplicate_image_rate=0.01"], log=_quiet)
-    assert verdict.failed == ["duplicate_image_rate"]
-    listed = {r[0] for r in duckdb.sql(_by_name(verdict)["duplicate_image_rate"]["look_at"]).fetchall()}
+    assert verdict.passed and _by_name(verdict)[check]["observed"] > 0
+    verdict = validate_release(str(staged), overrides=[f"quality.max_{check}=0.01"], log=_quiet)
+    assert verdict.failed == [check]
+    listed = {r[0] for r in duckdb.sql(_by_name(verdict)[check]["look_at"]).fetchall()}
     assert len(listed) == 2, listed
 
 
