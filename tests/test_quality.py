@@ -59,6 +59,11 @@ def test_each_injected_defect_fails_its_expectation_and_blocks_publication(defec
     assert check["status"] == "failed" and check["observed"] != 0, check
     assert verdict.failed == [DEFECTS[defect]], "the defect must fail its own check and no other"
     assert not verdict.publishable
+    if check["examples"] and check["look_at"]:  # a row check names its records with a query that runs as is
+        import duckdb
+
+        listed = {r[0] for r in duckdb.sql(check["look_at"]).fetchall()}
+        assert set(check["examples"]) <= listed and len(listed) == check["observed"], (listed, check)
     report = (staged / "report" / "index.html").read_text()
     assert "NOT PUBLISHED" in report and DEFECTS[defect] in report
 

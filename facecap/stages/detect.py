@@ -333,7 +333,10 @@ class DetectReport(ReportSection):
                                    f"{bins['side'][1]:g}",
                            **hist(agg["side_hist"], *bins["side"])}
         if "pad_hist" in agg:
+            too_padded = sum(int((row.get("rejects") or {}).get(DetectReason.TOO_PADDED, 0))
+                             for row in db.info.get("funnel") or [] if row.get("stage") == "detect")
             fig["pad"] = {"mean": round(float(agg["pad_mean"]), 4), "padded_faces": int(agg["padded"]),
+                          "rejected_too_padded": too_padded,
                           "limit": cfg.detect.max_pad_fraction, "mean_policy": cfg.quality.max_mean_pad_fraction,
                           "note": "share of each crop outside its source image (black padding); the last bin holds "
                                   f"everything >= {bins['pad'][1]:g}",
@@ -365,7 +368,8 @@ class DetectReport(ReportSection):
             p = fig["pad"]
             parts.append(svg.histogram(p["edges"], p["counts"],
                                        f"share of the crop past the image edge (mean {p['mean']}; "
-                                       f"{p['padded_faces']:,} faces padded at all)",
+                                       f"{p['padded_faces']:,} kept faces padded at all, "
+                                       f"{p.get('rejected_too_padded', 0):,} rejected too_padded)",
                                        mark=p["limit"], mark_label=f"per-face rule {p['limit']}"
                                        if p["limit"] is not None else ""))
         return "".join(parts)
