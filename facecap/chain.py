@@ -24,6 +24,7 @@ from facecap.stages.base import Stage, StagePlan
 from facecap.stages.caption import Caption
 from facecap.stages.dedup import Dedup
 from facecap.stages.detect import Detect
+from facecap.stages.face_quality import FaceQuality
 from facecap.stages.ingest import Ingest
 from facecap.stages.text import Text
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 STAGES: tuple[type[Stage], ...] = (
     Ingest,  # sources -> image records (references to local bytes; downloaded bytes)
     Detect,  # images -> aligned face crops
+    FaceQuality,  # crops -> sharpness, head pose, exposure; per-face rules
     Dedup,  # crops -> perceptual hashes; near-duplicate clusters release-wide
     Annotate,  # crops -> 40 CelebA attributes
     Text,  # FLIP-80M path: alt-text filter and cleaning

@@ -118,20 +118,25 @@ class QualitySettings(_Section):
                              "it (an empty release is almost always a filter or setting gone wrong). 0: no floor.")
     min_caption_words: int = Field(3, ge=0, description="Captions with fewer words fail the caption suite.")
     max_caption_words: int = Field(120, ge=1, description="Captions with more words fail the caption suite.")
-    max_duplicate_caption_rate: float = Field(
-        0.2, ge=0, le=1, description="Highest share of rows whose caption repeats another row's.")
-    max_duplicate_image_rate: float = Field(
-        0.05, ge=0, le=1, description="Highest share of rows whose face crop bytes repeat another row's.")
+    max_duplicate_caption_rate: float | None = Field(
+        None, ge=0, le=1, description="A policy: the highest share of rows whose caption repeats another row's. "
+                                      "Unset: the share is reported, never blocks (it depends on the mix of "
+                                      "inputs: template captions of faces with the same attributes repeat).")
+    max_duplicate_image_rate: float | None = Field(
+        None, ge=0, le=1, description="A policy: the highest share of rows whose face crop bytes repeat another "
+                                      "row's. Unset: the share is reported, never blocks (copies of one photo "
+                                      "are the dedup stage's to remove, per face, with a reason).")
     decode_sample: int = Field(200, ge=0, description="Image bytes decoded per release to check they are images.")
-    test_fraction: float = Field(0.05, ge=0, lt=1, description="Share of source images in the test split.")
+    test_fraction: float = Field(0.05, ge=0, lt=1, description="Target share of released faces in the test split, reached with whole groups of faces linked by a near-duplicate cluster or a shared source image (the achieved share is in the report and card).")
     bbox_tolerance_px: float = Field(
         1.0, ge=0, description="How far (source px) a bbox may reach past the source image's edges.")
     landmark_tolerance: float = Field(
         0.1, ge=0, description="How far landmarks may lie outside the bbox, as a fraction of the box side "
                                "(turned faces put an eye or mouth corner just outside).")
-    max_mean_pad_fraction: float = Field(
-        0.1, ge=0, le=1, description="Highest mean share of a face crop lying outside its source image (black "
-                                     "padding where the crop region runs past the edge).")
+    max_mean_pad_fraction: float | None = Field(
+        None, ge=0, le=1, description="A policy: the highest mean share of a face crop lying outside its source "
+                                      "image (black padding). Unset: the mean is reported, never blocks; each "
+                                      "face's padding is ruled by detect.max_pad_fraction.")
     gallery_size: int = Field(12, ge=0, description="Sample faces shown in the report's gallery.")
     ngram_sample: int = Field(
         20000, ge=100, description="Captions (a deterministic sample) behind the report's unique-4-gram curve.")

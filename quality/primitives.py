@@ -29,6 +29,10 @@ class Check:
     columns: tuple[str, ...]  # release columns it reads: missing ones fail the check
     min_value: float | None = 0  # counts and rates: 0 .. max_value
     max_value: float | None = 0
+    # The setting (e.g. "quality.max_duplicate_image_rate") when the bound is a policy the user set on the
+    # mix of a release's inputs (a mean, a rate) rather than a confirmation of a per-record rule.
+    policy: str | None = None
+    look_at: str | None = None  # SQL over the `faces` view listing the records behind the figure
 
     @property
     def row_condition(self) -> str | None:
@@ -37,6 +41,29 @@ class Check:
         if self.metric and self.metric.startswith(prefix) and self.metric.endswith(")"):
             return self.metric[len(prefix):-1]
         return None
+
+
+def policy_check(name: str, suite: str, what: str, metric: str, columns: tuple[str, ...], setting: str,
+                 limit: float | None, look_at: str, upper: float = 1.0) -> Check:
+    """A figure over the mix of a release's records (a mean, a rate) that blocks a release only as a policy.
+
+    Every record of a release passed the per-record rules; whether a share of them may be padded, or
+    repeat another's bytes, depends on what went in. So the figure blocks only when the user set `setting`;
+    unset, the check still runs in Great Expectations, on the bounds any such figure has (0 .. `upper`),
+    and the report shows the figure. `look_at` lists the records behind it, for a failure to name.
+    """
+    if limit is None:
+        return Check(name, suite, f"{what}: reported, no policy ({setting} unset; set it to block a release "
+                                  f"above a limit)", metric, columns, min_value=0, max_value=upper, policy=setting,
+                     look_at=look_at)
+    return Check(name, suite, f"{what} <= {setting} ({limit}), a policy set for this run", metric, columns,
+                 min_value=0, max_value=limit, policy=setting, look_at=look_at)
+
+
+def look_at_query(sql: str, release_dir: str) -> str:
+    """A check's `look_at` query, runnable as is with the duckdb command line on the release's files."""
+    files = os.path.join(release_dir, "data", "*.parquet").replace("'", "''")
+    return sql.replace("FROM faces", f"FROM read_parquet('{files}')")
 
 
 def word_count_sql(column: str) -> str:

@@ -251,7 +251,8 @@ def render_html(report: dict[str, Any]) -> str:
         [[c["suite"], c["name"], _status(c), "" if c["observed"] is None else c["observed"],
           _allowed(c) if c["status"] != NOT_APPLICABLE else "",
           (c["why"] if c["why"] else c["description"])
-          + (f"; e.g. sample_id {', '.join(c['examples'])}" if c.get("examples") else "")]
+          + (f"; e.g. sample_id {', '.join(c['examples'])}" if c.get("examples") else "")
+          + (f"; the records: {c['look_at']}" if c.get("look_at") else "")]
          for c in v["checks"]], raw={2}))
     parts.append("<p>Great Expectations' own Data Docs: <a href=\"gx/index.html\">gx/index.html</a> "
                  "(they load their CSS/JS from a CDN, so offline they render unstyled).</p>")

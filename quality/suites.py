@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from facecap.quality.checks import build_checks, derived_columns, suite_stages
-from facecap.quality.primitives import FAILED, NOT_APPLICABLE, PASSED, Check, sample_rows
+from facecap.quality.primitives import FAILED, NOT_APPLICABLE, PASSED, Check, look_at_query, sample_rows
 from facecap.quality.release_db import ReleaseDB
 
 
@@ -33,6 +33,8 @@ class CheckResult:
     max_value: float | None
     why: str | None = None  # for not applicable / failures that are not a number (missing column)
     examples: list[str] | None = None  # sample_ids of a few offending rows, for failed row checks
+    policy: str | None = None  # the setting whose bound this is, when it is a policy on the mix of records
+    look_at: str | None = None  # for a failure: a DuckDB query over the release listing the records behind it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -287,6 +289,16 @@ def offending_rows(db: ReleaseDB, check: Check, limit: int = 5) -> list[str] | N
     return [str(r[0]) for r in rows]
 
 
+def records_query(db: ReleaseDB, check: Check) -> str | None:
+    """For a failed check, a query over the release's files that lists the records behind the failure."""
+    if check.look_at:
+        return look_at_query(check.look_at, db.path)
+    condition = check.row_condition
+    if condition and "sample_id" in db.columns and not any(name in condition for name in derived_columns(db.columns)):
+        return look_at_query(f"SELECT sample_id FROM faces WHERE {condition}", db.path)
+    return None
+
+
 def run_suites(db: ReleaseDB, docs_dir: str | None = None, extra: dict[str, str] | None = None,
                extra_derived: dict[str, str] | None = None) -> tuple[list[CheckResult], dict[str, Any]]:
     """Every check's result (in suite order) and the raw metrics (plus `extra` aggregates, see compute_metrics)."""
@@ -297,7 +309,8 @@ def run_suites(db: ReleaseDB, docs_dir: str | None = None, extra: dict[str, str]
     for c in checks:
         if c.name in skipped:
             status, why = skipped[c.name].split(": ", 1)
-            results.append(CheckResult(c.name, c.suite, c.description, status, None, c.min_value, c.max_value, why))
+            results.append(CheckResult(c.name, c.suite, c.description, status, None, c.min_value, c.max_value, why,
+                                       policy=c.policy))
             continue
         ok = gx_passed.get(c.name)
         if ok is None:  # GX did not report it: never count that as a pass
@@ -305,7 +318,8 @@ def run_suites(db: ReleaseDB, docs_dir: str | None = None, extra: dict[str, str]
                                        c.max_value, "no result from Great Expectations"))
             continue
         results.append(CheckResult(c.name, c.suite, c.description, PASSED if ok else FAILED, metrics[c.name],
-                                   c.min_value, c.max_value, examples=None if ok else offending_rows(db, c)))
+                                   c.min_value, c.max_value, examples=None if ok else offending_rows(db, c),
+                                   policy=c.policy, look_at=None if ok else records_query(db, c)))
     return results, metrics
 
 

@@ -47,7 +47,8 @@ def validate_release(release_dir: str, overrides: list[str] | None = None, allow
         for r in results:
             mark = {PASSED: "ok  ", FAILED: "FAIL", NOT_APPLICABLE: "n/a "}[r.status]
             log(f"  {mark} {r.suite}/{r.name}: " + (f"{r.observed}" if r.why is None else r.why)
-                + (f" (e.g. sample_id {', '.join(r.examples)})" if r.examples else ""))
+                + (f" (e.g. sample_id {', '.join(r.examples)})" if r.examples else "")
+                + (f"; the records: duckdb -c \"{r.look_at}\"" if r.look_at else ""))
         report = write_report(db, results, verdict.to_dict(), now, metrics.get("_figures") or {})
         info = dict(db.info)
         summary = verdict.summary().to_dict()
@@ -86,7 +87,8 @@ def failed_summary(verdict: Verdict) -> str:
             parts.append(name)
             continue
         seen = c["why"] if c.get("why") else f"observed {c['observed']}"
-        parts.append(f"{name} ({c['description']}; {seen})")
+        where = f"; the records: duckdb -c \"{c['look_at']}\"" if c.get("look_at") else ""
+        parts.append(f"{name} ({c['description']}; {seen}{where})")
     return "; ".join(parts)
 
 

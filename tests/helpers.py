@@ -11,10 +11,8 @@ from facecap.config import Config
 
 
 def offline_config(**sections) -> Config:
-    # The example data holds each photo in several containers (folder, tar, Parquet), so half its face
-    # crops repeat byte for byte: allow that in the duplicate-image check unless a test sets quality itself.
-    sections.setdefault("quality", {"max_duplicate_image_rate": 0.6})
-    # For the same reason its faces are near-duplicates of each other: tests that count faces per container
+    # The example data holds each photo in several containers (folder, tar, Parquet), so its faces are
+    # near-duplicates of each other: tests that count faces per container
     # keep them all (clusters are still formed and recorded, and splits follow them); tests/test_dedup.py
     # covers dedup.keep=best.
     sections.setdefault("dedup", {"keep": "all"})

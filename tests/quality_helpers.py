@@ -27,13 +27,14 @@ from facecap.schema import IMAGE_SCHEMA, extend_schema, image_id_for, sample_id_
 from facecap.stages.annotate import ATTRIBUTE_FIELDS
 from facecap.stages.caption import CAPTION_FIELDS
 from facecap.stages.detect import FACE_SCHEMA
+from facecap.stages.face_quality import QUALITY_FIELDS, measure_face
 from facecap.sources.spec import ShardSpec
 from facecap.stages.dedup import DEDUP_SCHEMA, NearDuplicates, face_hashes, grey_thumbnail
 
 # A release record: detect's face columns, then its source image's, attributes and captions.
 _SOURCE_FIELDS = [f for f in IMAGE_SCHEMA if f.name != "source_image"]
-FULL_SCHEMA = extend_schema(extend_schema(extend_schema(extend_schema(
-    FACE_SCHEMA, _SOURCE_FIELDS), list(DEDUP_SCHEMA)[1:]), ATTRIBUTE_FIELDS), CAPTION_FIELDS)
+FULL_SCHEMA = extend_schema(extend_schema(extend_schema(extend_schema(extend_schema(
+    FACE_SCHEMA, _SOURCE_FIELDS), QUALITY_FIELDS), list(DEDUP_SCHEMA)[1:]), ATTRIBUTE_FIELDS), CAPTION_FIELDS)
 KEEP = 0.85
 
 
@@ -82,6 +83,7 @@ def _face_rows(n_images: int, seed: int) -> list[dict]:
                                   else f"omission: {kept[0] if kept else 'Smiling'} (3 attempts)" if i % 8 == 1
                                   else "passed"),
             })
+            rows[-1].update(measure_face(np.asarray(crop.convert("RGB")), rows[-1]))
     return rows
 
 
@@ -99,10 +101,15 @@ def _defect(rows: list[dict], name: str | None) -> None:
         rows[5]["caption"] = "   "
     elif name == "html_caption":
         rows[6]["caption"] = "A <b>smiling</b> woman with black hair &amp; earrings in a portrait photo"
-    elif name == "padded_crops":  # crops that are mostly black padding past the image edge
-        for row in rows:
-            row["pad_fraction"] = 0.4
-    elif name is not None and name != "funnel_mismatch":
+    elif name == "padded_crops":  # a crop more padded than detect's per-face rule lets through: a bug
+        rows[7]["pad_fraction"] = 0.45
+    elif name == "duplicate_image":  # one crop's bytes twice (no check fails: dedup's to remove, per face)
+        rows[10]["image"] = rows[9]["image"]
+    elif name == "duplicate_caption":  # one caption twice (no check fails: a share that is a policy)
+        rows[12]["caption"] = rows[11]["caption"]
+    elif name == "blurry_kept":  # a face the too_blurry rule should have rejected
+        rows[8]["sharpness"] = 3.0
+    elif name is not None and name not in ("funnel_mismatch",):
         raise ValueError(name)
 
 
@@ -111,7 +118,8 @@ DEFECTS = {
     "duplicate_id": "sample_id_unique",
     "low_score": "det_score_at_least_threshold",
     "short_crop": "crop_at_least_min_px",
-    "padded_crops": "mean_pad_fraction",
+    "padded_crops": "pad_fraction_within_rule",
+    "blurry_kept": "no_too_blurry_kept",
     "bad_probs": "attribute_probs_valid",
     "empty_caption": "caption_not_empty",
     "html_caption": "caption_no_html",
@@ -124,13 +132,19 @@ def synthetic_config() -> Config:
 
 
 def write_synthetic_release(out: Path, n_images: int = 30, defect: str | None = None, seed: int = 0,
-                            cfg: Config | None = None, annotate: dict | None = None) -> Path:
+                            cfg: Config | None = None, annotate: dict | None = None,
+                            pad_fraction: float | None = None) -> Path:
     """Stage a release under OUT/staging/<run id> from one synthetic stage shard; return its folder.
+
+    `pad_fraction` sets every face's padding (as if every photo were an edge crop).
 
     `annotate` replaces the annotate stage's plan entry in release.json (e.g. a real plan's summary).
     """
     cfg = cfg or synthetic_config()
     rows = _face_rows(n_images, seed)
+    if pad_fraction is not None:
+        for row in rows:
+            row["pad_fraction"] = pad_fraction
     _defect(rows, defect)
     shard = out / "shards" / "caption" / "synthetic.parquet"
     shard.parent.mkdir(parents=True, exist_ok=True)
@@ -138,11 +152,13 @@ def write_synthetic_release(out: Path, n_images: int = 30, defect: str | None = 
     n = len(rows)
     funnel = [{"stage": "ingest", "rows_in": n_images, "rows_out": n_images, "rejects": {}},
               {"stage": "detect", "rows_in": n_images, "rows_out": n, "rejects": {}},
+              {"stage": "face_quality", "rows_in": n, "rows_out": n, "rejects": {}},
               {"stage": "annotate", "rows_in": n, "rows_out": n, "rejects": {}},
               {"stage": "caption", "rows_in": n, "rows_out": n + (defect == "funnel_mismatch"), "rejects": {},
                "extra": {"omitted_attributes": 7, "hallucinated_attributes": 2, "llm_cache_hits": 5}}]
     detector = "retinaface-mobilenet0.25@sha256:synthetic"
-    stages = {"ingest": {"status": "on"}, "detect": {"status": "on", "model": detector}, "dedup": {"status": "on"},
+    stages = {"ingest": {"status": "on"}, "detect": {"status": "on", "model": detector},
+              "face_quality": {"status": "on"}, "dedup": {"status": "on"},
               "annotate": annotate or {"status": "on", "model": "synthetic:not-a-model"},
               "caption": {"status": "on", "model": "synthetic"}}
     # One output holding every column, as a release reads a joined chain.

@@ -59,6 +59,11 @@ def test_each_injected_defect_fails_its_expectation_and_blocks_publication(defec
     assert check["status"] == "failed" and check["observed"] != 0, check
     assert verdict.failed == [DEFECTS[defect]], "the defect must fail its own check and no other"
     assert not verdict.publishable
+    if check["examples"] and check["look_at"]:  # a row check names its records with a query that runs as is
+        import duckdb
+
+        listed = {r[0] for r in duckdb.sql(check["look_at"]).fetchall()}
+        assert set(check["examples"]) <= listed and len(listed) == check["observed"], (listed, check)
     report = (staged / "report" / "index.html").read_text()
     assert "NOT PUBLISHED" in report and DEFECTS[defect] in report
 
@@ -160,3 +165,50 @@ def test_an_empty_release_is_not_failed_for_missing_columns(tmp_path):
     assert checks["sample_id_unique"]["status"] == "not applicable"
     assert "no face records" in checks["sample_id_unique"]["why"]
     assert json.loads((staged / "report" / "report.json").read_text())["figures"]["rows"] == 0
+
+
+def test_a_mean_that_used_to_block_publishes_and_blocks_only_as_a_policy(tmp_path):
+    """Every face padded 0.2 (an edge-crop corpus; each within detect.max_pad_fraction): the mean 0.2 is above the
+    0.1 that used to refuse the release. Unset, the mean is reported; set as a policy, it blocks and says which
+    records to look at, with a query that runs on the release as it is."""
+    import duckdb
+
+    staged = write_synthetic_release(tmp_path, pad_fraction=0.2)
+    verdict = validate_release(str(staged), log=_quiet)
+    mean = _by_name(verdict)["mean_pad_fraction"]
+    assert verdict.passed and verdict.publishable, verdict.failed
+    assert mean["status"] == "passed" and abs(mean["observed"] - 0.2) < 1e-6 and mean["policy"]
+    assert "reported, no policy" in mean["description"]
+    assert _by_name(verdict)["pad_fraction_within_rule"]["status"] == "passed"
+
+    verdict = validate_release(str(staged), overrides=["quality.max_mean_pad_fraction=0.1"], log=_quiet)
+    assert verdict.failed == ["mean_pad_fraction"] and not verdict.publishable
+    check = _by_name(verdict)["mean_pad_fraction"]
+    assert "a policy set for this run" in check["description"]
+    rows = duckdb.sql(check["look_at"]).fetchall()
+    n = sum(1 for _ in pq_rows(staged))
+    assert len(rows) == n and all(abs(pad - 0.2) < 1e-6 for _, pad in rows), "every padded face is listed"
+    assert check["look_at"] in blocked_message(verdict, str(staged))
+
+
+@pytest.mark.parametrize("defect, check", [("duplicate_image", "duplicate_image_rate"),
+                                           ("duplicate_caption", "duplicate_caption_rate")])
+def test_duplicate_shares_block_only_as_policies_and_name_the_repeated_records(defect, check, tmp_path):
+    """Copies of one photo are dedup's to remove per face, and faces alike get alike template captions: the
+    shares of repeats are reported, and block only when the user sets a limit."""
+    import duckdb
+
+    staged = write_synthetic_release(tmp_path, defect=defect)
+    verdict = validate_release(str(staged), log=_quiet)
+    assert verdict.passed and _by_name(verdict)[check]["observed"] > 0
+    verdict = validate_release(str(staged), overrides=[f"quality.max_{check}=0.01"], log=_quiet)
+    assert verdict.failed == [check]
+    listed = {r[0] for r in duckdb.sql(_by_name(verdict)[check]["look_at"]).fetchall()}
+    assert len(listed) == 2, listed
+
+
+def pq_rows(staged: Path):
+    import pyarrow.parquet as pq
+
+    for f in sorted((staged / "data").glob("*.parquet")):
+        yield from pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist()

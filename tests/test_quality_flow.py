@@ -21,16 +21,21 @@ def _manifest_rows(out, sql: str, params: list | None = None) -> list[tuple]:
 def test_a_failing_release_stays_in_staging_and_allow_failures_publishes_it(prefect_api_url, example_dir, tmp_path):
     from prefect.client.orchestration import get_client
 
-    # The tar repeats two of the folder's photos byte for byte: with the default
-    # max_duplicate_image_rate (0.05) their identical crops are a real defect.
+    # The tar repeats two of the folder's photos byte for byte. The share of repeated crops is a policy: with
+    # quality.max_duplicate_image_rate set to 0.05 their identical crops block the release, and the failure
+    # says which records to look at.
     sources = [example_dir / "folder", example_dir / "webdataset" / "*.tar"]
     out = tmp_path / "out"
-    cfg = offline_config(ingest={"shard_size": 8}, execution={"n_workers": 2}, quality={})
+    cfg = offline_config(ingest={"shard_size": 8}, execution={"n_workers": 2},
+                         quality={"max_duplicate_image_rate": 0.05})
     with pytest.raises(ReleaseBlocked, match="duplicate_image_rate") as blocked:
         run_curate(sources, out, cfg)
     assert not (out / "release").exists(), "a release that fails its checks must not be published"
     (staged,) = (out / "staging").iterdir()
     assert str(staged) in str(blocked.value)
+    query = str(blocked.value).split('duckdb -c "')[1].split('"')[0]
+    repeated = duckdb.sql(query).fetchall()
+    assert len(repeated) >= 4 and len({r[2] for r in repeated}) < len(repeated), "the copies, grouped by their hash"
     report = (staged / "report" / "index.html").read_text()
     assert "NOT PUBLISHED" in report and "duplicate_image_rate" in report
     info = json.loads((staged / "release.json").read_text())

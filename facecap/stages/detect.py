@@ -45,6 +45,13 @@ class DetectSettings(Section):
                                "on each side, a square) holds at least this many real source pixels in width and in "
                                "height: the part past the image edge, padded black in the crop, does not count.")
     crop_margin: float = Field(0.2, ge=0, le=2, description="Face box grows by this fraction on each side.")
+    max_pad_fraction: float | None = Field(
+        0.4, ge=0, le=1, description="Reject a face (too_padded) whose aligned crop has more than this share of "
+                                     "black padding past the source image's edge. Edge crops are common on the "
+                                     "web: on 359 web copies and edge crops of the packaged photos (cut up to 15 % "
+                                     "into the face box, bench/measure_face_rules.py) padding reached 0.354 (a "
+                                     "corner cut at the face box: 0.26); 0.4 keeps them all and rejects crops that "
+                                     "are closer to half black. Unset: no rule.")
     input_size: int = Field(640, ge=64, le=4096, description="Detector canvas; larger images are downscaled.")
     batch_size: int = Field(8, ge=1)
     device: Literal["cpu", "cuda", "auto"] = Field(
@@ -58,6 +65,7 @@ class DetectReason(Reason):
     NO_FACE = "no_face"
     LOW_SCORE = "low_score"
     TOO_SMALL = "too_small"
+    TOO_PADDED = "too_padded"
 
 
 # Columns the detect stage adds; one row per kept face, joined to its image by image_id.
@@ -123,6 +131,11 @@ def _face_rows(image: dict, rgb: np.ndarray, detections: list, scale: np.ndarray
                             "det_score": det.score, "bbox": box.tolist()})
             continue
         crop = aligned_crop(rgb, box, points, settings.crop_margin)
+        if settings.max_pad_fraction is not None and crop.pad_fraction > settings.max_pad_fraction:
+            rejects.append({**base_reject, "reason": DetectReason.TOO_PADDED, "sample_id": sample_id,
+                            "detail": f"pad_fraction {crop.pad_fraction:.4f} > detect.max_pad_fraction="
+                                      f"{settings.max_pad_fraction}", "det_score": det.score, "bbox": box.tolist()})
+            continue
         kept.append({
             "sample_id": sample_id, "image_id": image["image_id"], "face_index": index,
             "image": encode_jpeg(crop.pixels, settings.jpeg_quality),
@@ -192,6 +205,8 @@ class Detect(Stage):
         "bbox": "face box x1, y1, x2, y2 in source pixels",
         "landmarks": "eyes, nose, mouth corners: x, y pairs in source pixels",
         "crop_box": "square region cut from the source", "align_angle": "rotation that levelled the eyes, degrees",
+        "pad_fraction": "share of the crop lying past the source image's edge (black); at most "
+                        "detect.max_pad_fraction",
         "detector": "detector identity (name + weights hash)",
     }
     version = "3"
@@ -208,7 +223,7 @@ class Detect(Stage):
 
     @classmethod
     def quality_checks(cls, cfg) -> list:
-        from facecap.quality.primitives import Check
+        from facecap.quality.primitives import Check, policy_check
 
         q, d = cfg.quality, cfg.detect
         tol = q.bbox_tolerance_px
@@ -231,17 +246,23 @@ class Detect(Stage):
             Check("landmarks_inside_bbox", "faces",
                   f"the 5 landmarks lie inside the bbox (tolerance {q.landmark_tolerance:g} x box side)",
                   _landmarks_outside_sql(q.landmark_tolerance), ("landmarks", "bbox")),
-            Check("mean_pad_fraction", "faces",
-                  f"mean share of a crop lying outside its source image <= quality.max_mean_pad_fraction "
-                  f"({q.max_mean_pad_fraction})",
-                  "coalesce(avg(pad_fraction), 0)", ("pad_fraction",), max_value=q.max_mean_pad_fraction),
+            Check("pad_fraction_within_rule", "faces",
+                  f"no kept face has more padding than detect.max_pad_fraction ({d.max_pad_fraction})"
+                  if d.max_pad_fraction is not None else "pad_fraction is a share (0..1) on every face",
+                  "count(*) FILTER (pad_fraction IS NULL OR pad_fraction < 0 OR pad_fraction > "
+                  + (f"CAST({d.max_pad_fraction} AS FLOAT))" if d.max_pad_fraction is not None else "1)"),
+                  ("pad_fraction",)),
+            policy_check("mean_pad_fraction", "faces", "mean share of a crop lying outside its source image",
+                         "coalesce(avg(pad_fraction), 0)", ("pad_fraction",), "quality.max_mean_pad_fraction",
+                         q.max_mean_pad_fraction, "SELECT sample_id, pad_fraction FROM faces WHERE pad_fraction > 0 "
+                         "ORDER BY pad_fraction DESC"),
             Check("image_bytes_decode", "faces", f"image bytes decode (a sample of {q.decode_sample})", None,
                   ("image",)),
-            Check("duplicate_image_rate", "faces",
-                  f"share of rows repeating another row's image bytes <= quality.max_duplicate_image_rate "
-                  f"({q.max_duplicate_image_rate})",
-                  "coalesce(1 - count(DISTINCT hash(image)) / nullif(count(*), 0), 0)", ("image",),
-                  max_value=q.max_duplicate_image_rate),
+            policy_check("duplicate_image_rate", "faces", "share of rows repeating another row's image bytes",
+                         "coalesce(1 - count(DISTINCT hash(image)) / nullif(count(*), 0), 0)", ("image",),
+                         "quality.max_duplicate_image_rate", q.max_duplicate_image_rate,
+                         "SELECT sample_id, image_id, hash(image) AS image_hash FROM faces "
+                         "QUALIFY count(*) OVER (PARTITION BY hash(image)) > 1 ORDER BY image_hash, sample_id"),
         ]
 
     @classmethod
@@ -252,7 +273,8 @@ class Detect(Stage):
         # Resolving the weights here fails the run before any work if they are missing.
         return StagePlan(True, detector_identity(cfg), info={
             "weights": detector_weights_source(cfg), "min_score": cfg.detect.min_score,
-            "min_face_px": cfg.detect.min_face_px, "crop_margin": cfg.detect.crop_margin})
+            "min_face_px": cfg.detect.min_face_px, "crop_margin": cfg.detect.crop_margin,
+            "max_pad_fraction": cfg.detect.max_pad_fraction})
 
     def load(self) -> None:
         from facecap.models.registry import load_detector
@@ -311,8 +333,11 @@ class DetectReport(ReportSection):
                                    f"{bins['side'][1]:g}",
                            **hist(agg["side_hist"], *bins["side"])}
         if "pad_hist" in agg:
+            too_padded = sum(int((row.get("rejects") or {}).get(DetectReason.TOO_PADDED, 0))
+                             for row in db.info.get("funnel") or [] if row.get("stage") == "detect")
             fig["pad"] = {"mean": round(float(agg["pad_mean"]), 4), "padded_faces": int(agg["padded"]),
-                          "limit": cfg.quality.max_mean_pad_fraction,
+                          "rejected_too_padded": too_padded,
+                          "limit": cfg.detect.max_pad_fraction, "mean_policy": cfg.quality.max_mean_pad_fraction,
                           "note": "share of each crop outside its source image (black padding); the last bin holds "
                                   f"everything >= {bins['pad'][1]:g}",
                           **hist(agg["pad_hist"], *bins["pad"])}
@@ -343,8 +368,10 @@ class DetectReport(ReportSection):
             p = fig["pad"]
             parts.append(svg.histogram(p["edges"], p["counts"],
                                        f"share of the crop past the image edge (mean {p['mean']}; "
-                                       f"{p['padded_faces']:,} faces padded at all)",
-                                       mark=p["limit"], mark_label=f"mean limit {p['limit']}"))
+                                       f"{p['padded_faces']:,} kept faces padded at all, "
+                                       f"{p.get('rejected_too_padded', 0):,} rejected too_padded)",
+                                       mark=p["limit"], mark_label=f"per-face rule {p['limit']}"
+                                       if p["limit"] is not None else ""))
         return "".join(parts)
 
     def gallery_columns(self, db) -> dict[str, str]:
