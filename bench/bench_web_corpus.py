@@ -77,7 +77,7 @@ def read(out: Path, name: str, columns: list[str]):
     return [(f, pq.read_table(f, columns=columns)) for f in files]
 
 
-def figures(cfg: Config, out: Path, truth: dict[str, list], seconds: float) -> dict:
+def figures(cfg: Config, result, out: Path, truth: dict[str, list], seconds: float) -> dict:
     kept, split_of = [], Counter()
     for path, table in read(out, "data", ["source_offset", "bbox", "pad_fraction"]):
         split = path.name.split("-")[0]
@@ -106,7 +106,8 @@ def figures(cfg: Config, out: Path, truth: dict[str, list], seconds: float) -> d
         "rejects_by_reason": dict(reasons.most_common()), "too_padded_examples": padded[:3],
         "test_fraction": cfg.quality.test_fraction, "achieved_test_share": split.get("achieved"),
         "faces_by_split": dict(split_of), "oversized_components": split.get("oversized", []),
-        "validation": info.get("validation", {}).get("status") if isinstance(info.get("validation"), dict) else None,
+        "checks_passed": result.validation.counts if result.validation else None,
+        "checks_failed": result.validation.failed if result.validation else None,
     }
 
 
@@ -138,11 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # a blocked release or a failed run: the bench's one failure
             print(f"bench: the curate did not publish: {type(exc).__name__}: {exc}", flush=True)
             return 1
-        f = figures(cfg, out, truth, seconds)
+        f = figures(cfg, result, out, truth, seconds)
 
     print()
     print(f"{f['copies']} web copies of 6 photos ({f['people_in_corpus']} people) curated in {f['seconds']} s, "
-          f"published with every setting at its default")
+          f"published with every setting at its default; checks {f['checks_passed']}")
     print(f"kept faces {f['kept_faces']}: {f['people_kept']} distinct people, {f['leaked_duplicates']} kept beyond "
           f"one per person, {f['kept_unlabelled']} matching no person's box")
     print(f"padding: rule {f['max_pad_fraction_rule']}, largest kept {f['max_kept_pad_fraction']}, "
