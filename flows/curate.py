@@ -246,7 +246,7 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
                             rejects=current["rejects"], funnel=funnel,
                             validation=ValidationSummary.from_dict(current.get("validation")), unchanged=True)
     stages = [stage(cfg, plan.stages[stage.name]) for stage in chain]
-    passes = [p for p in (s.release_pass() for s in stages) if p is not None]
+    passes = [p for p in (s.release_pass(storage.join(out, "release")) for s in stages) if p is not None]
     if passes:
         faces = sum(s.outputs[-1].rows for s in shards)
         logger.info(f"release-wide: {', '.join(p.name for p in passes)} over {faces:,} face records")

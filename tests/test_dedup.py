@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from helpers import offline_config, read_release, run_curate
 from PIL import Image
@@ -28,6 +30,7 @@ from facecap.schema import is_test
 from facecap import package_photos
 from facecap.stages.base import Counters
 from facecap.stages.dedup import (NearDuplicates, assign_split, cluster_faces, component_keys, face_hashes,
+                                  published_splits,
                                   grey_thumbnail, hamming, hash_faces, near_duplicate_pairs)
 from facecap.webcopies import PERSONS, detect_copies, pair_scores, web_copies, web_copy
 
@@ -444,6 +447,43 @@ def test_a_split_is_deterministic_and_stable_when_sources_are_added():
     low, high = sorted((first.cut, second.cut))
     assert all(low <= int(keys[g]) <= high for g in flipped)
     assert len(flipped) <= 0.03 * 400, len(flipped)
+
+
+def test_with_the_published_split_every_group_that_does_not_merge_keeps_its_side(tmp_path):
+    rng = np.random.default_rng(2)
+    sizes = rng.integers(1, 8, size=400)
+    groups = np.repeat(np.arange(400), sizes)
+    ids = [f"src-a/{g}/{i}" for i, g in enumerate(groups)]
+    first = assign_split(groups, pa.array(ids), 0.1)
+    # The published release, as the release writes it: data/<split>-NNNNN.parquet and its split summary.
+    release = tmp_path / "release"
+    (release / "data").mkdir(parents=True)
+    for side, flag in (("test", True), ("train", False)):
+        pq.write_table(pa.table({"image_id": [i for i, t in zip(ids, first.test) if t == flag]}),
+                       release / "data" / f"{side}-00000.parquet")
+    (release / "release.json").write_text(json.dumps({"release_passes": {"dedup": {"split": {"target": 0.1}}}}))
+    assert published_splits(str(release), 0.2) is None  # another target re-draws the split
+    published = published_splits(str(release), 0.1)
+
+    # New sources: 150 new groups, and one new face that links an old test group with an old train group.
+    more = rng.integers(1, 8, size=150)
+    groups2 = np.r_[groups, np.repeat(np.arange(400, 550), more)]
+    ids2 = ids + [f"src-b/{g}/{i}" for i, g in enumerate(groups2[len(groups):])]
+    test_group = int(groups[np.flatnonzero(first.test)[0]])
+    train_group = int(groups[np.flatnonzero(~first.test)[0]])
+    groups2[groups2 == train_group] = test_group  # the merge
+    image_ids = pa.array(ids2)
+    previous = np.full(len(ids2), -1, np.int8)
+    previous[pc.is_in(image_ids, value_set=published[1]).to_numpy(zero_copy_only=False)] = 0
+    previous[pc.is_in(image_ids, value_set=published[0]).to_numpy(zero_copy_only=False)] = 1
+    second = assign_split(groups2, image_ids, 0.1, previous=previous)
+    old = np.arange(len(ids))
+    unmerged = ~np.isin(groups2[old], [test_group])
+    assert np.array_equal(second.test[old][unmerged], first.test[old][unmerged])  # not one old group moved
+    assert second.kept == 398
+    assert abs(second.achieved - 0.1) <= 0.02, second.achieved  # the new groups fill toward the target
+    # Without the published split the fill order alone decides, and some old groups change side.
+    assert not np.array_equal(assign_split(groups2, image_ids, 0.1).test[old][unmerged], first.test[old][unmerged])
 
 
 def planted(n_distinct: int, groups: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

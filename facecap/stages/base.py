@@ -205,8 +205,9 @@ class Stage:
         """Records in (the columns in `reads`), chunks of kept rows and rejects out, in input order."""
         raise NotImplementedError
 
-    def release_pass(self) -> ReleasePass | None:
-        """Release-wide work this stage needs once all shards are done (None: none)."""
+    def release_pass(self, published: str | None = None) -> ReleasePass | None:
+        """Release-wide work this stage needs once all shards are done (None: none). `published`: the folder of
+        the release this run will replace (it may not exist), for work that must stay stable across releases."""
         return None
 
     def check_loaded(self, what: str, loaded: str) -> None:

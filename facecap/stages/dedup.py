@@ -439,6 +439,7 @@ class Split:
     test_components: int
     oversized: list[dict[str, Any]]  # components alone larger than the target: leader sample_id, size (train)
     cut: int = 0  # components whose key is at most this went to test (oversized ones aside); 0: none
+    kept: int = 0  # components that kept the split the published release gave them
 
 
 def component_keys(image_ids: list[str]) -> np.ndarray:
@@ -450,7 +451,8 @@ def component_keys(image_ids: list[str]) -> np.ndarray:
 
 
 def assign_split(groups: np.ndarray, image_ids: pa.ChunkedArray | pa.Array, test_fraction: float,
-                 sample_ids: pa.ChunkedArray | pa.Array | None = None, released: np.ndarray | None = None) -> Split:
+                 sample_ids: pa.ChunkedArray | pa.Array | None = None, released: np.ndarray | None = None,
+                 previous: np.ndarray | None = None) -> Split:
     """Whole components to test, as close to `test_fraction` of the released faces as their sizes allow.
 
     A component's size is its number of released faces (`released`, a bool per
@@ -469,6 +471,12 @@ def assign_split(groups: np.ndarray, image_ids: pa.ChunkedArray | pa.Array, test
     merge keeps its leader and key, so it keeps its split unless its key lies
     between the old cut and the new one (the cut moves by about the share the
     new faces shift; see docs/quality.md).
+
+    `previous` (int8 per face: 1 released in test by the published release, 0
+    in train, -1 not in it) makes it strict: a component whose faces the
+    published release held all in one split keeps that split, and only the
+    others (new components, and merges of a test and a train component) fill
+    test toward the target, after the kept ones.
     """
     n = len(groups)
     if not n:
@@ -486,22 +494,30 @@ def assign_split(groups: np.ndarray, image_ids: pa.ChunkedArray | pa.Array, test
     total = int(weight.sum())
     key = component_keys(pc.take(image_ids, pa.array(leaders)).to_pylist())
     target = test_fraction * total
-    oversized = (sizes > target) & (sizes > 1)  # one face is the finest grain there is: never held back
-    fill = np.flatnonzero(~oversized)
+    kept_test = kept_train = np.zeros(len(leaders), bool)
+    if previous is not None:  # per component (in leader order): the published release's split of its faces
+        labels = groups[leaders]
+        was_test = np.bincount(groups, weights=previous == 1, minlength=int(groups.max()) + 1)[labels] > 0
+        was_train = np.bincount(groups, weights=previous == 0, minlength=int(groups.max()) + 1)[labels] > 0
+        kept_test, kept_train = was_test & ~was_train, was_train & ~was_test
+    oversized = (sizes > target) & (sizes > 1) & ~kept_test & ~kept_train  # one face: the finest grain, never held
+    fill = np.flatnonzero(~oversized & ~kept_test & ~kept_train)
     fill = fill[np.lexsort((groups[leaders][fill], key[fill]))]
-    counts = np.r_[0, np.cumsum(sizes[fill])]
+    counts = np.r_[0, np.cumsum(sizes[fill])] + int(sizes[kept_test].sum())
     take = int(np.argmin(np.abs(counts - target)))  # argmin takes the first, i.e. the shorter prefix, on a tie
     by_group = np.zeros(int(groups.max()) + 1, bool)
     by_group[groups[leaders][fill[:take]]] = True
+    by_group[groups[leaders][kept_test]] = True
     test = by_group[groups]
     named = sample_ids if sample_ids is not None else image_ids
     big = np.flatnonzero(oversized)
     big = big[np.argsort(-sizes[big], kind="stable")]
     achieved = float((test * weight).sum()) / total if total else 0.0
     cut = int(key[fill[take - 1]]) if take else 0
-    return Split(test, test_fraction, achieved, len(leaders), take,
+    return Split(test, test_fraction, achieved, len(leaders), take + int(kept_test.sum()),
                  [{"leader": pc.take(named, pa.array([leaders[g]]))[0].as_py(), "size": int(sizes[g]),
-                   "share": round(float(sizes[g]) / total, 4)} for g in big], cut)
+                   "share": round(float(sizes[g]) / total, 4)} for g in big], cut,
+                 int(kept_test.sum() + kept_train.sum()))
 
 
 def split_test_flags(groups: np.ndarray, image_ids: pa.ChunkedArray | pa.Array, test_fraction: float) -> np.ndarray:
@@ -659,11 +675,33 @@ class Dedup(Stage):
     def process(self, records, counters: Counters) -> Iterator[Chunk]:
         return hash_faces(records, self.cfg.image, counters, self.embedder)
 
-    def release_pass(self) -> "NearDuplicates":
-        return NearDuplicates(self.cfg.dedup, self.cfg.quality.test_fraction, identity=bool(self.stage_plan.model))
+    def release_pass(self, published: str | None = None) -> "NearDuplicates":
+        return NearDuplicates(self.cfg.dedup, self.cfg.quality.test_fraction, identity=bool(self.stage_plan.model),
+                              published=published_splits(published, self.cfg.quality.test_fraction))
 
 
 # --- the release-wide pass ------------------------------------------------------------------------
+
+
+def published_splits(release_dir: str | None, test_fraction: float) -> tuple[pa.Array, pa.Array] | None:
+    """The image_ids the published release in `release_dir` put in test and in train, if it split with the same
+    `test_fraction` (a changed target re-draws the split); None when there is no such release."""
+    from facecap import storage
+
+    if not release_dir or not storage.exists(storage.join(release_dir, "release.json")):
+        return None
+    info = storage.read_json(storage.join(release_dir, "release.json"))
+    split = ((info.get("release_passes") or {}).get("dedup") or {}).get("split") or {}
+    if split.get("target") != test_fraction:
+        return None
+    import pyarrow.parquet as pq
+
+    fs, root = storage.filesystem(storage.join(release_dir, "data"))
+    ids: dict[bool, list[pa.Array]] = {True: [], False: []}
+    for path in sorted(fs.glob(root.rstrip("/") + "/*.parquet")):
+        column = pq.read_table(path, columns=["image_id"], filesystem=fs).column("image_id")
+        ids[path.rsplit("/", 1)[-1].startswith("test-")].extend(column.chunks)
+    return tuple(pc.unique(pa.chunked_array(ids[side], pa.string())) for side in (True, False))
 
 
 def _size_histogram(sizes: np.ndarray) -> dict[str, int]:
@@ -689,6 +727,8 @@ class NearDuplicates(ReleasePass):
     reads: tuple[str, ...] = ("sample_id", "image_id", "det_score", "width", "phash", "phash_mirror")
     kept_index: np.ndarray = field(default=None, repr=False)
     stats: dict[str, Any] = field(default_factory=dict)
+    # image_ids the published release put in test and in train: its components keep their split
+    published: tuple[pa.Array, pa.Array] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.identity:
@@ -719,8 +759,14 @@ class NearDuplicates(ReleasePass):
         groups = components(n, links)
         self.groups = groups
         is_kept = self.kept_index == np.arange(n)
+        previous = None
+        if self.published is not None:
+            image_ids = records.column("image_id")
+            previous = np.full(n, -1, np.int8)
+            previous[pc.is_in(image_ids, value_set=self.published[1]).to_numpy(zero_copy_only=False)] = 0
+            previous[pc.is_in(image_ids, value_set=self.published[0]).to_numpy(zero_copy_only=False)] = 1
         split = assign_split(groups, records.column("image_id"), self.test_fraction, self.sample_ids,
-                             released=is_kept if s.keep == "best" else None)
+                             released=is_kept if s.keep == "best" else None, previous=previous)
         self.test, self.split = split.test, split
         multi = is_kept & (self.sizes > 1)
         self.removed = int((~is_kept).sum()) if s.keep == "best" else 0
@@ -739,6 +785,7 @@ class NearDuplicates(ReleasePass):
             "split": {"target": split.target, "achieved": round(split.achieved, 4), "components": split.components,
                       "test_components": split.test_components,
                       "test_faces": int((split.test & (is_kept | (s.keep == "all"))).sum()),
+                      "kept_from_published": split.kept,
                       "oversized": split.oversized},
             "identity_links": identity_links if self.identity else None,
             "largest": [{"kept": self.sample_ids[int(k)].as_py(), "size": int(self.sizes[k])} for k in big],
@@ -825,7 +872,9 @@ def _split_html(split: dict | None, escape) -> str:
         return ""
     out = (f"<p>Split: {split['test_faces']:,} faces in test = <b>{split['achieved']:.2%}</b> (target "
            f"quality.test_fraction = {split['target']:.2%}), {split['test_components']:,} of "
-           f"{split['components']:,} groups.</p>")
+           f"{split['components']:,} groups" + (f"; {split['kept_from_published']:,} groups kept the split the "
+                                                  "previous release gave them" if split.get("kept_from_published")
+                                                  else "") + ".</p>")
     for c in split.get("oversized") or []:
         out += (f"<p><b>Warning:</b> the group led by <code>{escape(str(c['leader']))}</code> holds {c['size']:,} "
                 f"faces ({c['share']:.1%}), more than the test share alone: it went to train.</p>")
