@@ -31,6 +31,11 @@ IMAGE_FIELDS: list[pa.Field] = [
     # The encoded bytes, for downloaded images only (the only copy). Local sources are referenced
     # (source, source_offset, source_size, source_fingerprint) and read again where needed.
     pa.field("source_image", pa.binary()),
+    # Rights of the sample, from its source metadata (facecap.sources.captions.rights_from_meta): the URL the
+    # source lists for it, that URL's host (null: no URL, a local file), and the licence the source states.
+    pa.field("source_url", pa.string()),
+    pa.field("domain", pa.string()),
+    pa.field("license", pa.string()),
 ]
 IMAGE_SCHEMA = pa.schema(IMAGE_FIELDS)
 

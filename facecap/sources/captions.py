@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+from urllib.parse import urlsplit
 
 from facecap.sources.raw import TooLarge
 
@@ -103,3 +104,57 @@ def pick_column(names: list[str], configured: str | None, candidates: tuple[str,
     if configured:
         return configured if configured in names else None
     return next((c for c in candidates if c in names), None)
+
+
+# Where a record's rights come from in its source metadata (a sidecar JSON, a WebDataset .json, the other
+# columns of a Parquet row or URL list), matched case-insensitively: LAION's URL and LICENSE columns,
+# img2dataset's `url` key and the `license` key it copies from its input's columns.
+URL_KEYS = ("url", "image_url", "img_url")
+LICENSE_KEYS = ("license", "licence")
+MAX_LICENSE_CHARS = 1000
+
+
+def _first_key(obj: dict, keys: tuple[str, ...]):
+    lowered = {}
+    for key, value in obj.items():
+        if isinstance(key, str):
+            lowered.setdefault(key.lower(), value)
+    return next((lowered[k] for k in keys if lowered.get(k) is not None), None)
+
+
+def _as_text(value) -> str | None:
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
+    text, _ = clean_caption(text.strip())
+    return text[:MAX_LICENSE_CHARS] or None
+
+
+def domain_of(url: str | None) -> str | None:
+    """The host of a URL, lower-case and without port or credentials (None: no URL, or one without a host)."""
+    if not url:
+        return None
+    try:
+        host = urlsplit(url.strip()).hostname
+    except ValueError:
+        return None
+    return host.rstrip(".") or None if host else None
+
+
+def rights_from_meta(meta: str | None) -> tuple[str | None, str | None, str | None]:
+    """(source_url, domain, license) from a record's source metadata JSON; None where the source says nothing.
+
+    A licence is kept as the source wrote it ("?" in LAION means unknown and stays "?"); one that is not
+    text (a number, an object) is kept as its JSON.
+    """
+    if not meta or isinstance(meta, TooLarge):
+        return None, None, None
+    try:
+        obj = json.loads(meta)
+    except ValueError:
+        return None, None, None
+    if not isinstance(obj, dict):
+        return None, None, None
+    url = _first_key(obj, URL_KEYS)
+    url = url.strip() or None if isinstance(url, str) else None
+    return url, domain_of(url), _as_text(_first_key(obj, LICENSE_KEYS))

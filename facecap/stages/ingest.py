@@ -20,6 +20,7 @@ from facecap.settings import DownloadSettings, ImageLimits, IngestSettings
 from facecap.schema import IMAGE_FIELDS, IMAGE_SCHEMA, is_transient
 from facecap.shards import ShardInput, ShardStats
 from facecap.sources.batch import ImageBatcher
+from facecap.sources.captions import rights_from_meta
 from facecap.sources.reader import read_source
 from facecap.sources.spec import ShardSpec
 from facecap.stages import urllist
@@ -29,6 +30,11 @@ from facecap.stages.base import Chunk, Counters, ReportSection, Stage
 def ingest_shard(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits, counters: Counters,
                  download: DownloadSettings | None = None) -> Iterator[Chunk]:
     """Read one shard's records; yields chunks of image records (references, or bytes for downloads) and rejects."""
+    yield from with_rights(_read_shard(spec, settings, limits, counters, download))
+
+
+def _read_shard(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits, counters: Counters,
+                download: DownloadSettings | None = None) -> Iterator[Chunk]:
     if spec.kind == "urls":
         url_settings = urllist.UrlSettings(settings, limits, download or DownloadSettings())
         yield from urllist.download_shard(spec, url_settings, counters)
@@ -39,6 +45,30 @@ def ingest_shard(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits,
         if batch.ready():
             yield counters.count_batch(batch.flush())
     yield counters.count_batch(batch.flush())
+
+
+RIGHTS_COLUMNS = ("source_url", "domain", "license")
+
+
+def with_rights(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """The chunks with each image record's rights columns filled from its source metadata.
+
+    Every source kind keeps its metadata in source_meta (sidecar JSON, WebDataset .json, other Parquet
+    or URL-list columns, the listed URL of a download), so one reading of it serves them all.
+    """
+    for chunk in chunks:
+        kept = chunk.kept
+        if kept is not None and kept.num_rows:
+            rights = [rights_from_meta(m) for m in kept.column("source_meta").to_pylist()]
+            for i, name in enumerate(RIGHTS_COLUMNS):
+                values = pa.array([r[i] for r in rights], pa.string())
+                index = kept.schema.get_field_index(name)
+                if index >= 0:  # derived from source_meta alone: the same values again
+                    kept = kept.set_column(index, IMAGE_SCHEMA.field(name), values)
+                else:
+                    kept = kept.append_column(IMAGE_SCHEMA.field(name), values)
+            chunk = Chunk(kept=kept.select(IMAGE_SCHEMA.names).cast(IMAGE_SCHEMA), rejected=chunk.rejected)
+        yield chunk
 
 
 class Ingest(Stage):
@@ -54,8 +84,14 @@ class Ingest(Stage):
         "source_caption_encoding": "encoding a non-UTF-8 caption was decoded from (null: UTF-8); encoding the "
                                    "caption with it gives the original bytes",
         "source_caption_chars_removed": "control characters removed from the caption (null: no caption)",
+        "source_url": "the image's URL as its source lists it (URL list, LAION `URL`, img2dataset `url`, a sidecar "
+                      "or column named url/image_url/img_url); null when the source names none (a local file: "
+                      "see source, source_offset)",
+        "domain": "host of source_url, lower-case, without port (null: no URL, a local file)",
+        "license": "the licence the source states for the image (a license/licence key or column, any case; "
+                   "LAION's LICENSE), verbatim; null when the source states none",
     }
-    version = "3"
+    version = "4"
     key_column = "image_id"
     keyed_sections = ("ingest", "image", "download")
     # Connection counts, timeouts, retries and the allow-list decide only whether a fetch
@@ -82,13 +118,16 @@ class Ingest(Stage):
                 and any(is_transient(reason) for reason in cached.rejects))
 
     def process(self, records, counters: Counters) -> Iterator[Chunk]:
+        yield from with_rights(self._read(records, counters))
+
+    def _read(self, records, counters: Counters) -> Iterator[Chunk]:
         ((spec, previous),) = records
         if spec.kind == "urls" and previous is not None:
             yield from urllist.retry_shard(spec, urllist.UrlSettings.of(self.cfg), previous, counters)
         elif spec.kind == "urls":
             yield from urllist.download_shard(spec, urllist.UrlSettings.of(self.cfg), counters)
         else:
-            yield from ingest_shard(spec, self.cfg.ingest, self.cfg.image, counters)
+            yield from _read_shard(spec, self.cfg.ingest, self.cfg.image, counters)
 
 
 # --- report ----------------------------------------------------------------------------------------
