@@ -25,6 +25,31 @@ def stage_notes(info: dict[str, Any], place: str) -> list[str]:
     return [note for stage in STAGES if (note := stage.card_notes(info).get(place))]
 
 
+def rights_lines(fig: dict[str, Any] | None) -> list[str]:
+    """The card's rights section: face records by licence and by domain, and the opt-out counts
+    (figures from the report: facecap.quality.report.rights_figures)."""
+    from facecap.quality.report import rights_rows
+
+    if not fig:
+        return []
+    lines = ["", "## Licences, domains and opt-outs", "",
+             "Each record carries `license` (as its source states it), `source_url` and `domain` (its host). "
+             "Face records by each:"]
+    for title, key, column in (("Licence", "licenses", "license"), ("Domain", "domains", "domain")):
+        if fig.get(key) is None:
+            lines += ["", f"{title}: not recorded (this release has no `{column}` column)."]
+            continue
+        lines += ["", f"| {column} | face records | share |", "|---|---|---|"]
+        # A licence is free text: one line, no cell separators, or the table breaks.
+        lines += [f"| {' '.join(v.split()).replace('|', '/')} | {n} | {share} |"
+                  for v, n, share in rights_rows(fig[key])]
+    lines += ["", "| records left out | rejects |", "|---|---|",
+              f"| opted_out (download opt-outs) | {fig['opted_out']:,} |",
+              f"| excluded (exclusion list) | {fig['excluded']:,} |",
+              f"| taken down (from {fig['taken_down_from']}) | {fig['taken_down']:,} |"]
+    return lines
+
+
 def write_card(release_dir: str, info: dict[str, Any], report: dict[str, Any], columns: list[str]) -> None:
     splits = info.get("splits") or {}
     header = ["---", "pretty_name: FaceCap face image-caption release", "license: other",
@@ -71,10 +96,11 @@ def write_card(release_dir: str, info: dict[str, Any], report: dict[str, Any], c
               "", "## Fields", "", "| column | meaning |", "|---|---|"]
     notes = field_notes()
     lines += [f"| `{c}` | {notes.get(c, '')} |" for c in columns]
+    lines += rights_lines((report.get("figures") or {}).get("rights"))
     lines += [
         "", "## Licence and ethics", "",
         "- The images keep the rights of their sources; this release does not relicense them. Check each "
-        "source's terms (see `source`) before redistribution or training.",
+        "source's terms (see `license`, `source_url`, `source`) before redistribution or training.",
         "- Annotations are generic facial attributes (hair, expression, accessories...) and captions built "
         "from them. No identities, names or biometric templates are annotated or released."
         + "".join(stage_notes(info, "ethics")),

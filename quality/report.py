@@ -58,6 +58,7 @@ def compute_figures(db: ReleaseDB, agg: dict[str, Any]) -> dict[str, Any]:
         fig["source_images"] = int(agg["n_images"])
     for section in _sections():
         fig.update(section.figures(db, agg))
+    fig["rights"] = rights_figures(db)
     return fig
 
 
@@ -92,6 +93,85 @@ def rejects_summary(db: ReleaseDB) -> dict[str, Any]:
             rec["det_score"] = round(float(rec["det_score"]), 4)
         examples.setdefault(rec["reason"], []).append(rec)
     return {"by_reason": by_reason, "examples": examples}
+
+
+# --- rights ----------------------------------------------------------------
+RIGHTS_TOP = 10  # licences and domains shown by name; the rest are summed as OTHER
+NO_LICENSE, NO_URL, OTHER = "(none stated)", "(no URL: local file)", "(other)"
+# Reject reasons counted as opt-outs and exclusions, from whichever stage wrote them. robots_noai is the
+# older name of an X-Robots-Tag opt-out.
+RIGHTS_REASONS = {"opted_out": ("opted_out", "robots_noai"), "excluded": ("excluded",)}
+TAKEDOWN_WORD = "takedown"  # an `excluded` reject whose detail names a takedown counts as taken down
+
+
+def _shares(db: ReleaseDB, column: str, none_label: str) -> list[dict] | None:
+    """Face records by `column`: the RIGHTS_TOP most frequent values, then OTHER, then the records without one."""
+    if not db.has_data or column not in db.columns:
+        return None
+    counts = db.con.execute(f'SELECT "{column}", count(*) AS n FROM faces GROUP BY ALL '
+                            f'ORDER BY n DESC, "{column}" NULLS LAST').fetchall()
+    total = sum(n for _, n in counts) or 1
+    named = [(v, int(n)) for v, n in counts if v is not None]
+    rows = [(v, n, None) for v, n in named[:RIGHTS_TOP]]
+    if len(named) > RIGHTS_TOP:
+        rows.append((OTHER, sum(n for _, n in named[RIGHTS_TOP:]), len(named) - RIGHTS_TOP))
+    missing = sum(int(n) for v, n in counts if v is None)
+    if missing:
+        rows.append((none_label, missing, None))
+    return [{"value": v, "records": n, "share": round(n / total, 4), **({"values": k} if k else {})}
+            for v, n, k in rows]
+
+
+def rights_figures(db: ReleaseDB) -> dict[str, Any]:
+    """Shares of face records by licence and by domain, and the opt-out, exclusion and takedown counts.
+
+    The counts are reject rows (an image rejected before detection is one row, a face after it one
+    row) of the reasons in RIGHTS_REASONS, 0 when absent. Taken down: release.json's `taken_down` when
+    the release records one, else the `excluded` rejects whose detail names a takedown.
+    """
+    reasons = {name: 0 for name in RIGHTS_REASONS}
+    takedown_rejects = 0
+    if db.has_rejects:
+        wanted = {r: name for name, rs in RIGHTS_REASONS.items() for r in rs}
+        for reason, n in db.con.execute("SELECT reason, count(*) FROM rejects WHERE list_contains(?, reason) "
+                                        "GROUP BY ALL", [list(wanted)]).fetchall():
+            reasons[wanted[reason]] += int(n)
+        takedown_rejects = int(db.scalar("SELECT count(*) FROM rejects WHERE list_contains(?, reason) AND "
+                                         "contains(lower(coalesce(detail, '')), ?)",
+                                         [list(RIGHTS_REASONS["excluded"]), TAKEDOWN_WORD]))
+    recorded = db.info.get("taken_down")
+    from_info = isinstance(recorded, (int, float)) and not isinstance(recorded, bool)
+    return {"licenses": _shares(db, "license", NO_LICENSE), "domains": _shares(db, "domain", NO_URL),
+            "opted_out": reasons["opted_out"], "excluded": reasons["excluded"],
+            "taken_down": int(recorded) if from_info else takedown_rejects,
+            "taken_down_from": "release.json" if from_info else "rejects"}
+
+
+def rights_rows(shares: list[dict] | None) -> list[list[str]]:
+    """A shares table's rows (value, face records, share), for the report and the card alike."""
+    rows = []
+    for s in shares or []:
+        value = str(s["value"]) + (f" ({s['values']:,} values)" if s.get("values") else "")
+        rows.append([value, f"{s['records']:,}", f"{100 * s['share']:.1f} %"])
+    return rows
+
+
+def rights_html(fig: dict[str, Any] | None) -> str:
+    if not fig:
+        return ""
+    parts = ["<h2>Rights</h2>"]
+    for title, key, column in (("Licence", "licenses", "license"), ("Domain", "domains", "domain")):
+        if fig.get(key) is None:
+            parts.append(f"<p>{title}: the release has no <code>{column}</code> column (made before rights were "
+                         "recorded).</p>")
+        else:
+            parts.append(f"<h3>{title}</h3>" + table([column, "face records", "share"], rights_rows(fig[key])))
+    parts.append("<h3>Opt-outs, exclusions, takedowns</h3>" + table(
+        ["", "rejects"], [["opted_out (download opt-outs: X-Robots-Tag, robots.txt, TDM reservation)",
+                           f"{fig['opted_out']:,}"],
+                          ["excluded (exclusion list)", f"{fig['excluded']:,}"],
+                          [f"taken down (from {fig['taken_down_from']})", f"{fig['taken_down']:,}"]]))
+    return "".join(parts)
 
 
 # --- images ----------------------------------------------------------------
@@ -260,6 +340,8 @@ def render_html(report: dict[str, Any]) -> str:
     parts.append("<h2>Distributions</h2>")
     parts += [section.html(report) for section in _sections()]
 
+    parts.append(rights_html(report["figures"].get("rights")))
+
     parts.append("<h2>Sample faces</h2><div class=\"grid\">")
     for g in report["gallery"]:
         img = f'<img src="{g["thumbnail"]}" alt="face">' if g.get("thumbnail") else "<p>(undecodable)</p>"
@@ -303,6 +385,10 @@ def headline(fig: dict, info: dict, validation: dict) -> dict[str, Any]:
         h["split"] = ", ".join(f"{k} {v:,}" for k, v in fig["splits"].items())
     for section in _sections():
         h.update(section.headline(fig))
+    rights = fig.get("rights")
+    if rights:
+        h["opted out / excluded / taken down"] = (f"{rights['opted_out']:,} / {rights['excluded']:,} / "
+                                                  f"{rights['taken_down']:,}")
     h["quality checks"] = (f"{validation['counts']['passed']} passed, {validation['counts']['failed']} failed, "
                            f"{validation['counts']['not applicable']} not applicable")
     return h
