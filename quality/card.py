@@ -25,11 +25,18 @@ def stage_notes(info: dict[str, Any], place: str) -> list[str]:
     return [note for stage in STAGES if (note := stage.card_notes(info).get(place))]
 
 
+def rights_rows(shares: list[dict] | None) -> list[list[str]]:
+    """A shares table's rows (value, face records, share), for the report and the card alike."""
+    rows = []
+    for s in shares or []:
+        value = str(s["value"]) + (f" ({s['values']:,} values)" if s.get("values") else "")
+        rows.append([value, f"{s['records']:,}", f"{100 * s['share']:.1f} %"])
+    return rows
+
+
 def rights_lines(fig: dict[str, Any] | None) -> list[str]:
     """The card's rights section: face records by licence and by domain, and the opt-out counts
     (figures from the report: facecap.quality.report.rights_figures)."""
-    from facecap.quality.report import rights_rows
-
     if not fig:
         return []
     lines = ["", "## Licences, domains and opt-outs", "",

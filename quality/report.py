@@ -17,7 +17,7 @@ import os
 from html import escape
 from typing import Any
 
-from facecap.quality.card import stage_notes
+from facecap.quality.card import rights_rows, stage_notes
 from facecap.quality.primitives import NOT_APPLICABLE, data_files, sample_rows, table
 from facecap.quality.release_db import ReleaseDB
 from facecap.quality.suites import CheckResult
@@ -145,15 +145,6 @@ def rights_figures(db: ReleaseDB) -> dict[str, Any]:
             "opted_out": reasons["opted_out"], "excluded": reasons["excluded"],
             "taken_down": int(recorded) if from_info else takedown_rejects,
             "taken_down_from": "release.json" if from_info else "rejects"}
-
-
-def rights_rows(shares: list[dict] | None) -> list[list[str]]:
-    """A shares table's rows (value, face records, share), for the report and the card alike."""
-    rows = []
-    for s in shares or []:
-        value = str(s["value"]) + (f" ({s['values']:,} values)" if s.get("values") else "")
-        rows.append([value, f"{s['records']:,}", f"{100 * s['share']:.1f} %"])
-    return rows
 
 
 def rights_html(fig: dict[str, Any] | None) -> str:
