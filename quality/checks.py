@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from facecap.quality.primitives import Check, policy_check
+from facecap.quality.primitives import Check
 
 if TYPE_CHECKING:
     from facecap.config import Config
@@ -33,23 +33,6 @@ def suite_stages() -> dict[str, str | None]:
     suites: dict[str, str | None] = {s.suite: s.name for s in STAGES if s.suite}
     suites[RELEASE_SUITE] = None
     return suites
-
-
-def _as_policies(checks: list[Check], cfg: "Config") -> list[Check]:
-    """Rates a stage declares as a plain bound on a `quality.` setting, made policies (`policy_check`).
-
-    The caption stage's duplicate rate predates policies: its bound depends on the mix of inputs (faces with
-    the same kept attributes get the same template caption), so it blocks only when the user set it.
-    """
-    q, out = cfg.quality, []
-    for c in checks:
-        if c.name == "duplicate_caption_rate" and c.policy is None:
-            c = policy_check(c.name, c.suite, "share of rows repeating another row's caption", c.metric, c.columns,
-                             "quality.max_duplicate_caption_rate", q.max_duplicate_caption_rate,
-                             "SELECT sample_id, caption FROM faces QUALIFY count(*) OVER (PARTITION BY caption) > 1 "
-                             "ORDER BY caption, sample_id")
-        out.append(c)
-    return out
 
 
 def derived_columns(columns: list[str]) -> dict[str, str]:
@@ -68,7 +51,7 @@ def build_checks(cfg: "Config") -> list[Check]:
     from facecap.chain import STAGES
 
     q = cfg.quality
-    checks = _as_policies([c for stage in STAGES for c in stage.quality_checks(cfg)], cfg)
+    checks = [c for stage in STAGES for c in stage.quality_checks(cfg)]
     return checks + [
         # No columns: it applies to every release, an empty one above all.
         Check("min_face_records", RELEASE_SUITE,

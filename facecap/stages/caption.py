@@ -307,7 +307,7 @@ class Caption(Stage):
 
     @classmethod
     def quality_checks(cls, cfg) -> list:
-        from facecap.quality.primitives import Check
+        from facecap.quality.primitives import Check, policy_check
 
         q = cfg.quality
         return [
@@ -323,12 +323,14 @@ class Caption(Stage):
                   _regex_count(TEMPLATE_PATTERN, "{}[]$_"), ("caption",)),
             Check("caption_no_html", "captions", "caption has no HTML tags or entities",
                   _regex_count(HTML_PATTERN, "<&"), ("caption",)),
-            Check("duplicate_caption_rate", "captions",
-                  f"share of rows repeating another row's caption <= quality.max_duplicate_caption_rate "
-                  f"({q.max_duplicate_caption_rate})",
-                  # 64-bit hashes: a collision in 15M captions is ~1e-5 likely and would only add one "duplicate"
-                  "coalesce(1 - count(DISTINCT hash(caption)) / nullif(count(*), 0), 0)", ("caption",),
-                  max_value=q.max_duplicate_caption_rate),
+            # Faces with the same kept attributes get the same template caption: how many repeat depends on the
+            # mix of inputs, so the rate blocks a release only as a policy the user set.
+            policy_check("duplicate_caption_rate", "captions", "share of rows repeating another row's caption",
+                         # 64-bit hashes: a collision in 15M captions is ~1e-5 likely and would add one "duplicate"
+                         "coalesce(1 - count(DISTINCT hash(caption)) / nullif(count(*), 0), 0)", ("caption",),
+                         "quality.max_duplicate_caption_rate", q.max_duplicate_caption_rate,
+                         "SELECT sample_id, caption FROM faces QUALIFY count(*) OVER (PARTITION BY caption) > 1 "
+                         "ORDER BY caption, sample_id"),
         ]
 
     @classmethod
