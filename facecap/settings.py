@@ -210,7 +210,21 @@ class DownloadSettings(_Section):
                                               "connection or DNS error); never after 404, blocked, too large...")
     backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each attempt.")
     max_redirects: int = Field(5, ge=0, description="Redirects followed (each hop is checked like the first).")
-    respect_noai: bool = Field(True, description="Skip images served with X-Robots-Tag noai/noimageai.")
+    respect_noai: bool = Field(
+        True, description="Reject (opted_out) images whose X-Robots-Tag, on the image or on any redirect hop, "
+                          "carries a directive of download.optout_directives for our user agent or for all "
+                          "(docs/optouts.md).")
+    optout_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex", "none"],
+        description="X-Robots-Tag directives that opt an image out (case-insensitive). Default: the AI ones "
+                    "(noai, noimageai) and the index ones img2dataset also honours (noindex, noimageindex, and "
+                    "none, which means noindex+nofollow).")
+    respect_tdm_reservation: bool = Field(
+        True, description="Reject (opted_out) images served, on any hop, with the W3C TDM Reservation "
+                          "Protocol header `tdm-reservation: 1`.")
+    respect_robots_txt: bool = Field(
+        True, description="Fetch each site's robots.txt once per run and never request a path it disallows "
+                          "for download.user_agent (opted_out); RFC 9309 error rules (docs/optouts.md).")
     allow_addresses: list[str] = Field(
         default_factory=list,
         description="CIDR ranges downloads may reach although loopback/private/link-local (e.g. 127.0.0.1/32); "

@@ -14,8 +14,12 @@ What happens to each URL (first match wins; the status is a Reason string):
   (facecap.netguard); unresolvable: dns; cannot connect: connect_error
 - redirects are followed up to download.max_redirects (too_many_redirects),
   a URL seen twice is redirect_loop
+- a response (the image's or a redirect hop's) whose headers opt it out: opted_out, with the
+  directive and the header in the detail, decided on the headers before any body is read:
+  X-Robots-Tag directives in download.optout_directives addressed to our user agent's product
+  token or to every crawler (download.respect_noai), `tdm-reservation: 1`
+  (download.respect_tdm_reservation); see docs/optouts.md
 - HTTP status other than 200: http_<status> (http_404, http_503 ...)
-- X-Robots-Tag noai / noimageai: robots_noai (download.respect_noai)
 - Content-Type that is not an image (text/html error pages): not_image
 - more than image.max_bytes (Content-Length or counted while streaming) or a
   header claiming more than image.max_pixels (probed while streaming, before
@@ -47,6 +51,8 @@ from facecap.schema import Reason
 from facecap.sources.images import probe
 
 OK = "ok"
+# The status of every opt-out the downloader honours (headers, robots.txt); the detail says which.
+OPTED_OUT = "opted_out"
 # Retried at once with backoff. DNS failures are not (NXDOMAIN rarely heals in
 # seconds) but, like these, are retried by a later `--retry-failed` run.
 RETRY_NOW = {Reason.TIMEOUT, Reason.CONNECT_ERROR, "http_429"}
@@ -107,13 +113,32 @@ class _Stop(Exception):
         self.status, self.detail = status, detail
 
 
-def _robots_tokens(headers: httpx.Headers) -> set[str]:
-    tokens: set[str] = set()
-    for value in headers.get_list("x-robots-tag"):
-        for part in value.lower().replace(";", ",").split(","):
-            # "otherbot: noai" applies to a named bot; we treat any mention as an opt-out.
-            tokens.add(part.split(":")[-1].strip())
-    return tokens
+# X-Robots-Tag directives written "name: value": their name is not a user agent.
+_VALUED_DIRECTIVES = {"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"}
+
+
+def agent_token(user_agent: str) -> str:
+    """The product token crawlers are addressed by (robots.txt, X-Robots-Tag): "facecap" of "facecap/0.1 (...)"."""
+    return user_agent.strip().split("/")[0].split()[0].lower() if user_agent.strip() else ""
+
+
+def robots_tag_directives(values: list[str], user_agent: str) -> list[str]:
+    """The X-Robots-Tag directives (lower case) that apply to `user_agent`.
+
+    Each header value is a comma list; "otherbot: noindex, nofollow" addresses both directives to
+    otherbot until another agent is named; a value that names none addresses every crawler.
+    """
+    token, found = agent_token(user_agent), []
+    for value in values:
+        target = None
+        for part in value.replace(";", ",").split(","):
+            name, sep, rest = part.partition(":")
+            name = name.strip().lower()
+            if sep and name and name not in _VALUED_DIRECTIVES and not any(c.isspace() for c in name):
+                target, name = name, rest.partition(":")[0].strip().lower()
+            if name and (target is None or target == token):
+                found.append(name)
+    return found
 
 
 @dataclass
@@ -126,6 +151,7 @@ class Downloader:
         self.networks = netguard.allow_networks(
             list(self.settings.allow_addresses) + list(self.extra_allow), "download.allow_addresses")
         self._resolved: dict[tuple[str, int], list[str] | netguard.GuardError] = {}
+        self._directives = {d.strip().lower() for d in self.settings.optout_directives}
 
     # -- the synchronous face: used by ingest ---------------------------------
     def iter_fetch(self, urls: Iterable[str]) -> Iterator[Fetched]:
@@ -265,12 +291,12 @@ class Downloader:
         if response is None:
             raise _Stop(Reason.CONNECT_ERROR, f"cannot connect to {current}: {last_error}")
         try:
+            if response.status_code < 400:
+                self._check_optout(response, current, url)
             if response.status_code in _REDIRECTS and response.headers.get("location"):
                 return urllib.parse.urljoin(current, response.headers["location"])
             if response.status_code != 200:
                 raise _Stop(f"http_{response.status_code}", f"HTTP {response.status_code} from {current}")
-            if self.settings.respect_noai and _robots_tokens(response.headers) & {"noai", "noimageai"}:
-                raise _Stop(Reason.ROBOTS_NOAI, f"X-Robots-Tag: {', '.join(response.headers.get_list('x-robots-tag'))}")
             content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
             if not (content_type.startswith("image/") or content_type in _BINARY_TYPES):
                 raise _Stop(Reason.NOT_IMAGE, f"Content-Type {content_type}")
@@ -285,6 +311,26 @@ class Downloader:
             raise _Stop(p.reason, p.detail or "")
         return Fetched(url, OK, data=data, final_url=current, width=p.width, height=p.height, format=p.format,
                        content_type=content_type or None)
+
+    def _check_optout(self, response: httpx.Response, current: str, url: str) -> None:
+        """An opted_out stop when the response's headers reserve it; only headers are read, never the body."""
+        s = self.settings
+        hop = f" at {current}" if current != url else ""
+        if response.status_code in _REDIRECTS:
+            hop += f" (on its {response.status_code} redirect)"
+        elif current != url:
+            hop += " (reached by redirect)"
+        if s.respect_noai:
+            values = response.headers.get_list("x-robots-tag")
+            hits = sorted(set(robots_tag_directives(values, s.user_agent)) & self._directives)
+            if hits:
+                raise _Stop(OPTED_OUT, f"X-Robots-Tag directive {', '.join(hits)}{hop}; "
+                                       f"header: {' | '.join(values)}"[:400])
+        if s.respect_tdm_reservation:
+            values = [v.strip() for v in response.headers.get_list("tdm-reservation")]
+            if "1" in values:
+                policy = response.headers.get("tdm-policy")
+                raise _Stop(OPTED_OUT, f"tdm-reservation: 1{hop}" + (f"; tdm-policy: {policy}" if policy else ""))
 
     async def _read_body(self, response: httpx.Response) -> bytes:
         buf = bytearray()
