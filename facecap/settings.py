@@ -235,11 +235,23 @@ class DownloadSettings(_Section):
     resize_quality: int = Field(95, ge=50, le=100, description="JPEG quality of resized images.")
     decode_check: bool = Field(True, description="Decode every downloaded image once; truncated or corrupt "
                                                  "bodies become decode_error instead of reaching detect.")
-    user_agent: str = Field("facecap/0.1 (+https://github.com/facecap; image-text dataset research)",
-                            description="User-Agent sent with every request.")
+    user_agent: str | None = Field(
+        None, description="User-Agent sent with every request; its product token (the part before '/') is the "
+                          "name robots.txt groups and X-Robots-Tag directives address. Unset: "
+                          "`facecap/<version> (+<download.contact_url>; image-text dataset research)`.")
+    contact_url: str = Field(
+        "https://github.com/facecap", description="Where site operators reach whoever runs the download; named in "
+                                                   "the default user agent. Set it to your own page or mailto: when "
+                                                   "you download at scale.")
     retry_failed: bool = Field(
         False, description="Re-download the transient failures (timeout, 5xx, dns, connect) of URL shards that "
                            "are already done and merge them in (`--retry-failed`); other shards stay as they are.")
+
+    def agent(self) -> str:
+        """The User-Agent header of every download request (user_agent, or the default naming contact_url)."""
+        from facecap import __version__
+
+        return self.user_agent or f"facecap/{__version__} (+{self.contact_url}; image-text dataset research)"
 
     @field_validator("allow_addresses")
     @classmethod

@@ -65,6 +65,7 @@ class FixtureServer:
     lock: threading.Lock = field(default_factory=threading.Lock)
     robots: str | None = None
     robots_status: int = 200
+    robots_delay: float = 0.0
     delay: float = 0.0
     throttle_every: int = 0
     retry_after: str = "1"
@@ -137,6 +138,7 @@ def _handler(srv: FixtureServer):
                 srv.arrivals.append((time.monotonic(), path))
                 total = len(srv.arrivals)
             if path == "/robots.txt":
+                time.sleep(srv.robots_delay)
                 if srv.robots is None:
                     self._send(404, b"not found", "text/plain")
                 else:

@@ -120,3 +120,90 @@ def test_a_url_list_curates_with_opted_out_images_rejected_and_the_rest_kept(tmp
     assert sorted(details) == [6, 7, 8, 9]
     assert "noai" in details[6] and server.url(paths[6]) in details[6]
     assert "redirect" in details[7] and "tdm-reservation" in details[9]
+
+
+# --- robots.txt ----------------------------------------------------------------------------------
+ROBOTS = """# a site that shuts out every crawler but grants facecap its JPEGs and one PNG
+User-agent: *
+Disallow: /
+
+User-agent: otherbot
+User-agent: FaceCap/2.0
+Disallow: /img/*.png$
+Allow: /img/gen0.png
+Disallow: /redirect/   # trailing comment
+Sitemap: https://example.org/sitemap.xml
+"""
+
+
+def test_robots_rules_follow_rfc_9309():
+    from facecap.sources.downloader import RobotsRules
+
+    rules = RobotsRules.parse("http://x/robots.txt", ROBOTS, "facecap")
+    allowed = {path: rules.verdict(path, "facecap") is None for path in (
+        "/img/astronaut.jpg", "/img/gen0.png", "/img/gen1.png", "/img/gen1.png?v=2", "/redirect/1/a.png",
+        "/status/404", "/robots.txt", "/img/gen%31.png")}
+    assert allowed == {"/img/astronaut.jpg": True, "/img/gen0.png": True, "/img/gen1.png": False,
+                       "/img/gen1.png?v=2": True, "/redirect/1/a.png": False, "/status/404": True,
+                       "/robots.txt": True, "/img/gen%31.png": False}
+    assert "Disallow: /img/*.png$" in rules.verdict("/img/gen1.png", "facecap")[1]
+    star = RobotsRules.parse("http://x/robots.txt", ROBOTS, "mybot")
+    assert star.verdict("/img/astronaut.jpg", "mybot")[0] == "opted_out"
+    # Equal length: allow wins; an empty Disallow allows everything.
+    tie = RobotsRules.parse("s", "User-agent: *\nDisallow: /a\nAllow: /a\n", "facecap")
+    assert tie.verdict("/a/b.jpg", "facecap") is None
+    assert RobotsRules.parse("s", "User-agent: *\nDisallow:\n", "facecap").verdict("/x", "facecap") is None
+
+
+@pytest.fixture
+def fresh_robots():
+    from facecap.sources.downloader import clear_robots_cache
+
+    clear_robots_cache()
+    yield
+    clear_robots_cache()
+
+
+def test_robots_disallowed_paths_are_never_requested(fresh_robots):
+    with ServerThread(default_images(), robots=ROBOTS) as site:
+        cases = {"/img/astronaut.jpg": "ok", "/img/gen0.png": "ok", "/img/gen1.png": "opted_out",
+                 "/redirect/1/gen3.png": "opted_out",
+                 "/to/" + urllib.parse.quote("/img/gen2.png", safe=""): "opted_out"}  # disallowed redirect target
+        results = fetch(site, list(cases))
+        assert {p: r.status for p, r in zip(cases, results)} == cases
+        again = fetch(site, ["/img/gen1.png", "/img/astronaut.jpg"])  # a second shard of the same run
+        assert [r.status for r in again] == ["opted_out", "ok"]
+        for path in ("/img/gen1.png", "/redirect/1/gen3.png", "/img/gen2.png"):
+            assert site.count(path) == 0, path
+        assert site.count("/robots.txt") == 1  # once per site per run (this worker process)
+        assert "Disallow: /img/*.png$" in results[2].detail and "robots.txt" in results[2].detail
+
+        # Another user agent is another robots.txt group: here, the one that disallows everything.
+        other = fetch(site, ["/img/astronaut.jpg"], user_agent="mybot/1.0 (+https://example.org)")
+        assert other[0].status == "opted_out" and site.count("/img/astronaut.jpg") == 2
+        # Turned off: the disallowed path is asked for.
+        assert fetch(site, ["/img/gen1.png"], respect_robots_txt=False)[0].ok and site.count("/img/gen1.png") == 1
+
+
+@pytest.mark.parametrize("status,expected", [(404, "ok"), (403, "ok"), (503, "opted_out"), (429, "opted_out")])
+def test_robots_txt_errors_follow_rfc_9309(fresh_robots, status, expected):
+    with ServerThread(default_images(), robots="User-agent: *\nDisallow: /\n", robots_status=status) as site:
+        results = fetch(site, ["/img/gen0.png", "/img/gen1.png"], retries=0)
+        assert [r.status for r in results] == [expected] * 2
+        assert site.count("/robots.txt") == 1
+        if expected == "opted_out":
+            assert f"HTTP {status}" in results[0].detail
+            assert site.count("/img/gen0.png") == site.count("/img/gen1.png") == 0
+
+
+def test_an_unreachable_robots_txt_fetches_nothing_of_the_site_and_stays_transient(fresh_robots):
+    with ServerThread(default_images(), robots="", robots_delay=1.0) as site:
+        results = fetch(site, ["/img/gen0.png", "/img/gen1.png"], timeout_s=0.3, retries=0)
+        assert [r.status for r in results] == ["timeout", "timeout"] and "robots.txt" in results[0].detail
+        assert site.count("/img/gen0.png") == site.count("/img/gen1.png") == 0
+
+
+def test_the_default_user_agent_names_the_tool_and_the_contact_url():
+    agent = DownloadSettings(contact_url="mailto:data@example.org").agent()
+    assert agent.startswith("facecap/") and "mailto:data@example.org" in agent
+    assert DownloadSettings(user_agent="mybot/1.0").agent() == "mybot/1.0"

@@ -14,6 +14,12 @@ What happens to each URL (first match wins; the status is a Reason string):
   (facecap.netguard); unresolvable: dns; cannot connect: connect_error
 - redirects are followed up to download.max_redirects (too_many_redirects),
   a URL seen twice is redirect_loop
+- a path robots.txt disallows for our user agent: opted_out, never requested (on every hop);
+  robots.txt is fetched once per site (scheme, host, port) and cached in memory per worker
+  process for at most 24 h (download.respect_robots_txt; RFC 9309 rules, see RobotsRules):
+  a 4xx (not 429) robots.txt allows everything, a 5xx or 429 disallows the whole site
+  (opted_out), a network failure gives every URL of the site that failure's status
+  (timeout, connect_error: retried by a later --retry-failed), without asking for it
 - a response (the image's or a redirect hop's) whose headers opt it out: opted_out, with the
   directive and the header in the detail, decided on the headers before any body is read:
   X-Robots-Tag directives in download.optout_directives addressed to our user agent's product
@@ -35,7 +41,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import ssl
+import threading
+import time
 import urllib.parse
 import warnings
 from collections import deque
@@ -117,6 +126,79 @@ class _Stop(Exception):
 _VALUED_DIRECTIVES = {"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"}
 
 
+# -- robots.txt (RFC 9309) ---------------------------------------------------------------
+ROBOTS_TTL_S = 24 * 3600  # RFC 9309 2.4: a cached robots.txt should not be used for more than 24 hours
+ROBOTS_MAX_BYTES = 512 * 1024  # RFC 9309 2.5: at least 500 KiB are parsed; the rest is ignored
+_ROBOTS_CACHE: dict[tuple, "RobotsRules"] = {}
+_ROBOTS_LOCK = threading.Lock()  # ingest runs shards in threads of one worker process
+
+
+def clear_robots_cache() -> None:
+    with _ROBOTS_LOCK:
+        _ROBOTS_CACHE.clear()
+
+
+def _robots_pattern(value: str) -> re.Pattern:
+    """A robots.txt path pattern: `*` matches any characters, a final `$` ends the path."""
+    end = value.endswith("$")
+    body = urllib.parse.unquote(value[:-1] if end else value)
+    return re.compile("".join(".*" if c == "*" else re.escape(c) for c in body) + ("$" if end else ""), re.S)
+
+
+@dataclass
+class RobotsRules:
+    """The rules of one site's robots.txt for one product token (RFC 9309).
+
+    The groups naming the token (case-insensitive) are merged, else the `*` groups; the longest
+    matching allow/disallow rule wins, allow on a tie; no matching rule allows. `blocked` stands for
+    every path when the file could not be read (status, detail).
+    """
+
+    source: str
+    rules: list[tuple[int, bool, re.Pattern, str]] = field(default_factory=list)  # (length, allow, pattern, line)
+    blocked: tuple[str, str] | None = None
+    fetched_at: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def parse(cls, source: str, text: str, token: str) -> "RobotsRules":
+        groups: list[tuple[set[str], list[tuple[bool, str]]]] = []
+        in_agents = False
+        for raw in text.splitlines():
+            key, sep, value = raw.split("#", 1)[0].partition(":")
+            key, value = key.strip().lower(), value.strip()
+            if not sep:
+                continue
+            if key == "user-agent":
+                if not in_agents:
+                    groups.append((set(), []))
+                    in_agents = True
+                groups[-1][0].add(value.split("/")[0].strip().lower())
+            elif key in ("allow", "disallow"):
+                in_agents = False
+                if groups and value:  # an empty Disallow matches nothing
+                    groups[-1][1].append((key == "allow", value))
+        named = [rules for agents, rules in groups if token in agents]
+        chosen = named or [rules for agents, rules in groups if "*" in agents]
+        rules = [(len(v), allow, _robots_pattern(v), f"{'Allow' if allow else 'Disallow'}: {v}")
+                 for group in chosen for allow, v in group]
+        return cls(source, rules)
+
+    def verdict(self, path: str, token: str) -> tuple[str, str] | None:
+        """(status, detail) when path must not be requested; None when it may."""
+        if self.blocked:
+            return self.blocked
+        if path == "/robots.txt":
+            return None
+        path = urllib.parse.unquote(path)
+        best = None
+        for length, allow, pattern, line in self.rules:
+            if pattern.match(path) and (best is None or (length, allow) > (best[0], best[1])):
+                best = (length, allow, line)
+        if best is None or best[1]:
+            return None
+        return OPTED_OUT, f"{self.source} disallows {path} for {token or '*'} ({best[2]})"
+
+
 def agent_token(user_agent: str) -> str:
     """The product token crawlers are addressed by (robots.txt, X-Robots-Tag): "facecap" of "facecap/0.1 (...)"."""
     return user_agent.strip().split("/")[0].split()[0].lower() if user_agent.strip() else ""
@@ -152,6 +234,9 @@ class Downloader:
             list(self.settings.allow_addresses) + list(self.extra_allow), "download.allow_addresses")
         self._resolved: dict[tuple[str, int], list[str] | netguard.GuardError] = {}
         self._directives = {d.strip().lower() for d in self.settings.optout_directives}
+        self._agent = self.settings.agent()
+        self._token = agent_token(self._agent)
+        self._robots: dict[tuple, asyncio.Future] = {}  # robots.txt fetches in flight on this loop
 
     # -- the synchronous face: used by ingest ---------------------------------
     def iter_fetch(self, urls: Iterable[str]) -> Iterator[Fetched]:
@@ -190,6 +275,12 @@ class Downloader:
                 task.cancel()
             if pending:
                 loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            unfinished = [f for f in self._robots.values() if not f.done()]
+            for future in unfinished:
+                future.cancel()
+            if unfinished:
+                loop.run_until_complete(asyncio.gather(*unfinished, return_exceptions=True))
+            self._robots.clear()
             for client in clients:
                 loop.run_until_complete(client.aclose())
             loop.run_until_complete(loop.shutdown_default_executor())
@@ -203,7 +294,7 @@ class Downloader:
             timeout=httpx.Timeout(s.timeout_s),
             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
             trust_env=False,  # a proxy from the environment would bypass the address check
-            headers={"User-Agent": s.user_agent, "Accept": "image/*,*/*;q=0.5"},
+            headers={"User-Agent": self._agent, "Accept": "image/*,*/*;q=0.5"},
         )
 
     # -- one URL ----------------------------------------------------------------
@@ -232,6 +323,8 @@ class Downloader:
         current, seen = url, {url}
         try:
             for _ in range(self.settings.max_redirects + 1):
+                if self.settings.respect_robots_txt:
+                    await self._robots_check(client, current)
                 async with asyncio.timeout(self.settings.timeout_s):
                     nxt = await self._hop(client, url, current)
                 if isinstance(nxt, Fetched):
@@ -278,6 +371,73 @@ class Downloader:
             raise _Stop(found.reason, str(found))
         return found
 
+    async def _robots_check(self, client: httpx.AsyncClient, current: str) -> None:
+        """Stops when current's site's robots.txt disallows it; fetches that robots.txt once per site."""
+        await self._addresses(current)  # a blocked or unresolvable host stops here, before any request
+        parts = urllib.parse.urlsplit(current)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        key = (parts.scheme, parts.hostname, port, self._token)
+        with _ROBOTS_LOCK:
+            rules = _ROBOTS_CACHE.get(key)
+        if rules is None or time.monotonic() - rules.fetched_at > ROBOTS_TTL_S:
+            future = self._robots.get(key)
+            if future is None or (future.done() and rules is not None):  # none yet, or the cached one expired
+                origin = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
+                future = self._robots[key] = asyncio.ensure_future(self._fetch_robots(client, origin))
+            rules = await asyncio.shield(future)  # one URL giving up must not cancel its site's fetch
+            with _ROBOTS_LOCK:
+                _ROBOTS_CACHE[key] = rules
+        stop = rules.verdict((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), self._token)
+        if stop:
+            raise _Stop(*stop)
+
+    async def _fetch_robots(self, client: httpx.AsyncClient, origin: str) -> RobotsRules:
+        """The site's robots.txt as rules: retried like a download, redirects followed (each hop guarded)."""
+        source = f"{origin}/robots.txt"
+        for attempt in range(self.settings.retries + 1):
+            try:
+                return await self._robots_attempt(client, source)
+            except (TimeoutError, httpx.TimeoutException):
+                failure = (Reason.TIMEOUT, f"robots.txt {source} did not answer within {self.settings.timeout_s} s; "
+                                           "not requested (RFC 9309: an unreachable robots.txt disallows all)")
+            except httpx.HTTPError as exc:
+                failure = (Reason.CONNECT_ERROR, f"robots.txt {source} unreachable ({type(exc).__name__}: {exc}); "
+                                                 "not requested (RFC 9309: an unreachable robots.txt disallows all)")
+            except _Stop as stop:
+                return RobotsRules(source, blocked=(OPTED_OUT, f"robots.txt {source} could not be read "
+                                                               f"({stop.status}: {stop.detail}); RFC 9309: disallow all"))
+            if attempt < self.settings.retries:
+                await asyncio.sleep(self.settings.backoff_s * 2 ** attempt)
+        return RobotsRules(source, blocked=(failure[0], failure[1][:400]))
+
+    async def _robots_attempt(self, client: httpx.AsyncClient, source: str) -> RobotsRules:
+        current = source
+        for _ in range(max(5, self.settings.max_redirects) + 1):  # RFC 9309 2.3.1.2: at least five hops
+            addresses = await self._addresses(current)
+            async with asyncio.timeout(self.settings.timeout_s):
+                response = await client.send(netguard.pinned(client, current, addresses[0]), stream=True)
+                try:
+                    status = response.status_code
+                    if status in _REDIRECTS and response.headers.get("location"):
+                        current = urllib.parse.urljoin(current, response.headers["location"])
+                        continue
+                    if status == 200:
+                        body = bytearray()
+                        async for chunk in response.aiter_bytes():
+                            body += chunk
+                            if len(body) >= ROBOTS_MAX_BYTES:
+                                break
+                        text = bytes(body[:ROBOTS_MAX_BYTES]).decode("utf-8", errors="replace")
+                        return RobotsRules.parse(source, text, self._token)
+                finally:
+                    await response.aclose()
+            if 400 <= status < 500 and status != 429:
+                return RobotsRules(source)  # "unavailable": no rules, everything allowed
+            return RobotsRules(source, blocked=(OPTED_OUT, f"robots.txt {source} answered HTTP {status}; "
+                                                           "RFC 9309: the site is disallowed while it errors"))
+        return RobotsRules(source, blocked=(OPTED_OUT, f"robots.txt {source}: too many redirects; RFC 9309: "
+                                                       "disallow all"))
+
     async def _hop(self, client: httpx.AsyncClient, url: str, current: str) -> Fetched | str:
         """One request. Returns the result, or the next URL of a redirect."""
         addresses = await self._addresses(current)
@@ -322,7 +482,7 @@ class Downloader:
             hop += " (reached by redirect)"
         if s.respect_noai:
             values = response.headers.get_list("x-robots-tag")
-            hits = sorted(set(robots_tag_directives(values, s.user_agent)) & self._directives)
+            hits = sorted(set(robots_tag_directives(values, self._agent)) & self._directives)
             if hits:
                 raise _Stop(OPTED_OUT, f"X-Robots-Tag directive {', '.join(hits)}{hop}; "
                                        f"header: {' | '.join(values)}"[:400])
