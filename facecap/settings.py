@@ -210,6 +210,15 @@ class DownloadSettings(_Section):
                                               "connection or DNS error); never after 404, blocked, too large...")
     backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each attempt.")
     max_redirects: int = Field(5, ge=0, description="Redirects followed (each hop is checked like the first).")
+    domain_connections: int | None = Field(
+        8, ge=1, description="Requests in flight at once to one host (per downloading shard); null: no limit "
+                             "beyond download.connections. URLs waiting for their host hold no connection.")
+    domain_requests_per_s: float | None = Field(
+        20.0, gt=0, description="Requests started per second to one host (per downloading shard); null: no limit.")
+    max_retry_after_s: float = Field(
+        120.0, ge=0, description="A 429/503 pauses its whole host for its Retry-After (else download.backoff_s); "
+                                 "a URL whose host asks to wait longer than this ends with that status "
+                                 "(transient: --retry-failed asks again later) without a request.")
     respect_noai: bool = Field(
         True, description="Reject (opted_out) images whose X-Robots-Tag, on the image or on any redirect hop, "
                           "carries a directive of download.optout_directives for our user agent or for all "

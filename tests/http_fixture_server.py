@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import sys
 import threading
 import time
 import urllib.parse
@@ -248,9 +249,15 @@ def default_images() -> dict[str, bytes]:
     return images
 
 
-if __name__ == "__main__":  # python tests/http_fixture_server.py: serve until Ctrl-C (for trying the CLI)
-    with ServerThread(default_images()) as s:
-        print(f"serving on {s.base}", flush=True)
+if __name__ == "__main__":  # python tests/http_fixture_server.py [HOSTS]: serve until Ctrl-C (for trying the CLI)
+    # HOSTS > 1: one server per loopback address 127.0.0.1, 127.0.0.2, ... (a list spread over many sites)
+    import contextlib
+
+    hosts = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    with contextlib.ExitStack() as stack:
+        images = default_images()
+        bases = [stack.enter_context(ServerThread(images, host=f"127.0.0.{i + 1}")).base for i in range(hosts)]
+        print(f"serving on {' '.join(bases)}", flush=True)
         try:
             while True:
                 time.sleep(3600)

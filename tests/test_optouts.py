@@ -207,3 +207,80 @@ def test_the_default_user_agent_names_the_tool_and_the_contact_url():
     agent = DownloadSettings(contact_url="mailto:data@example.org").agent()
     assert agent.startswith("facecap/") and "mailto:data@example.org" in agent
     assert DownloadSettings(user_agent="mybot/1.0").agent() == "mybot/1.0"
+
+
+# --- per-host politeness -------------------------------------------------------------------------
+def _spread(sites, per_site: int, tag: str) -> list[str]:
+    return [site.url(f"/img/gen{i % 4}.png?{tag}{i}") for i in range(per_site) for site in sites]
+
+
+def _span(site, tag: str) -> tuple[float, float]:
+    times = [t for t, path in site.arrivals if tag in path]
+    return min(times), max(times)
+
+
+def test_one_slow_rate_limiting_host_never_slows_the_others_nor_gets_more_than_its_share(fresh_robots):
+    images = default_images()
+    fast = [ServerThread(images, host=f"127.0.0.{i}", delay=0.05) for i in range(2, 6)]
+    slow = ServerThread(images, host="127.0.0.9", delay=0.2, throttle_every=3, retry_after="1")
+    settings = DownloadSettings(**{**FAST, "retries": 6, "connections": 8}, allow_addresses=LOOPBACK,
+                                domain_connections=2, domain_requests_per_s=None)
+    with fast[0] as a, fast[1] as b, fast[2] as c, fast[3] as d, slow as s:
+        sites = [a, b, c, d]
+        alone = list(Downloader(settings, ImageLimits(**LIMITS)).iter_fetch(_spread(sites, 16, "alone")))
+        assert all(r.ok for r in alone)
+        alone_span = max(_span(x, "alone")[1] for x in sites) - min(_span(x, "alone")[0] for x in sites)
+
+        urls = _spread(sites, 16, "mixed")
+        slow_urls = [s.url(f"/img/gen{i % 4}.png?mixed{i}") for i in range(12)]
+        for i, url in enumerate(slow_urls):
+            urls.insert(i * 6, url)  # the slow host's URLs lead and are spread through the list
+        results = list(Downloader(settings, ImageLimits(**LIMITS)).iter_fetch(urls))
+        assert [r.url for r in results] == urls and all(r.ok for r in results), [
+            (r.url, r.status, r.detail) for r in results if not r.ok]
+
+        start = min(_span(x, "mixed")[0] for x in sites + [s])
+        fast_end = max(_span(x, "mixed")[1] for x in sites)
+        slow_end = _span(s, "mixed")[1]
+        assert len(s.throttled) >= 3 and slow_end - start > 2.0  # it paused a second after each 429
+        # The others went at the speed they had alone, not at the slow host's.
+        assert fast_end - start <= 1.5 * alone_span + 0.3, (fast_end - start, alone_span)
+        assert fast_end - start < 0.5 * (slow_end - start)
+        # Counted by the servers: never more than the per-host limit at once.
+        assert max(x.max_in_flight for x in sites + [s]) == 2
+        # Retry-After honoured: no request reached the slow host in the second after a 429.
+        for sent in s.throttled:
+            early = [t for t, path in s.arrivals if sent + 0.05 < t < sent + 0.95]
+            assert not early, (sent, early)
+
+
+def test_requests_per_second_per_host(fresh_robots):
+    with ServerThread(default_images(), host="127.0.0.12") as site:
+        results = fetch(site, [f"/img/gen{i % 4}.png?rate{i}" for i in range(8)], domain_requests_per_s=10.0)
+        assert all(r.ok for r in results)
+        times = sorted(t for t, path in site.arrivals if "rate" in path)
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert min(gaps) > 0.08 and times[-1] - times[0] >= 0.65, gaps
+
+
+def test_a_host_asking_for_a_long_pause_ends_its_urls_as_transient_without_requests(fresh_robots):
+    with ServerThread(default_images(), host="127.0.0.13", throttle_every=1, retry_after="3600") as site:
+        results = fetch(site, [f"/img/gen{i % 4}.png?pause{i}" for i in range(5)], retries=2,
+                        domain_connections=1)
+        assert [r.status for r in results] == ["http_429"] * 5
+        assert sum(1 for _, path in site.arrivals if "pause" in path) == 1  # the one that got the answer
+        assert "Retry-After" in results[1].detail and "max_retry_after_s" in results[1].detail
+
+
+def test_retry_after_forms():
+    from facecap.sources.downloader import retry_after_s
+
+    assert retry_after_s("120") == 120.0 and retry_after_s(None) is None and retry_after_s("soon") is None
+    soon = email_date(time.time() + 30)
+    assert 25 < retry_after_s(soon) <= 30
+
+
+def email_date(ts: float) -> str:
+    import email.utils
+
+    return email.utils.formatdate(ts, usegmt=True)

@@ -40,6 +40,8 @@ Nothing here knows Prefect or Dask.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.utils
 import io
 import re
 import ssl
@@ -77,10 +79,29 @@ _BINARY_TYPES = {"application/octet-stream", "binary/octet-stream", "application
 _END = object()
 
 
-def _buffered(pending: "deque[asyncio.Task]") -> int:
-    """Bytes of finished downloads waiting behind a slower one (they are yielded in input order)."""
-    return sum(len(t.result().data or b"") for t in pending if t.done() and not t.cancelled()
-               and t.exception() is None)
+def _body_size(task: asyncio.Task) -> int:
+    return len(task.result().data or b"") if not task.cancelled() and task.exception() is None else 0
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds a Retry-After header asks for (delta-seconds or an HTTP date); None when absent or unreadable."""
+    value = (value or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class _Domain:
+    """One host's share of the downloader: requests at once, the next start the rate allows, a pause it asked for."""
+
+    slots: asyncio.Semaphore | None
+    next_at: float = 0.0
+    paused_until: float = 0.0
+    pause_status: str = "http_429"
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -237,6 +258,7 @@ class Downloader:
         self._agent = self.settings.agent()
         self._token = agent_token(self._agent)
         self._robots: dict[tuple, asyncio.Future] = {}  # robots.txt fetches in flight on this loop
+        self._domains: dict[str, _Domain] = {}
 
     # -- the synchronous face: used by ingest ---------------------------------
     def iter_fetch(self, urls: Iterable[str]) -> Iterator[Fetched]:
@@ -253,22 +275,33 @@ class Downloader:
             slots: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
             for client in clients:
                 slots.put_nowait(client)
-            window = max(4 * self.settings.connections, 16)
+            # A wide window: URLs waiting for their site's turn (per-domain limits, Retry-After) hold no
+            # slot, so the other sites' URLs behind them keep the slots busy; bodies stay under BUFFER_BYTES.
+            window = max(32 * self.settings.connections, 256)
+            buffered = [0]  # bytes of finished downloads still in the window
+
+            def finished(task: asyncio.Task) -> None:
+                buffered[0] += _body_size(task)
+
             source = iter(urls)
             exhausted = False
             while True:
-                while not exhausted and len(pending) < window and _buffered(pending) < BUFFER_BYTES:
+                while not exhausted and len(pending) < window and buffered[0] < BUFFER_BYTES:
                     url = next(source, _END)
                     if url is _END:
                         exhausted = True
                         break
-                    pending.append(loop.create_task(self.fetch(slots, url)))
+                    task = loop.create_task(self.fetch(slots, url))
+                    task.add_done_callback(finished)
+                    pending.append(task)
                 if not pending:
                     break
                 head = pending[0]
                 # Runs every task in the window until the oldest one is done.
                 loop.run_until_complete(asyncio.wait({head}))
                 pending.popleft()
+                loop.run_until_complete(asyncio.sleep(0))  # done callbacks, ours included, have run
+                buffered[0] -= _body_size(head)
                 yield head.result()
         finally:
             for task in pending:
@@ -302,11 +335,7 @@ class Downloader:
         """Fetch one URL, retrying transient failures with exponential backoff."""
         attempts = self.settings.retries + 1
         for attempt in range(attempts):
-            client = await slots.get()
-            try:
-                result = await self._attempt(client, url)
-            finally:
-                slots.put_nowait(client)
+            result = await self._attempt(slots, url)
             result.attempts = attempt + 1
             if result.ok or not retry_now(result.status) or attempt + 1 == attempts:
                 break
@@ -319,14 +348,62 @@ class Downloader:
                 await asyncio.to_thread(self._decode, result)
         return result
 
-    async def _attempt(self, client: httpx.AsyncClient, url: str) -> Fetched:
+    @contextlib.asynccontextmanager
+    async def _turn(self, slots: "asyncio.Queue[httpx.AsyncClient]", url: str):
+        """A client for one request to url's host, once the host's limits allow one (then a free slot).
+
+        The host's turn comes first: a URL waiting on a busy or paused site holds no slot.
+        """
+        host = (urllib.parse.urlsplit(url).hostname or "").lower()
+        domain = self._domains.get(host)
+        if domain is None:
+            limit = self.settings.domain_connections
+            domain = self._domains[host] = _Domain(asyncio.Semaphore(limit) if limit else None)
+        if domain.slots:
+            await domain.slots.acquire()
+        try:
+            loop = asyncio.get_running_loop()
+            while True:
+                now = loop.time()
+                if domain.paused_until - now > self.settings.max_retry_after_s:
+                    raise _Stop(domain.pause_status, f"{host} asked (Retry-After) to wait "
+                                                     f"{domain.paused_until - now:.0f} s more, over "
+                                                     f"download.max_retry_after_s={self.settings.max_retry_after_s}")
+                start = max(domain.paused_until, domain.next_at)
+                if start <= now:
+                    break
+                await asyncio.sleep(start - now)
+            if self.settings.domain_requests_per_s:
+                domain.next_at = now + 1 / self.settings.domain_requests_per_s
+            client = await slots.get()
+            try:
+                yield client
+            finally:
+                slots.put_nowait(client)
+        finally:
+            if domain.slots:
+                domain.slots.release()
+
+    def _pause(self, url: str, response: httpx.Response) -> None:
+        """A 429/503 pauses its whole host: Retry-After seconds, or the first retry delay without one."""
+        host = (urllib.parse.urlsplit(url).hostname or "").lower()
+        domain = self._domains.get(host)
+        if domain is None:
+            return
+        wait = retry_after_s(response.headers.get("retry-after"))
+        until = asyncio.get_running_loop().time() + (self.settings.backoff_s if wait is None else wait)
+        if until > domain.paused_until:
+            domain.paused_until, domain.pause_status = until, f"http_{response.status_code}"
+
+    async def _attempt(self, slots: "asyncio.Queue[httpx.AsyncClient]", url: str) -> Fetched:
         current, seen = url, {url}
         try:
             for _ in range(self.settings.max_redirects + 1):
                 if self.settings.respect_robots_txt:
-                    await self._robots_check(client, current)
-                async with asyncio.timeout(self.settings.timeout_s):
-                    nxt = await self._hop(client, url, current)
+                    await self._robots_check(slots, current)
+                async with self._turn(slots, current) as client:
+                    async with asyncio.timeout(self.settings.timeout_s):
+                        nxt = await self._hop(client, url, current)
                 if isinstance(nxt, Fetched):
                     return nxt
                 if nxt in seen:
@@ -371,7 +448,7 @@ class Downloader:
             raise _Stop(found.reason, str(found))
         return found
 
-    async def _robots_check(self, client: httpx.AsyncClient, current: str) -> None:
+    async def _robots_check(self, slots: "asyncio.Queue[httpx.AsyncClient]", current: str) -> None:
         """Stops when current's site's robots.txt disallows it; fetches that robots.txt once per site."""
         await self._addresses(current)  # a blocked or unresolvable host stops here, before any request
         parts = urllib.parse.urlsplit(current)
@@ -383,7 +460,7 @@ class Downloader:
             future = self._robots.get(key)
             if future is None or (future.done() and rules is not None):  # none yet, or the cached one expired
                 origin = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
-                future = self._robots[key] = asyncio.ensure_future(self._fetch_robots(client, origin))
+                future = self._robots[key] = asyncio.ensure_future(self._fetch_robots(slots, origin))
             rules = await asyncio.shield(future)  # one URL giving up must not cancel its site's fetch
             with _ROBOTS_LOCK:
                 _ROBOTS_CACHE[key] = rules
@@ -391,12 +468,12 @@ class Downloader:
         if stop:
             raise _Stop(*stop)
 
-    async def _fetch_robots(self, client: httpx.AsyncClient, origin: str) -> RobotsRules:
+    async def _fetch_robots(self, slots: "asyncio.Queue[httpx.AsyncClient]", origin: str) -> RobotsRules:
         """The site's robots.txt as rules: retried like a download, redirects followed (each hop guarded)."""
         source = f"{origin}/robots.txt"
         for attempt in range(self.settings.retries + 1):
             try:
-                return await self._robots_attempt(client, source)
+                return await self._robots_attempt(slots, source)
             except (TimeoutError, httpx.TimeoutException):
                 failure = (Reason.TIMEOUT, f"robots.txt {source} did not answer within {self.settings.timeout_s} s; "
                                            "not requested (RFC 9309: an unreachable robots.txt disallows all)")
@@ -410,11 +487,11 @@ class Downloader:
                 await asyncio.sleep(self.settings.backoff_s * 2 ** attempt)
         return RobotsRules(source, blocked=(failure[0], failure[1][:400]))
 
-    async def _robots_attempt(self, client: httpx.AsyncClient, source: str) -> RobotsRules:
+    async def _robots_attempt(self, slots: "asyncio.Queue[httpx.AsyncClient]", source: str) -> RobotsRules:
         current = source
         for _ in range(max(5, self.settings.max_redirects) + 1):  # RFC 9309 2.3.1.2: at least five hops
             addresses = await self._addresses(current)
-            async with asyncio.timeout(self.settings.timeout_s):
+            async with self._turn(slots, current) as client, asyncio.timeout(self.settings.timeout_s):
                 response = await client.send(netguard.pinned(client, current, addresses[0]), stream=True)
                 try:
                     status = response.status_code
@@ -451,6 +528,8 @@ class Downloader:
         if response is None:
             raise _Stop(Reason.CONNECT_ERROR, f"cannot connect to {current}: {last_error}")
         try:
+            if response.status_code in (429, 503):
+                self._pause(current, response)
             if response.status_code < 400:
                 self._check_optout(response, current, url)
             if response.status_code in _REDIRECTS and response.headers.get("location"):
