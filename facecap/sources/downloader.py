@@ -279,9 +279,14 @@ class Downloader:
             # slot, so the other sites' URLs behind them keep the slots busy; bodies stay under BUFFER_BYTES.
             window = max(32 * self.settings.connections, 256)
             buffered = [0]  # bytes of finished downloads still in the window
+            sizes: dict[asyncio.Task, int] = {}
 
             def finished(task: asyncio.Task) -> None:
-                buffered[0] += _body_size(task)
+                if task in live:
+                    sizes[task] = _body_size(task)
+                    buffered[0] += sizes[task]
+
+            live: set[asyncio.Task] = set()
 
             source = iter(urls)
             exhausted = False
@@ -293,6 +298,7 @@ class Downloader:
                         break
                     task = loop.create_task(self.fetch(slots, url))
                     task.add_done_callback(finished)
+                    live.add(task)
                     pending.append(task)
                 if not pending:
                     break
@@ -300,8 +306,8 @@ class Downloader:
                 # Runs every task in the window until the oldest one is done.
                 loop.run_until_complete(asyncio.wait({head}))
                 pending.popleft()
-                loop.run_until_complete(asyncio.sleep(0))  # done callbacks, ours included, have run
-                buffered[0] -= _body_size(head)
+                live.discard(head)  # its done callback, if it has not run yet, counts nothing
+                buffered[0] -= sizes.pop(head, 0)
                 yield head.result()
         finally:
             for task in pending:
