@@ -34,6 +34,12 @@ What happens to each URL (first match wins; the status is a Reason string):
 - body not a readable image: decode_error / unsupported_format / empty_file
 Transient failures (timeout, connect_error, 5xx, 429) are retried with
 exponential backoff up to download.retries times; nothing else is retried.
+
+Per host (download.domain_connections, download.domain_requests_per_s): a URL
+waits for its host's turn before it takes one of the connections, so a busy or
+paused host holds none; a 429/503 pauses its host for its Retry-After (at most
+download.max_retry_after_s, past which its URLs end with that status unasked).
+The limits count per Downloader (one shard). docs/optouts.md has the details.
 Nothing here knows Prefect or Dask.
 """
 
