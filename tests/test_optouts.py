@@ -284,3 +284,30 @@ def email_date(ts: float) -> str:
     import email.utils
 
     return email.utils.formatdate(ts, usegmt=True)
+
+
+def test_a_curated_url_list_of_real_photos_releases_only_the_faces_not_opted_out(prefect_api_url, tmp_path,
+                                                                                    fresh_robots):
+    """The whole curate flow on a URL list: opted-out photos never reach detect or the release."""
+    from helpers import offline_config, read_release, run_curate
+
+    from facecap.package_photos import photo_bytes
+
+    names = ["astronaut", "group", "kafka", "hanks"]
+    with ServerThread({f"{n}.img": photo_bytes(n) for n in names}) as site:
+        paths = ["/img/astronaut.img", "/img/group.img", "/noai/kafka.img", "/noai-hop/hanks.img"]
+        lst = url_list(tmp_path / "faces.parquet", site, paths)
+        cfg = offline_config(image=LIMITS | {"max_bytes": 5_000_000},
+                             download={"allow_addresses": LOOPBACK, **FAST, "timeout_s": 10},
+                             quality={"test_fraction": 0.5, "max_duplicate_image_rate": 1.0})
+        run_curate([lst], tmp_path / "out", cfg)
+        assert site.count("/img/hanks.img") == 0  # the opted-out redirect's target was never asked for
+    data, rejects = read_release(tmp_path / "out")
+    offsets = set(data.column("source_offset").to_pylist())
+    assert offsets == {"0", "1"}, offsets  # the astronaut and the group photo's faces only
+    assert data.num_rows >= 2
+    found = {}
+    for path in (tmp_path / "out" / "shards" / "ingest").glob("*rejects*.parquet"):
+        for r in pq.read_table(path).to_pylist():
+            found[r["source_offset"]] = r["reason"]
+    assert found == {"2": "opted_out", "3": "opted_out"}, found
