@@ -147,6 +147,8 @@ def test_robots_rules_follow_rfc_9309():
                        "/img/gen1.png?v=2": True, "/redirect/1/a.png": False, "/status/404": True,
                        "/robots.txt": True, "/img/gen%31.png": False}
     assert "Disallow: /img/*.png$" in rules.verdict("/img/gen1.png", "facecap")[1]
+    bom = RobotsRules.parse("http://x/robots.txt", "\ufeffUser-agent: *\r\nDisallow: /\r\n", "facecap")
+    assert bom.verdict("/img/gen0.png", "facecap")  # a BOM and CRLF line ends still read as rules
     star = RobotsRules.parse("http://x/robots.txt", ROBOTS, "mybot")
     assert star.verdict("/img/astronaut.jpg", "mybot")[0] == "opted_out"
     # Equal length: allow wins; an empty Disallow allows everything.

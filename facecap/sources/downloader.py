@@ -190,7 +190,7 @@ class RobotsRules:
     def parse(cls, source: str, text: str, token: str) -> "RobotsRules":
         groups: list[tuple[set[str], list[tuple[bool, str]]]] = []
         in_agents = False
-        for raw in text.splitlines():
+        for raw in text.removeprefix("\ufeff").splitlines():  # files saved by Windows editors start with a BOM
             key, sep, value = raw.split("#", 1)[0].partition(":")
             key, value = key.strip().lower(), value.strip()
             if not sep:
