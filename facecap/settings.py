@@ -210,7 +210,30 @@ class DownloadSettings(_Section):
                                               "connection or DNS error); never after 404, blocked, too large...")
     backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each attempt.")
     max_redirects: int = Field(5, ge=0, description="Redirects followed (each hop is checked like the first).")
-    respect_noai: bool = Field(True, description="Skip images served with X-Robots-Tag noai/noimageai.")
+    domain_connections: int | None = Field(
+        8, ge=1, description="Requests in flight at once to one host (per downloading shard); null: no limit "
+                             "beyond download.connections. URLs waiting for their host hold no connection.")
+    domain_requests_per_s: float | None = Field(
+        20.0, gt=0, description="Requests started per second to one host (per downloading shard); null: no limit.")
+    max_retry_after_s: float = Field(
+        120.0, ge=0, description="A 429/503 pauses its whole host for its Retry-After (else download.backoff_s); "
+                                 "a URL whose host asks to wait longer than this ends with that status "
+                                 "(transient: --retry-failed asks again later) without a request.")
+    respect_noai: bool = Field(
+        True, description="Reject (opted_out) images whose X-Robots-Tag, on the image or on any redirect hop, "
+                          "carries a directive of download.optout_directives for our user agent or for all "
+                          "(docs/optouts.md).")
+    optout_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex", "none"],
+        description="X-Robots-Tag directives that opt an image out (case-insensitive). Default: the AI ones "
+                    "(noai, noimageai) and the index ones img2dataset also honours (noindex, noimageindex, and "
+                    "none, which means noindex+nofollow).")
+    respect_tdm_reservation: bool = Field(
+        True, description="Reject (opted_out) images served, on any hop, with the W3C TDM Reservation "
+                          "Protocol header `tdm-reservation: 1`.")
+    respect_robots_txt: bool = Field(
+        True, description="Fetch each site's robots.txt once per run and never request a path it disallows "
+                          "for download.user_agent (opted_out); RFC 9309 error rules (docs/optouts.md).")
     allow_addresses: list[str] = Field(
         default_factory=list,
         description="CIDR ranges downloads may reach although loopback/private/link-local (e.g. 127.0.0.1/32); "
@@ -221,11 +244,23 @@ class DownloadSettings(_Section):
     resize_quality: int = Field(95, ge=50, le=100, description="JPEG quality of resized images.")
     decode_check: bool = Field(True, description="Decode every downloaded image once; truncated or corrupt "
                                                  "bodies become decode_error instead of reaching detect.")
-    user_agent: str = Field("facecap/0.1 (+https://github.com/facecap; image-text dataset research)",
-                            description="User-Agent sent with every request.")
+    user_agent: str | None = Field(
+        None, description="User-Agent sent with every request; its product token (the part before '/') is the "
+                          "name robots.txt groups and X-Robots-Tag directives address. Unset: "
+                          "`facecap/<version> (+<download.contact_url>; image-text dataset research)`.")
+    contact_url: str = Field(
+        "https://github.com/facecap", description="Where site operators reach whoever runs the download; named in "
+                                                   "the default user agent. Set it to your own page or mailto: when "
+                                                   "you download at scale.")
     retry_failed: bool = Field(
         False, description="Re-download the transient failures (timeout, 5xx, dns, connect) of URL shards that "
                            "are already done and merge them in (`--retry-failed`); other shards stay as they are.")
+
+    def agent(self) -> str:
+        """The User-Agent header of every download request (user_agent, or the default naming contact_url)."""
+        from facecap import __version__
+
+        return self.user_agent or f"facecap/{__version__} (+{self.contact_url}; image-text dataset research)"
 
     @field_validator("allow_addresses")
     @classmethod

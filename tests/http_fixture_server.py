@@ -11,6 +11,16 @@ Used by the download tests and bench/bench_download.py. Paths:
   /to/<url-quoted>         a 302 to any location (blocked addresses, file://)
   /html/<name>             the image's bytes served as text/html
   /noai/<name>             the image with X-Robots-Tag: noai
+  /xrt/<quoted>/<name>     the image with one X-Robots-Tag header per "|"-separated part of <quoted>
+  /tdm/<name>              the image with tdm-reservation: 1
+  /noai-huge               X-Robots-Tag: noimageai on a 10 GB Content-Length, 1000 bytes sent
+  /noai-hop/<name>         a 302 carrying X-Robots-Tag: noai, to /img/<name>
+  /robots.txt              `robots` (None: 404), with HTTP status `robots_status`
+  anything else under `delay` / `throttle_every`: every request waits `delay` s; every
+                           throttle_every-th answers 429 with Retry-After: `retry_after`
+
+Every request is counted per path (`requests`), timed per arrival (`arrivals`: (time, path)),
+and the most requests it ever handled at once is `max_in_flight`.
   /big                     an oversized body without Content-Length
   /big-announced           Content-Length above any test limit (body never needed)
   /truncated               a JPEG cut in half
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import sys
 import threading
 import time
 import urllib.parse
@@ -53,6 +64,16 @@ class FixtureServer:
     base: str = ""
     requests: Counter = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    robots: str | None = None
+    robots_status: int = 200
+    robots_delay: float = 0.0
+    delay: float = 0.0
+    throttle_every: int = 0
+    retry_after: str = "1"
+    arrivals: list = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    throttled: list = field(default_factory=list)  # times 429s were sent
 
     def url(self, path: str) -> str:
         return f"{self.base}{path}"
@@ -101,10 +122,36 @@ def _handler(srv: FixtureServer):
             self._send(302, b"", "text/plain", {"Location": location})
 
         def do_GET(self):  # noqa: N802 (http.server naming)
+            with srv.lock:
+                srv.in_flight += 1
+                srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+            try:
+                self._get()
+            finally:
+                with srv.lock:
+                    srv.in_flight -= 1
+
+        def _get(self):
             path = self.path
             with srv.lock:
                 srv.requests[path] += 1
                 seen = srv.requests[path]
+                srv.arrivals.append((time.monotonic(), path))
+                total = len(srv.arrivals)
+            if path == "/robots.txt":
+                time.sleep(srv.robots_delay)
+                if srv.robots is None:
+                    self._send(404, b"not found", "text/plain")
+                else:
+                    self._send(srv.robots_status, srv.robots.encode(), "text/plain")
+                return
+            if srv.delay:
+                time.sleep(srv.delay)
+            if srv.throttle_every and total % srv.throttle_every == 0:
+                with srv.lock:
+                    srv.throttled.append(time.monotonic())
+                self._send(429, b"slow down", "text/plain", {"Retry-After": srv.retry_after})
+                return
             parts = urllib.parse.urlsplit(path).path.strip("/").split("/")  # ?n=1 makes distinct URLs
             head = parts[0]
             if head == "img":
@@ -132,8 +179,30 @@ def _handler(srv: FixtureServer):
                 self._image(parts[1], ctype="text/html; charset=utf-8")
             elif head == "noai":
                 self._image(parts[1], headers={"X-Robots-Tag": "noai, noimageai"})
+            elif head == "xrt":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                for value in urllib.parse.unquote(parts[1]).split("|"):
+                    self.send_header("X-Robots-Tag", value)
+                data = srv.images[parts[2]]
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            elif head == "tdm":
+                self._image(parts[1], headers={"tdm-reservation": "1", "tdm-policy": "https://example.org/policy.json"})
+            elif head == "noai-hop":
+                self._send(302, b"", "text/plain", {"Location": f"/img/{parts[1]}", "X-Robots-Tag": "noai"})
             elif head == "big":
                 self._send(200, b"\xff\xd8\xff" + b"\x00" * srv.big_size, length=False)
+            elif head == "noai-huge":  # opted out by header: the 10 GB body must never be waited for
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("X-Robots-Tag", "noimageai")
+                self.send_header("Content-Length", str(10 * 2**30))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(srv.images["astronaut.jpg"][:1000])
+                self.close_connection = True
             elif head == "big-announced":
                 self.send_response(200)
                 self.send_header("Content-Type", "image/jpeg")
@@ -155,12 +224,12 @@ def _handler(srv: FixtureServer):
 class ServerThread:
     """Start/stop a FixtureServer on an ephemeral 127.0.0.1 port (context manager)."""
 
-    def __init__(self, images: dict[str, bytes], **kw):
+    def __init__(self, images: dict[str, bytes], host: str = "127.0.0.1", **kw):
         self.state = FixtureServer(images=images, **kw)
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.state))
+        self.httpd = http.server.ThreadingHTTPServer((host, 0), _handler(self.state))
         self.httpd.daemon_threads = True
         self.httpd.request_queue_size = 256
-        self.state.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.state.base = f"http://{host}:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self) -> FixtureServer:
@@ -180,9 +249,15 @@ def default_images() -> dict[str, bytes]:
     return images
 
 
-if __name__ == "__main__":  # python tests/http_fixture_server.py: serve until Ctrl-C (for trying the CLI)
-    with ServerThread(default_images()) as s:
-        print(f"serving on {s.base}", flush=True)
+if __name__ == "__main__":  # python tests/http_fixture_server.py [HOSTS]: serve until Ctrl-C (for trying the CLI)
+    # HOSTS > 1: one server per loopback address 127.0.0.1, 127.0.0.2, ... (a list spread over many sites)
+    import contextlib
+
+    hosts = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    with contextlib.ExitStack() as stack:
+        images = default_images()
+        bases = [stack.enter_context(ServerThread(images, host=f"127.0.0.{i + 1}")).base for i in range(hosts)]
+        print(f"serving on {' '.join(bases)}", flush=True)
         try:
             while True:
                 time.sleep(3600)

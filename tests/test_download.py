@@ -92,7 +92,7 @@ CASES = {
     to("http://169.254.169.254/latest/meta-data/"): "blocked_address",
     to("file:///etc/passwd"): "invalid_url",
     "/html/gen0.png": "not_image",
-    "/noai/gen0.png": "robots_noai",
+    "/noai/gen0.png": "opted_out",
     "/big": "too_large",  # no Content-Length: stopped while streaming
     "/big-announced": "too_large",  # Content-Length says 10 GB: never read
     "/bomb": "too_large",  # header claims 10^10 pixels
