@@ -96,7 +96,8 @@ class Reason:
     TOO_MANY_REDIRECTS = "too_many_redirects"
     REDIRECT_LOOP = "redirect_loop"
     NOT_IMAGE = "not_image"  # Content-Type says it is not an image (text/html error pages...)
-    ROBOTS_NOAI = "robots_noai"  # X-Robots-Tag: noai / noimageai
+    # the site opted the image out: X-Robots-Tag directives, tdm-reservation: 1, a robots.txt disallow
+    OPTED_OUT = "opted_out"
 
 
 def is_transient(reason: str) -> bool:

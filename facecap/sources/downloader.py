@@ -69,7 +69,7 @@ from facecap.sources.images import probe
 
 OK = "ok"
 # The status of every opt-out the downloader honours (headers, robots.txt); the detail says which.
-OPTED_OUT = "opted_out"
+OPTED_OUT = Reason.OPTED_OUT
 # Retried at once with backoff. DNS failures are not (NXDOMAIN rarely heals in
 # seconds) but, like these, are retried by a later `--retry-failed` run.
 RETRY_NOW = {Reason.TIMEOUT, Reason.CONNECT_ERROR, "http_429"}

@@ -94,11 +94,12 @@ class Ingest(Stage):
     version = "4"
     key_column = "image_id"
     keyed_sections = ("ingest", "image", "download")
-    # Connection counts, timeouts, retries and the allow-list decide only whether a fetch
-    # succeeds; changing them must not re-download finished shards.
+    # Connection counts and per-host limits, timeouts, retries, the allow-list and the contact URL decide
+    # only whether and when a fetch succeeds; changing them must not re-download finished shards.
     unkeyed = frozenset({"download.connections", "download.timeout_s", "download.retries", "download.backoff_s",
                          "download.max_redirects", "download.allow_addresses", "download.user_agent",
-                         "download.retry_failed"})
+                         "download.retry_failed", "download.domain_connections", "download.domain_requests_per_s",
+                         "download.max_retry_after_s", "download.contact_url"})
     priority = 0
     # Reading and probing local files and downloading URLs wait on storage and the network:
     # ingest never holds a CPU slot that detect could use.
