@@ -161,9 +161,12 @@ class _SplitWriter:
 def _fit_passes(shards: list[ShardInput], passes: list[ReleasePass]) -> None:
     """Each release pass sees its columns of every face record, in release order (shards, then rows)."""
     for p in passes:
-        parts = [t for shard in shards if shard.outputs[-1].rows
-                 for t in read_view(shard, p.reads, batch_rows=65_536)]
-        p.fit(pa.concat_tables(parts) if parts else _empty(p.reads))
+        parts = (t for shard in shards if shard.outputs[-1].rows for t in read_view(shard, p.reads, batch_rows=65_536))
+        if type(p).fit_batches is ReleasePass.fit_batches:
+            parts = list(parts)
+            p.fit(pa.concat_tables(parts) if parts else _empty(p.reads))
+        else:
+            p.fit_batches(parts)
 
 
 def _empty(columns: tuple[str, ...]) -> pa.Table:
@@ -279,16 +282,20 @@ def assemble(out: str, run_id: str, shards: list[ShardInput], reject_files: list
 
 
 def content_key(shards: list[ShardInput], reject_files: list[tuple[str, int]], cfg: Config,
-                allow_failures: bool) -> str:
+                allow_failures: bool, release_inputs: dict[str, str | None] | None = None) -> str:
     """What a release is made of: every shard's chain of outputs, the rejects, the settings and versions.
 
     Stage output keys already cover inputs, settings and models, so two runs with the same
-    content key would publish the same release (and get the same verdict).
+    content key would publish the same release (and get the same verdict). `release_inputs`: what release
+    passes read beyond them (Stage.release_key), by stage.
     """
     settings = cfg.model_dump(mode="json", exclude={"execution", "deploy", "train"})
     blob = json.dumps([[[o.stage, o.key] for o in s.outputs] for s in shards], separators=(",", ":")) + \
         json.dumps([[os.path.basename(path), rows] for path, rows in reject_files], separators=(",", ":")) + \
         json.dumps([settings, versions(), allow_failures], sort_keys=True, default=str)
+    inputs = {k: v for k, v in (release_inputs or {}).items() if v is not None}
+    if inputs:  # only when some stage has one: the keys of releases made without stay as they were
+        blob += json.dumps(inputs, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
