@@ -1,0 +1,234 @@
+"""The exclusion list and takedown, on a real curate of web copies of real photos (facecap.webcopies).
+
+The release holds web copies (crops, mirrors, rescales, re-encodes) of the
+astronaut, Kafka and the six-person group photo, from a folder and from a URL
+list served on loopback. Each face's person is known (label_faces), so a test
+can check that a takedown removes every copy of one person's face and no one
+else's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import offline_config, read_release, run_curate
+from http_fixture_server import ServerThread
+
+from facecap.settings import ConfigError
+from facecap.stages.exclude import parse_list, read_list
+from facecap.webcopies import label_faces, web_copy
+
+FOLDER = range(0, 12)  # two copies of each photo (astronaut, kafka, group, and three without a face)
+SERVED = range(12, 18)  # one more of each, downloaded from a URL list
+KAFKA_PHOTO = 19  # a copy of Kafka's portrait in no source: the photo a person sends
+NEW_KAFKA = 25  # a copy that appears in a later crawl
+
+
+def write_copy(folder: Path, i: int) -> None:
+    name, data, _ = web_copy(i)
+    (folder / f"{name}.jpg").write_bytes(data)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread({f"{web_copy(i)[0]}.jpg": web_copy(i)[1] for i in SERVED}) as srv:
+        yield srv
+
+
+def config():
+    # keep=all: every copy stays in the release, so a takedown must remove each one itself (with keep=best
+    # the other copies are already near_duplicate rejects).
+    return offline_config(ingest={"shard_size": 6}, execution={"n_workers": 2},
+                          download={"allow_addresses": ["127.0.0.1/32"], "timeout_s": 5, "retries": 1},
+                          dedup={"keep": "all"})
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, server) -> list[Path]:
+    root = tmp_path_factory.mktemp("takedown-src")
+    folder = root / "folder"
+    folder.mkdir()
+    for i in FOLDER:
+        write_copy(folder, i)
+    urls = [server.url(f"/img/{web_copy(i)[0]}.jpg") for i in SERVED]
+    pq.write_table(pa.table({"URL": urls, "TEXT": ["a photo"] * len(urls)}), root / "list.parquet")
+    return [folder, root / "list.parquet"]
+
+
+@pytest.fixture(scope="module")
+def curated(prefect_api_url, sources, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("takedown") / "out"
+    run_curate(sources, out, config())
+    return out
+
+
+@pytest.fixture
+def out(curated, tmp_path) -> Path:
+    """A copy of the curated output, for a test that changes it."""
+    copy = tmp_path / "out"
+    shutil.copytree(curated, copy)
+    return copy
+
+
+def persons(data: pa.Table) -> dict[str, str | None]:
+    """sample_id -> the person whose face it is (ground truth of the web copies)."""
+    truth = {}
+    for i in list(FOLDER) + list(SERVED) + [NEW_KAFKA]:
+        name, _, faces = web_copy(i)
+        truth[name] = faces
+    by_image: dict[str, list[dict]] = {}
+    for row in data.select(["sample_id", "image_id", "source_offset", "source_meta", "bbox"]).to_pylist():
+        meta = json.loads(row["source_meta"]) if row["source_meta"] else {}
+        name = (meta.get("url") or row["source_offset"]).rsplit("/", 1)[-1].removesuffix(".jpg")
+        by_image.setdefault(name, []).append(row)
+    out = {}
+    for name, rows in by_image.items():
+        for row, person in zip(rows, label_faces([r["bbox"] for r in rows], truth[name])):
+            out[row["sample_id"]] = person
+    return out
+
+
+def release_info(out: Path) -> dict:
+    return json.loads((out / "release" / "release.json").read_text())
+
+
+def audit(out: Path) -> list[dict]:
+    from facecap import manifest
+
+    return manifest.takedowns(str(out / "manifest.duckdb"))
+
+
+def test_an_unknown_or_malformed_line_is_an_error_naming_it(tmp_path):
+    good = "# opt-outs\nurl https://example.com/a.jpg#frag  # a comment\ndomain Example.ORG\n" \
+           f"sha256 {'ab' * 32}\nface 00ff00ff00ff00ff\n"
+    entries = parse_list(good, "x.txt")
+    assert [(e.kind, e.value, e.line) for e in entries] == [
+        ("url", "https://example.com/a.jpg#frag", 2), ("domain", "example.org", 3), ("sha256", "ab" * 32, 4),
+        ("face", "00ff00ff00ff00ff", 5)]
+    with pytest.raises(ConfigError, match=r"x\.txt:3: unknown entry kind 'photo'"):
+        parse_list("url https://example.com/a.jpg\n\nphoto me.jpg\n", "x.txt")
+    with pytest.raises(ConfigError, match=r"x\.txt:1: face entry 'abc' is not 16 hex"):
+        parse_list("face abc\n", "x.txt")
+    with pytest.raises(ConfigError, match="no such file"):
+        read_list(str(tmp_path / "missing.txt"), required=True)
+    listed = tmp_path / "list.txt"
+    listed.write_text("domain example.org\nsha1 abc\n")
+    from facecap.chain import plan_run
+
+    with pytest.raises(ConfigError, match=r"list\.txt:2: unknown entry kind 'sha1'"):
+        plan_run(offline_config(exclude={"list": str(listed)}))  # before any work
+
+
+def test_release_holds_every_persons_copies(curated):
+    data, _ = read_release(curated)
+    who = persons(data)
+    assert sum(p == "kafka" for p in who.values()) >= 3  # two in the folder, one downloaded
+    assert sum(p == "astronaut" for p in who.values()) >= 3
+
+
+def test_dry_run_shows_what_would_go_and_changes_nothing(out, tmp_path, capsys):
+    from facecap.cli import main
+
+    photo = tmp_path / "me.jpg"
+    photo.write_bytes(web_copy(KAFKA_PHOTO)[1])
+    before = (out / "release" / "release.json").read_bytes()
+    assert main(["takedown", str(out), "--image", str(photo), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    data, _ = read_release(out)
+    kafka = sorted(s for s, p in persons(data).items() if p == "kafka")
+    for sid in kafka:
+        assert sid in printed
+    assert "of 64 bits" in printed and "dry run: nothing changed" in printed
+    assert (out / "release" / "release.json").read_bytes() == before
+    assert not (out / "exclusions.txt").exists()
+    assert audit(out) == []
+
+
+def test_takedown_by_photo_removes_every_copy_and_stays_removed(out, tmp_path, sources, capsys):
+    from facecap.cli import main
+
+    photo = tmp_path / "me.jpg"
+    photo.write_bytes(web_copy(KAFKA_PHOTO)[1])
+    data, _ = read_release(out)
+    who = persons(data)
+    kafka = {s for s, p in who.items() if p == "kafka"}
+    others = {s for s, p in who.items() if p != "kafka"}
+    before = release_info(out)
+
+    assert main(["takedown", str(out), "--image", str(photo)]) == 0
+    after = release_info(out)
+    assert after["run_id"] != before["run_id"] and after["published"]
+    assert after["validation"]["passed"] is True
+    data, rejects = read_release(out)
+    kept = set(data.column("sample_id").to_pylist())
+    assert not kept & kafka
+    assert kept == others  # no one else's face went
+    excluded = rejects.filter(pa.compute.equal(rejects.column("reason"), "excluded"))
+    assert set(excluded.column("sample_id").to_pylist()) == kafka
+    assert all("exclusion list line" in d for d in excluded.column("detail").to_pylist())
+    # No stage recomputed a shard: detection is never rerun for a takedown.
+    con = duckdb.connect(str(out / "manifest.duckdb"), read_only=True)
+    statuses = con.execute("SELECT DISTINCT status FROM stage_runs WHERE run_id = ?", [after["run_id"]]).fetchall()
+    con.close()
+    assert statuses == [("cached",)]
+    # The audit log: what was asked and what changed, and nothing of the photo.
+    [row] = audit(out)
+    assert json.loads(row["requests"]) == [{"kind": "image"}]
+    assert row["matched"] == len(kafka) and row["status"] == "published"
+    assert (row["records_before"], row["records_after"]) == (len(kafka) + len(others), len(others))
+    assert (row["release_before"], row["release_after"]) == (before["run_id"], after["run_id"])
+    listed = (out / "exclusions.txt").read_text()
+    assert "face " in listed
+    for value in row.values():
+        assert "me.jpg" not in str(value)
+        assert not any(line.split()[1] in str(value) for line in listed.splitlines() if line.startswith("face"))
+
+    # The nightly re-curation of the same sources, and of a later crawl holding a new copy: Kafka stays out.
+    run_curate(sources, out, config())
+    assert not set(read_release(out)[0].column("sample_id").to_pylist()) & kafka
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    write_copy(crawl, NEW_KAFKA)
+    result = run_curate(sources + [crawl], out, config())
+    data, _ = read_release(out)
+    assert result.records == len(others)
+    assert "kafka" not in persons(data).values()
+
+
+def test_takedown_by_url_and_sample_id_through_the_cli(out, server):
+    from facecap.cli import main
+
+    data, _ = read_release(out)
+    who = persons(data)
+    astronaut_url = server.url(f"/img/{web_copy(12)[0]}.jpg")
+    group = sorted(s for s, p in who.items() if p == "group-3")
+    assert main(["takedown", str(out), "--url", astronaut_url, "--sample-id", group[0]]) == 0
+    data, _ = read_release(out)
+    left = persons(data)
+    assert "astronaut" not in left.values()  # the URL's face, and its copies from the folder
+    assert "group-3" not in left.values()
+    assert {p for p in who.values() if p not in ("astronaut", "group-3")} == set(left.values())
+    [row] = audit(out)
+    assert json.loads(row["requests"]) == [{"kind": "url", "value": astronaut_url},
+                                           {"kind": "sample_id", "value": group[0]}]
+    assert f"url {astronaut_url}" in (out / "exclusions.txt").read_text()
+
+
+def test_takedown_flow(out):
+    from facecap.flows.takedown import takedown
+
+    data, _ = read_release(out)
+    who = persons(data)
+    target = sorted(s for s, p in who.items() if p == "group-0")
+    result = takedown(out=str(out), sample_ids=target[:1])
+    assert result["status"] == "published" and set(target) <= set(result["removed"])
+    left = persons(read_release(out)[0])
+    assert "group-0" not in left.values() and "group-1" in left.values()
+    assert release_info(out)["run_id"] == result["release_after"]
