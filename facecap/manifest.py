@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS stage_runs (
 -- Takedowns (facecap takedown): what was asked and what changed. No image or face data of the person:
 -- a photo request is recorded as its kind only, never its bytes, file name or face hash.
 CREATE TABLE IF NOT EXISTS takedowns (
-    at TIMESTAMPTZ,
+    requested_at TIMESTAMPTZ,
     requests VARCHAR,         -- JSON list of {"kind": "url"|"sample_id"|"image", "value": URL or id (none for image)}
     matched BIGINT,           -- release records the requests matched (near-duplicate copies included)
     entries_added BIGINT,     -- lines added to the exclusion list
@@ -161,7 +161,7 @@ def funnel(path: str, run_id: str) -> list[FunnelRow]:
 
 
 def record_takedown(path: str, row: dict) -> None:
-    """One takedown in the audit table (its keys: the table's columns but `at`)."""
+    """One takedown in the audit table (its keys: the table's columns but `requested_at`)."""
     with connect(path) as con:
         con.execute("INSERT INTO takedowns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [_now(), json.dumps(row["requests"]), row["matched"], row["entries_added"],
@@ -172,6 +172,6 @@ def record_takedown(path: str, row: dict) -> None:
 def takedowns(path: str) -> list[dict]:
     """The audit log, oldest first."""
     with connect(path) as con:
-        cur = con.execute("SELECT * FROM takedowns ORDER BY at")
+        cur = con.execute("SELECT * FROM takedowns ORDER BY requested_at")
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r)) for r in cur.fetchall()]

@@ -195,16 +195,25 @@ class _RejectWriter:
 
 
 def _through_passes(tables: Iterable[pa.Table], start: int, passes: list[ReleasePass],
-                    rejects: _RejectWriter) -> Iterator[pa.Table]:
-    """The shard's record tables after every release pass; what the passes reject goes to `rejects`."""
+                    rejects: _RejectWriter, counts: dict[str, dict] | None = None) -> Iterator[pa.Table]:
+    """The shard's record tables after every release pass; what the passes reject goes to `rejects`, the rows
+    each pass saw, kept and rejected (by reason) to `counts` (pass name -> {rows_in, rows_out, rejects})."""
     position = start
     for table in tables:
         index = np.arange(position, position + table.num_rows)
         position += table.num_rows
         for p in passes:
+            seen = table.num_rows
             table, index, rejected = p.apply(index, table)
+            if counts is not None:
+                c = counts.setdefault(p.name, {"rows_in": 0, "rows_out": 0, "rejects": {}})
+                c["rows_in"] += seen
+                c["rows_out"] += table.num_rows
             if rejected is not None and rejected.num_rows:
                 rejects.write(rejected)
+                if counts is not None:
+                    for reason in rejected.column("reason").to_pylist():
+                        c["rejects"][reason] = c["rejects"].get(reason, 0) + 1
             if not table.num_rows:
                 break
         else:
@@ -228,6 +237,7 @@ def assemble(out: str, run_id: str, shards: list[ShardInput], reject_files: list
     splitter, rows, split_rows = _SplitWriter(staging), 0, {split: 0 for split in SPLITS}
     pass_rejects = _RejectWriter(os.path.join(staging, "rejects", "release-passes.parquet"))
     position = 0
+    counts: dict[str, dict] = {p.name: {"rows_in": 0, "rows_out": 0, "rejects": {}} for p in passes}
     try:
         for shard in shards:
             n = shard.outputs[-1].rows
@@ -235,7 +245,7 @@ def assemble(out: str, run_id: str, shards: list[ShardInput], reject_files: list
                 columns = record_columns(shard, (SOURCE_IMAGE,) + tuple(unreleased))
                 records = read_view(shard, columns, batch_rows=256)
                 if passes:
-                    records = _through_passes(records, position, passes, pass_rejects)
+                    records = _through_passes(records, position, passes, pass_rejects, counts)
                 for split, count in splitter.write_shard(records, cfg.quality.test_fraction).items():
                     split_rows[split] += count
                     rows += count
@@ -248,8 +258,15 @@ def assemble(out: str, run_id: str, shards: list[ShardInput], reject_files: list
         report_dir = os.path.join(staging, "report")
         for p in passes:
             p.write_gallery(report_dir)
-        info = {**info, "release_passes": {p.name: p.summary() for p in passes}}
-        info["funnel"] = list(info.get("funnel") or []) + [p.funnel_row() for p in passes]
+        summaries = {p.name: p.summary() for p in passes}
+        for name, found in summaries.items():  # what each pass removed of the rows that reached it (see funnel)
+            if "removed" in found:
+                found["removed"] = counts[name]["rows_in"] - counts[name]["rows_out"]
+        info = {**info, "release_passes": summaries}
+        # The rows each pass actually saw and removed: an earlier pass (the exclusion list) takes rows out before a
+        # later one (dedup) sees them, which the later pass's own release-wide figures do not know.
+        info["funnel"] = list(info.get("funnel") or []) + [{**row, **counts[p.name]} if row else row
+                                                         for p, row in ((p, p.funnel_row()) for p in passes)]
     reject_names, rejects = [], 0
     for path, count in reject_files:
         if count:

@@ -192,7 +192,7 @@ class ExclusionPass(ReleasePass):
     entries: list[Entry]
     dedup: Any = None  # DedupSettings when dedup is on: face entries and clusters use its hashes and distance
     name: str = "exclude"
-    reads: tuple[str, ...] = ("sample_id", "source_meta")
+    reads: tuple[str, ...] = ("sample_id", "image_id", "source_meta")  # image_id joins ingest's columns
     stats: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -252,7 +252,7 @@ class ExclusionPass(ReleasePass):
         self.stats = {"entries": len(self.entries), "entry_kinds": {k: sum(e.kind == k for e in self.entries)
                                                                     for k in KINDS if any(e.kind == k
                                                                                           for e in self.entries)},
-                      "faces": n, "excluded": int(self.hit.sum()), "by_kind": lines,
+                      "faces": n, "excluded": int(self.hit.sum()), "removed": int(self.hit.sum()), "by_kind": lines,
                       "near_duplicates_carried": carried}
 
     def _carry_to_clusters(self, h: np.ndarray, m: np.ndarray, hit: np.ndarray, entry_of: list) -> int:
