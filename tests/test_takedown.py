@@ -227,33 +227,49 @@ def test_takedown_by_photo_removes_every_copy_and_stays_removed(out, tmp_path, s
     assert new.column("reason").to_pylist() == ["excluded"]  # the new copy is kept out too
 
 
+def removed_only_linked_copies(before: pa.Table, after: pa.Table, persons_asked: set[str]) -> set[str]:
+    """The faces that left: all of the asked persons, every one within dedup.max_distance of another that left
+    (so no linked copy stays), and no face of the asked persons that stayed is linked to one that left."""
+    who = persons(before)
+    kept = set(after.column("sample_id").to_pylist())
+    gone = set(who) - kept
+    assert gone and {who[s] for s in gone} <= persons_asked  # no one else's face went
+    hashes = [h for s, h in zip(before.column("sample_id").to_pylist(), before.column("phash").to_pylist())
+              if s in gone]
+    assert not linked(before, hashes) & kept
+    return gone
+
+
 def test_takedown_by_url_and_sample_id_through_the_cli(out, server):
     from facecap.cli import main
 
-    data, _ = read_release(out)
-    who = persons(data)
+    before, _ = read_release(out)
+    who = persons(before)
     astronaut_url = server.url(f"/img/{web_copy(12)[0]}.jpg")
     group = sorted(s for s, p in who.items() if p == "group-3")
     assert main(["takedown", str(out), "--url", astronaut_url, "--sample-id", group[0]]) == 0
-    data, _ = read_release(out)
-    left = persons(data)
-    assert "astronaut" not in left.values()  # the URL's face, and its copies from the folder
-    assert "group-3" not in left.values()
-    assert {p for p in who.values() if p not in ("astronaut", "group-3")} == set(left.values())
+    after, rejects = read_release(out)
+    gone = removed_only_linked_copies(before, after, {"astronaut", "group-3"})
+    assert group[0] in gone
+    by_url = [m for m in before.to_pylist() if m["source_meta"] and astronaut_url in m["source_meta"]]
+    assert by_url and {m["sample_id"] for m in by_url} <= gone
     [row] = audit(out)
     assert json.loads(row["requests"]) == [{"kind": "url", "value": astronaut_url},
                                            {"kind": "sample_id", "value": group[0]}]
+    assert row["matched"] == len(gone) and row["records_after"] == len(who) - len(gone)
     assert f"url {astronaut_url}" in (out / "exclusions.txt").read_text()
 
 
 def test_takedown_flow(out):
     from facecap.flows.takedown import takedown
 
-    data, _ = read_release(out)
-    who = persons(data)
+    before, _ = read_release(out)
+    who = persons(before)
     target = sorted(s for s, p in who.items() if p == "group-0")
     result = takedown(out=str(out), sample_ids=target[:1])
-    assert result["status"] == "published" and set(target) <= set(result["removed"])
-    left = persons(read_release(out)[0])
-    assert "group-0" not in left.values() and "group-1" in left.values()
+    assert result["status"] == "published"
+    after, _ = read_release(out)
+    gone = removed_only_linked_copies(before, after, {"group-0"})
+    assert target[0] in gone and set(result["removed"]) == gone
     assert release_info(out)["run_id"] == result["release_after"]
+    assert "group-1" in persons(after).values()  # the people beside them stay
