@@ -273,3 +273,31 @@ def test_takedown_flow(out):
     assert target[0] in gone and set(result["removed"]) == gone
     assert release_info(out)["run_id"] == result["release_after"]
     assert "group-1" in persons(after).values()  # the people beside them stay
+
+
+def test_with_dedup_keeping_one_copy_every_copy_is_excluded_not_a_near_duplicate(prefect_api_url, sources, tmp_path,
+                                                                                  server):
+    """dedup.keep=best (the default): the release holds one copy per cluster, the others are near_duplicate rejects.
+    A takedown of the kept copy excludes the whole cluster; the funnel and the row count check stay exact."""
+    from facecap.cli import main
+
+    cfg = config()
+    cfg.dedup.keep = "best"
+    out = tmp_path / "out"
+    run_curate(sources, out, cfg)
+    before, rejects = read_release(out)
+    near = rejects.filter(pa.compute.equal(rejects.column("reason"), "near_duplicate")).to_pylist()
+    assert near  # copies of the group photo, Kafka, the astronaut
+    kept_for = near[0]["detail"].split()[2].rstrip(",")  # "near-duplicate of <sample_id>, kept for ..."
+    copies = {r["sample_id"] for r in near if f"near-duplicate of {kept_for}," in r["detail"]}
+    assert main(["takedown", str(out), "--sample-id", kept_for]) == 0
+    after, rejects = read_release(out)
+    info = release_info(out)
+    assert info["validation"]["passed"] is True and after.num_rows == before.num_rows - 1
+    excluded = set(rejects.filter(pa.compute.equal(rejects.column("reason"), "excluded")).column("sample_id")
+                   .to_pylist())
+    assert excluded == copies | {kept_for}
+    funnel = {row["stage"]: row for row in info["funnel"]}
+    assert funnel["exclude (release-wide)"]["rejects"] == {"excluded": len(excluded)}
+    assert funnel["dedup (release-wide)"]["rows_in"] == funnel["exclude (release-wide)"]["rows_out"]
+    assert funnel["dedup (release-wide)"]["rows_out"] == after.num_rows
