@@ -301,3 +301,31 @@ def test_with_dedup_keeping_one_copy_every_copy_is_excluded_not_a_near_duplicate
     assert funnel["exclude (release-wide)"]["rejects"] == {"excluded": len(excluded)}
     assert funnel["dedup (release-wide)"]["rows_in"] == funnel["exclude (release-wide)"]["rows_out"]
     assert funnel["dedup (release-wide)"]["rows_out"] == after.num_rows
+
+
+def test_a_configured_list_excludes_by_sha256_and_domain_without_recomputing_a_shard(out, sources, tmp_path):
+    import hashlib
+
+    folder = sources[0]
+    astronaut = sorted(folder.glob("astronaut_*.jpg"))[0]
+    listed = tmp_path / "optouts.txt"
+    listed.write_text(f"# opt-outs\nsha256 {hashlib.sha256(astronaut.read_bytes()).hexdigest()}\ndomain 127.0.0.1\n")
+    cfg = config()
+    cfg.exclude.list = str(listed)
+    before, _ = read_release(out)
+    result = run_curate(sources, out, cfg)
+    after, rejects = read_release(out)
+    excluded = rejects.filter(pa.compute.equal(rejects.column("reason"), "excluded")).to_pylist()
+    details = {r["sample_id"]: r["detail"] for r in excluded}
+    downloaded = {r["sample_id"] for r in before.to_pylist() if r["source_meta"]}
+    from_file = {r["sample_id"] for r in before.to_pylist() if r["source_offset"] == astronaut.name}
+    assert downloaded and from_file
+    for sid in downloaded:
+        assert "line 3 (domain 127.0.0.1)" in details[sid]
+    for sid in from_file:
+        assert "line 2 (sha256" in details[sid]
+    assert not set(after.column("sample_id").to_pylist()) & (downloaded | from_file)
+    con = duckdb.connect(str(out / "manifest.duckdb"), read_only=True)
+    statuses = con.execute("SELECT DISTINCT status FROM stage_runs WHERE run_id = ?", [result.run_id]).fetchall()
+    con.close()
+    assert statuses == [("cached",)]

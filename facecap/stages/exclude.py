@@ -345,7 +345,8 @@ class Exclude(Stage):
 
     @classmethod
     def release_key(cls, cfg, out: str | None) -> str | None:
-        return read_list(list_path(cfg, out), required=bool(cfg.exclude.list))[1]
+        digest = read_list(list_path(cfg, out), required=bool(cfg.exclude.list))[1]
+        return None if digest == "none" else digest  # no list: the release key is what it was without one
 
     @classmethod
     def card_notes(cls, info: dict) -> dict[str, str]:
