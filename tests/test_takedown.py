@@ -329,3 +329,31 @@ def test_a_configured_list_excludes_by_sha256_and_domain_without_recomputing_a_s
     statuses = con.execute("SELECT DISTINCT status FROM stage_runs WHERE run_id = ?", [result.run_id]).fetchall()
     con.close()
     assert statuses == [("cached",)]
+
+
+def test_the_pass_matches_hosts_by_label_and_carries_a_face_to_its_chain_of_copies():
+    from facecap.config import Config
+    from facecap.stages.exclude import ExclusionPass
+
+    entry = 0x0F0F_0F0F_0F0F_0F0F
+    flip = lambda h, bits: h ^ ((1 << bits) - 1)  # noqa: E731 (h with its lowest `bits` bits flipped)
+    rows = [("https://cdn.Example.org/a.jpg", 0xAAAA_AAAA_AAAA_AAAA),
+            ("https://notexample.org/a.jpg", 0x5555_5555_5555_5555), ("https://x.com/a.jpg", 0x3333_3333_3333_3333), (None, flip(entry, 3)), (None, flip(entry, 10)),
+            (None, 0xFFFF_0000_FFFF_0000)]
+    table = pa.table({"sample_id": [f"s{i}" for i in range(len(rows))], "image_id": [f"i{i}" for i in range(len(rows))],
+                      "source_meta": [json.dumps({"url": u}) if u else None for u, _ in rows],
+                      "phash": pa.array([h for _, h in rows], pa.uint64()),
+                      "phash_mirror": pa.array([h ^ (1 << 63) for _, h in rows], pa.uint64()),
+                      "source": ["list.parquet"] * len(rows), "source_offset": [str(i) for i in range(len(rows))],
+                      "det_score": [0.99] * len(rows), "bbox": [[0.0, 0.0, 10.0, 10.0]] * len(rows)})
+    p = ExclusionPass(parse_list(f"domain example.org\nurl https://x.com/a.jpg\nface {entry:016x}\n"),
+                      Config.model_validate({"profile": "offline"}).dedup)
+    p.fit_batches([table.slice(0, 3), table.slice(3)])
+    kept, index, rejected = p.apply(np.arange(len(rows)), table)
+    assert kept.column("sample_id").to_pylist() == ["s1", "s5"]
+    details = dict(zip(rejected.column("sample_id").to_pylist(), rejected.column("detail").to_pylist()))
+    assert "line 1 (domain example.org)" in details["s0"] and "line 2 (url https://x.com/a.jpg)" in details["s2"]
+    assert details["s3"].startswith("face within 3 of 64 bits of exclusion list line 3 (face)")
+    # 10 bits from the entry, 7 from s3: a copy of a copy, carried by the cluster
+    assert details["s4"].startswith("near-duplicate (cluster of 2 faces") and f"{entry:016x}" not in details["s4"]
+    assert p.summary()["excluded"] == 4 and p.summary()["near_duplicates_carried"] == 1

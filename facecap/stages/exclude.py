@@ -163,10 +163,6 @@ def record_url(meta: str | None) -> str | None:
     return url if isinstance(url, str) else None
 
 
-def host_matches(host: str, domain: str) -> bool:
-    return host == domain or host.endswith("." + domain)
-
-
 def face_matches(hashes: np.ndarray, mirrors: np.ndarray, entries: np.ndarray,
                  block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
     """Per face: (index of the closest entry, its distance in bits), either orientation."""
@@ -205,7 +201,7 @@ class ExclusionPass(ReleasePass):
 
     def fit_batches(self, tables: Iterable[pa.Table]) -> None:
         by_kind = {k: {e.value: e for e in self.entries if e.kind == k} for k in KINDS}
-        domains = list(by_kind["domain"].values())
+        domains = by_kind["domain"]
         self.via: dict[int, tuple[int, int]] = {}  # face -> (the matching face it was carried from, cluster size)
         entry_of: list[Entry | None] = []
         distance: list[int] = []
@@ -221,8 +217,10 @@ class ExclusionPass(ReleasePass):
             for url, digest in zip(urls, digests):
                 hit = by_kind["url"].get(url) if url else None
                 if hit is None and url and domains:
-                    host = (urlsplit(url).hostname or "").lower()
-                    hit = next((d for d in domains if host_matches(host, d.value)), None)
+                    # the host and each parent domain: one set lookup per label, however long the list
+                    labels = (urlsplit(url).hostname or "").lower().rstrip(".").split(".")
+                    hit = next((domains[d] for d in (".".join(labels[i:]) for i in range(len(labels)))
+                                if d in domains), None)
                 if hit is None and digest:
                     hit = by_kind["sha256"].get(digest)
                 entry_of.append(hit)
@@ -231,7 +229,6 @@ class ExclusionPass(ReleasePass):
                 hashes.append(table.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64))
                 mirrors.append(table.column("phash_mirror").to_numpy(zero_copy_only=False).astype(np.uint64))
         n = len(entry_of)
-        self.sample_ids: list[str] = []
         faces = [e for e in self.entries if e.kind == "face"]
         carried = 0
         if self.dedup is not None and n:
