@@ -325,6 +325,12 @@ def test_a_configured_list_excludes_by_sha256_and_domain_without_recomputing_a_s
     for sid in from_file:
         assert "line 2 (sha256" in details[sid]
     assert not set(after.column("sample_id").to_pylist()) & (downloaded | from_file)
+    carried = set(details) - downloaded - from_file  # copies of those faces from the folder
+    assert all(details[sid].startswith("near-duplicate (cluster of") for sid in carried)
+    excluded_n = len(details)
+    assert f"<b>{excluded_n} faces excluded</b>" in (out / "release" / "report" / "index.html").read_text()
+    assert f"An exclusion list of 2 entries (opt-outs and takedowns) removed {excluded_n} faces" in \
+        (out / "release" / "README.md").read_text()
     con = duckdb.connect(str(out / "manifest.duckdb"), read_only=True)
     statuses = con.execute("SELECT DISTINCT status FROM stage_runs WHERE run_id = ?", [result.run_id]).fetchall()
     con.close()
