@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from facecap.settings import ConfigError
 
@@ -132,17 +133,19 @@ def find(out: str, images=(), urls=(), sample_ids=()) -> tuple[list[Match], list
     matches: list[Match] = []
     entries: list[Entry] = []
     hit: set[int] = set()
-    for sid in sample_ids:
-        rows = [i for i, s in enumerate(ids) if s == sid]
-        matches += [Match(sid, f"sample_id {sid}")] if rows else []
+    if sample_ids:
+        rows = np.flatnonzero(pc.is_in(table.column("sample_id"), value_set=pa.array(list(sample_ids), pa.string()))
+                              .to_numpy(zero_copy_only=False))
+        matches += [Match(ids[i], f"sample_id {ids[i]}") for i in rows]
+        hit.update(int(i) for i in rows)
+    for url in urls:
+        entries.append(normalise("url", url, "--url: "))
+        # Only rows whose metadata holds the URL's text are parsed (15M JSON parses would take minutes).
+        meta = table.column("source_meta")
+        maybe = np.flatnonzero(pc.fill_null(pc.match_substring(meta, url), False).to_numpy(zero_copy_only=False))
+        rows = [int(i) for i in maybe if record_url(meta[int(i)].as_py()) == url]
+        matches += [Match(ids[i], f"url {url}") for i in rows]
         hit.update(rows)
-    if urls:
-        record_urls = [record_url(m) for m in table.column("source_meta").to_pylist()]
-        for url in urls:
-            entries.append(normalise("url", url, "--url: "))
-            rows = [i for i, u in enumerate(record_urls) if u == url]
-            matches += [Match(ids[i], f"url {url}") for i in rows]
-            hit.update(rows)
     for path in images:
         if not have_hash:
             raise ConfigError("the release has no face hashes (dedup was off): a takedown by photo cannot match")
