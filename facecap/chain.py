@@ -24,6 +24,7 @@ from facecap.stages.base import Stage, StagePlan
 from facecap.stages.caption import Caption
 from facecap.stages.dedup import Dedup
 from facecap.stages.detect import Detect
+from facecap.stages.exclude import Exclude
 from facecap.stages.face_quality import FaceQuality
 from facecap.stages.ingest import Ingest
 from facecap.stages.text import Text
@@ -35,6 +36,7 @@ STAGES: tuple[type[Stage], ...] = (
     Ingest,  # sources -> image records (references to local bytes; downloaded bytes)
     Detect,  # images -> aligned face crops
     FaceQuality,  # crops -> sharpness, head pose, exposure; per-face rules
+    Exclude,  # the exclusion list, release-wide only (its pass runs before dedup's)
     Dedup,  # crops -> perceptual hashes; near-duplicate clusters release-wide
     Annotate,  # crops -> 40 CelebA attributes
     Text,  # FLIP-80M path: alt-text filter and cleaning

@@ -52,6 +52,21 @@ CREATE TABLE IF NOT EXISTS stage_runs (
     error VARCHAR,
     recorded_at TIMESTAMPTZ
 );
+-- Takedowns (facecap takedown): what was asked and what changed. No image or face data of the person:
+-- a photo request is recorded as its kind only, never its bytes, file name or face hash.
+CREATE TABLE IF NOT EXISTS takedowns (
+    requested_at TIMESTAMPTZ,
+    requests VARCHAR,         -- JSON list of {"kind": "url"|"sample_id"|"image", "value": URL or id (none for image)}
+    matched BIGINT,           -- release records the requests matched (near-duplicate copies included)
+    entries_added BIGINT,     -- lines added to the exclusion list
+    exclusion_list VARCHAR,   -- its path
+    records_before BIGINT,
+    records_after BIGINT,     -- NULL when no new release was published
+    release_before VARCHAR,   -- run_id of the release replaced
+    release_after VARCHAR,    -- run_id of the release published without the records
+    status VARCHAR,           -- published | unchanged | blocked | failed
+    message VARCHAR
+);
 """
 
 
@@ -143,3 +158,20 @@ def funnel(path: str, run_id: str) -> list[FunnelRow]:
                   rejects=by_stage.get(s, {}), extra=extra_by_stage.get(s, {}))
         for s, n, c, f, i, o, _ in stages
     ]
+
+
+def record_takedown(path: str, row: dict) -> None:
+    """One takedown in the audit table (its keys: the table's columns but `requested_at`)."""
+    with connect(path) as con:
+        con.execute("INSERT INTO takedowns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [_now(), json.dumps(row["requests"]), row["matched"], row["entries_added"],
+                     row["exclusion_list"], row["records_before"], row.get("records_after"),
+                     row.get("release_before"), row.get("release_after"), row["status"], row.get("message")])
+
+
+def takedowns(path: str) -> list[dict]:
+    """The audit log, oldest first."""
+    with connect(path) as con:
+        cur = con.execute("SELECT * FROM takedowns ORDER BY requested_at")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]

@@ -161,9 +161,12 @@ class _SplitWriter:
 def _fit_passes(shards: list[ShardInput], passes: list[ReleasePass]) -> None:
     """Each release pass sees its columns of every face record, in release order (shards, then rows)."""
     for p in passes:
-        parts = [t for shard in shards if shard.outputs[-1].rows
-                 for t in read_view(shard, p.reads, batch_rows=65_536)]
-        p.fit(pa.concat_tables(parts) if parts else _empty(p.reads))
+        parts = (t for shard in shards if shard.outputs[-1].rows for t in read_view(shard, p.reads, batch_rows=65_536))
+        if type(p).fit_batches is ReleasePass.fit_batches:
+            parts = list(parts)
+            p.fit(pa.concat_tables(parts) if parts else _empty(p.reads))
+        else:
+            p.fit_batches(parts)
 
 
 def _empty(columns: tuple[str, ...]) -> pa.Table:
@@ -192,16 +195,25 @@ class _RejectWriter:
 
 
 def _through_passes(tables: Iterable[pa.Table], start: int, passes: list[ReleasePass],
-                    rejects: _RejectWriter) -> Iterator[pa.Table]:
-    """The shard's record tables after every release pass; what the passes reject goes to `rejects`."""
+                    rejects: _RejectWriter, counts: dict[str, dict] | None = None) -> Iterator[pa.Table]:
+    """The shard's record tables after every release pass; what the passes reject goes to `rejects`, the rows
+    each pass saw, kept and rejected (by reason) to `counts` (pass name -> {rows_in, rows_out, rejects})."""
     position = start
     for table in tables:
         index = np.arange(position, position + table.num_rows)
         position += table.num_rows
         for p in passes:
+            seen = table.num_rows
             table, index, rejected = p.apply(index, table)
+            if counts is not None:
+                c = counts.setdefault(p.name, {"rows_in": 0, "rows_out": 0, "rejects": {}})
+                c["rows_in"] += seen
+                c["rows_out"] += table.num_rows
             if rejected is not None and rejected.num_rows:
                 rejects.write(rejected)
+                if counts is not None:
+                    for reason in rejected.column("reason").to_pylist():
+                        c["rejects"][reason] = c["rejects"].get(reason, 0) + 1
             if not table.num_rows:
                 break
         else:
@@ -225,6 +237,7 @@ def assemble(out: str, run_id: str, shards: list[ShardInput], reject_files: list
     splitter, rows, split_rows = _SplitWriter(staging), 0, {split: 0 for split in SPLITS}
     pass_rejects = _RejectWriter(os.path.join(staging, "rejects", "release-passes.parquet"))
     position = 0
+    counts: dict[str, dict] = {p.name: {"rows_in": 0, "rows_out": 0, "rejects": {}} for p in passes}
     try:
         for shard in shards:
             n = shard.outputs[-1].rows
@@ -232,7 +245,7 @@ def assemble(out: str, run_id: str, shards: list[ShardInput], reject_files: list
                 columns = record_columns(shard, (SOURCE_IMAGE,) + tuple(unreleased))
                 records = read_view(shard, columns, batch_rows=256)
                 if passes:
-                    records = _through_passes(records, position, passes, pass_rejects)
+                    records = _through_passes(records, position, passes, pass_rejects, counts)
                 for split, count in splitter.write_shard(records, cfg.quality.test_fraction).items():
                     split_rows[split] += count
                     rows += count
@@ -245,8 +258,15 @@ def assemble(out: str, run_id: str, shards: list[ShardInput], reject_files: list
         report_dir = os.path.join(staging, "report")
         for p in passes:
             p.write_gallery(report_dir)
-        info = {**info, "release_passes": {p.name: p.summary() for p in passes}}
-        info["funnel"] = list(info.get("funnel") or []) + [p.funnel_row() for p in passes]
+        summaries = {p.name: p.summary() for p in passes}
+        for name, found in summaries.items():  # what each pass removed of the rows that reached it (see funnel)
+            if "removed" in found:
+                found["removed"] = counts[name]["rows_in"] - counts[name]["rows_out"]
+        info = {**info, "release_passes": summaries}
+        # The rows each pass actually saw and removed: an earlier pass (the exclusion list) takes rows out before a
+        # later one (dedup) sees them, which the later pass's own release-wide figures do not know.
+        info["funnel"] = list(info.get("funnel") or []) + [{**row, **counts[p.name]} if row else row
+                                                         for p, row in ((p, p.funnel_row()) for p in passes)]
     reject_names, rejects = [], 0
     for path, count in reject_files:
         if count:
@@ -279,16 +299,20 @@ def assemble(out: str, run_id: str, shards: list[ShardInput], reject_files: list
 
 
 def content_key(shards: list[ShardInput], reject_files: list[tuple[str, int]], cfg: Config,
-                allow_failures: bool) -> str:
+                allow_failures: bool, release_inputs: dict[str, str | None] | None = None) -> str:
     """What a release is made of: every shard's chain of outputs, the rejects, the settings and versions.
 
     Stage output keys already cover inputs, settings and models, so two runs with the same
-    content key would publish the same release (and get the same verdict).
+    content key would publish the same release (and get the same verdict). `release_inputs`: what release
+    passes read beyond them (Stage.release_key), by stage.
     """
     settings = cfg.model_dump(mode="json", exclude={"execution", "deploy", "train"})
     blob = json.dumps([[[o.stage, o.key] for o in s.outputs] for s in shards], separators=(",", ":")) + \
         json.dumps([[os.path.basename(path), rows] for path, rows in reject_files], separators=(",", ":")) + \
         json.dumps([settings, versions(), allow_failures], sort_keys=True, default=str)
+    inputs = {k: v for k, v in (release_inputs or {}).items() if v is not None}
+    if inputs:  # only when some stage has one: the keys of releases made without stay as they were
+        blob += json.dumps(inputs, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

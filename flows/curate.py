@@ -158,7 +158,7 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
 def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failures: bool) -> CurateResult:
     logger = get_run_logger()
     plan = plan_run(cfg)  # fails here, before any work, if a model a stage needs is missing
-    chain = plan.chain
+    chain = [s for s in plan.chain if s.shard_work]  # stages with only a release pass have no shard tasks
     specs, notes = plan_shards(sources, cfg.ingest)
     workers = size_local_cluster(cfg, len(specs))
     if workers:  # share the machine's cores between the local workers instead of oversubscribing them
@@ -234,7 +234,8 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
 
     funnel = manifest.funnel(manifest_path, run_id)
     reject_files = [rejects[k] for k in sorted(rejects)]  # stage, then shard order: reproducible
-    key = release.content_key(shards, reject_files, cfg, allow_failures)
+    key = release.content_key(shards, reject_files, cfg, allow_failures,
+                              {s.name: s.release_key(cfg, out) for s in plan.chain})
     current = release.unchanged_release(out, key)
     if current is not None:
         # Same shard outputs, settings and versions as the published release: it stands as it is.
@@ -245,7 +246,7 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
         return CurateResult(run_id=run_id, release=storage.join(out, "release"), records=current["records"],
                             rejects=current["rejects"], funnel=funnel,
                             validation=ValidationSummary.from_dict(current.get("validation")), unchanged=True)
-    stages = [stage(cfg, plan.stages[stage.name]) for stage in chain]
+    stages = [stage(cfg, plan.stages[stage.name], out) for stage in plan.chain]
     passes = [p for p in (s.release_pass(storage.join(out, "release")) for s in stages) if p is not None]
     if passes:
         faces = sum(s.outputs[-1].rows for s in shards)

@@ -8,11 +8,11 @@ from facecap.config import Config
 # Every stage's settings hash on the default offline and full configs, as computed before the stages owned
 # their settings sections: a changed hash would recompute every cached stage output of every user.
 HASHES_OFFLINE = {"ingest": "8c880df7ce7f15fc", "detect": "bd895532446b7bf8", "face_quality": "0a26ce36ffd2aba7",
-                  "dedup": "430562bcccede6a7",
+                  "exclude": "44136fa355b3678a", "dedup": "430562bcccede6a7",
                   "annotate": "2c95387e8091265d", "text": "35c3dc14243028c5", "caption": "7641201906b2f8f5"}
 HASHES_FULL = {**HASHES_OFFLINE, "annotate": "869a41d359aaf921"}
 SECTION_ORDER = ["profile", "ingest", "image", "detect", "face_quality", "execution", "models", "attributes",
-                 "caption", "llm", "quality", "train", "download", "text", "dedup", "deploy"]
+                 "caption", "llm", "quality", "train", "download", "text", "dedup", "deploy", "exclude"]
 
 
 def test_stage_settings_hashes_are_unchanged():

@@ -119,6 +119,8 @@ class Stage:
     retry_delay_seconds: ClassVar[tuple[float, ...]] = ()
     batch_rows: ClassVar[int] = 64  # records per batch read from upstream
     unreleased: ClassVar[tuple[str, ...]] = ()  # columns kept in the stage output but never published
+    # False: the stage has only a release pass (no shard outputs, so nothing cached to recompute when it changes).
+    shard_work: ClassVar[bool] = True
 
     # What the stage owns. Config, the record layout, the dataset card, the quality suites, the report and
     # the release loop over the registered stages (facecap.chain) and read these; none of them names a stage.
@@ -205,6 +207,12 @@ class Stage:
         """Records in (the columns in `reads`), chunks of kept rows and rejects out, in input order."""
         raise NotImplementedError
 
+    @classmethod
+    def release_key(cls, cfg: "Config", out: str | None) -> str | None:
+        """What its release pass reads beyond shard outputs and settings (e.g. a file's hash), for the release's
+        content key: a change publishes a new release without recomputing any shard. None: nothing."""
+        return None
+
     def release_pass(self, published: str | None = None) -> ReleasePass | None:
         """Release-wide work this stage needs once all shards are done (None: none). `published`: the folder of
         the release this run will replace (it may not exist), for work that must stay stable across releases."""
@@ -234,6 +242,12 @@ class ReleasePass:
 
     def fit(self, records: pa.Table) -> None:
         raise NotImplementedError
+
+    def fit_batches(self, tables: Iterable[pa.Table]) -> None:
+        """`fit` over the release's records given batch by batch; a pass that reads wide columns (image bytes)
+        overrides it to reduce each batch before the next is read."""
+        tables = list(tables)
+        self.fit(pa.concat_tables(tables) if tables else None)
 
     def apply(self, index: "np.ndarray", table: pa.Table) -> tuple[pa.Table, "np.ndarray", pa.Table | None]:
         raise NotImplementedError
