@@ -31,6 +31,7 @@ CURATE_ENTRYPOINT = "facecap.flows.deployments:curate_deployment"
 TRAIN_ENTRYPOINT = "facecap.flows.deployments:train_deployment"
 EVAL_ENTRYPOINT = "facecap.flows.deployments:eval_deployment"
 VALIDATE_ENTRYPOINT = "facecap.flows.validate:validate"
+TAKEDOWN_ENTRYPOINT = "facecap.flows.takedown:takedown"
 CURATE_FLOW_NAME = "facecap-curate"  # what the train trigger listens for (flows/deployments.py names it)
 
 
@@ -125,6 +126,10 @@ def deployment_specs(cfg: Config, config_file: str | None = None, settings: list
                        dict(common), triggers=[train_trigger(cfg)], tags=tags + ["train"]),
         DeploymentSpec("eval", EVAL_ENTRYPOINT, "Evaluate a FLIP checkpoint on a release's test split.",
                        dict(common), tags=tags + ["eval"]),
+        DeploymentSpec("takedown", TAKEDOWN_ENTRYPOINT,
+                       "Take a person's faces out of OUT's release (by photo path, URL or sample id), add them to "
+                       "the exclusion list and publish a new release version; dry_run shows what would go.",
+                       {"images": [], "urls": [], "sample_ids": [], "dry_run": True}, tags=tags + ["takedown"]),
     ]
     if cfg.deploy.sources and cfg.deploy.out:
         specs.insert(1, DeploymentSpec(

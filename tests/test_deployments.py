@@ -271,7 +271,7 @@ def test_facecap_deploy_and_prefect_deploy_register_for_a_work_pool(served, tmp_
     assert pool.status_code == 200 and pool.json()["type"] == "process"
     found = {d["name"]: d for d in client.post("/deployments/filter", json={}).json()
              if d.get("work_pool_name") == "facecap-test"}
-    assert set(found) == {"curate", "recurate", "validate", "train", "eval"}
+    assert set(found) == {"curate", "recurate", "validate", "train", "eval", "takedown"}
     assert found["curate"]["entrypoint"] == deploy.CURATE_ENTRYPOINT.replace(":", ".")  # a module path entrypoint
     assert found["curate"]["parameters"]["config_file"] == str(ROOT / "docker" / "facecap.yaml")
 
@@ -282,5 +282,5 @@ def test_facecap_deploy_and_prefect_deploy_register_for_a_work_pool(served, tmp_
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     in_pool = {d["name"] for d in client.post("/deployments/filter", json={}).json()
                if d.get("work_pool_name") == "facecap"}
-    assert in_pool == {"curate", "recurate", "validate", "train", "eval"}
+    assert in_pool == {"curate", "recurate", "validate", "train", "eval", "takedown"}
     client.close()
