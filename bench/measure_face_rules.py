@@ -27,8 +27,8 @@ from PIL import Image, ImageFilter
 
 from facecap.config import Config
 from facecap.package_photos import photo
-from facecap.schema import IMAGE_SCHEMA, image_id_for
-from facecap.sources.images import probe
+from facecap.records import in_memory_images
+from facecap.schema import image_id_for
 from facecap.stages.base import Counters
 from facecap.stages.detect import FACE_SCHEMA, detect_faces
 from facecap.stages.face_quality import measure_face
@@ -74,14 +74,7 @@ def edge_crop(img: Image.Image, box: list[float], margin: float, rng: random.Ran
 
 
 def images_table(named: dict[str, bytes], cfg: Config) -> pa.Table:
-    rows = []
-    for name, data in named.items():
-        p = probe(data, cfg.image)
-        rows.append({"image_id": image_id_for("mem://measure", name), "source": "mem://measure", "source_offset": name,
-                     "source_caption": None, "source_meta": None, "source_image": data,
-                     "source_width": p.width or 0, "source_height": p.height or 0, "source_format": p.format or "?",
-                     "source_size": len(data), "source_fingerprint": "in-memory"})
-    return pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA)
+    return in_memory_images(named, cfg.image, "mem://measure")
 
 
 def detect(detector, named: dict[str, bytes], cfg: Config) -> list[dict]:

@@ -155,3 +155,19 @@ def record_columns(shard: ShardInput, exclude: tuple[str, ...] = (SOURCE_IMAGE,)
             if col not in exclude:
                 seen.setdefault(col, None)
     return list(seen)
+
+
+def in_memory_images(named: dict[str, bytes], limits, source: str = "mem://") -> pa.Table:
+    """Image records (ingest's layout, bytes inline) for encoded images held in memory, by name: what tests and
+    benches hand the detect stage's code without writing files. `limits`: the config's `image` section."""
+    from facecap.schema import IMAGE_SCHEMA, image_id_for
+    from facecap.sources.images import probe
+
+    rows = []
+    for name, data in named.items():
+        p = probe(data, limits)
+        rows.append({"image_id": image_id_for(source, name), "source": source, "source_offset": name,
+                     "source_caption": None, "source_meta": None, "source_image": data,
+                     "source_width": p.width or 0, "source_height": p.height or 0, "source_format": p.format or "?",
+                     "source_size": len(data), "source_fingerprint": "in-memory"})
+    return pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA)

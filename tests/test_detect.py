@@ -11,7 +11,7 @@ from helpers import offline_config
 from PIL import Image
 
 from facecap.example_data import astronaut, bomb_png, exif_rotated, generated
-from facecap.schema import IMAGE_SCHEMA, image_id_for
+from facecap.records import in_memory_images
 from facecap.stages.detect import FACE_SCHEMA
 from facecap.sources.images import decode_rgb, letterbox, probe
 from facecap.stages.align import eye_angle
@@ -26,15 +26,7 @@ def _jpeg(img: Image.Image) -> bytes:
 
 
 def _images(named: dict[str, bytes]) -> pa.Table:
-    cfg = offline_config()
-    rows = []
-    for name, data in named.items():
-        p = probe(data, cfg.image)
-        rows.append({"image_id": image_id_for("mem://test", name), "source": "mem://test", "source_offset": name,
-                     "source_caption": None, "source_meta": None, "source_image": data,
-                     "source_width": p.width or 0, "source_height": p.height or 0, "source_format": p.format or "?",
-                     "source_size": len(data), "source_fingerprint": "in-memory"})
-    return pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA)
+    return in_memory_images(named, offline_config().image, "mem://test")
 
 
 def _detect(detector, named: dict[str, bytes], **detect) -> tuple[pa.Table, pa.Table, Counters]:

@@ -14,8 +14,7 @@ from helpers import offline_config
 from PIL import Image, ImageEnhance, ImageFilter
 
 from facecap.package_photos import photo
-from facecap.schema import IMAGE_SCHEMA, image_id_for
-from facecap.sources.images import probe
+from facecap.records import in_memory_images
 from facecap.stages.base import Counters
 from facecap.stages.detect import detect_faces
 from facecap.stages.face_quality import head_pose, measure_faces
@@ -28,15 +27,7 @@ def _jpeg(img: Image.Image, quality: int = 92) -> bytes:
 
 
 def _images(named: dict[str, bytes]) -> pa.Table:
-    cfg = offline_config()
-    rows = []
-    for name, data in named.items():
-        p = probe(data, cfg.image)
-        rows.append({"image_id": image_id_for("mem://fq", name), "source": "mem://fq", "source_offset": name,
-                     "source_caption": None, "source_meta": None, "source_image": data,
-                     "source_width": p.width or 0, "source_height": p.height or 0, "source_format": p.format or "?",
-                     "source_size": len(data), "source_fingerprint": "in-memory"})
-    return pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA)
+    return in_memory_images(named, offline_config().image, "mem://fq")
 
 
 def _run(detector, named: dict[str, bytes], detect: dict | None = None, face_quality: dict | None = None):
