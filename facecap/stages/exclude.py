@@ -68,8 +68,9 @@ class Entry:
         return f"{self.kind} {self.value}"
 
     def shown(self) -> str:
-        """The entry as a reject's detail names it (a face hash is not repeated in the release)."""
-        return f"line {self.line} ({self.kind})" if self.kind == "face" else f"line {self.line} ({self.text()})"
+        """The entry as a reject's detail names it: a domain by name, a URL or a hash only by its line (the
+        published rejects must not point back at a person's image)."""
+        return f"line {self.line} ({self.text()})" if self.kind == "domain" else f"line {self.line} ({self.kind})"
 
 
 def normalise(kind: str, value: str, where: str = "") -> Entry:
@@ -163,6 +164,60 @@ def record_url(meta: str | None) -> str | None:
     return url if isinstance(url, str) else None
 
 
+class UrlMatcher:
+    """The `url` and `domain` entries of a list, matched against one URL at a time (a domain entry covers the
+    host and every subdomain): one set lookup per label of the host, however long the list."""
+
+    def __init__(self, entries: Iterable[Entry]):
+        self.urls: dict[str, Entry] = {}
+        self.domains: dict[str, Entry] = {}
+        for e in entries:
+            if e.kind == "url":
+                self.urls.setdefault(e.value, e)
+            elif e.kind == "domain":
+                self.domains.setdefault(e.value, e)
+
+    def __bool__(self) -> bool:
+        return bool(self.urls or self.domains)
+
+    def match(self, url: str | None) -> Entry | None:
+        if not url or not isinstance(url, str):
+            return None
+        hit = self.urls.get(url)
+        if hit is None and self.domains:
+            try:
+                host = urlsplit(url).hostname or ""
+            except ValueError:
+                return None
+            labels = host.lower().rstrip(".").split(".")
+            hit = next((self.domains[d] for d in (".".join(labels[i:]) for i in range(len(labels)))
+                        if d in self.domains), None)
+        return hit
+
+
+_LISTS: dict[tuple[str, float, int], list[Entry]] = {}
+
+
+def current_url_matcher(path: str | None) -> UrlMatcher:
+    """The url/domain entries of the list at `path` as it is now (read again when the file changes), for a
+    download to consult before it fetches; an unreadable or missing list matches nothing here (the run's
+    plan already refused a broken configured list, and the release pass applies the list again)."""
+    if not path:
+        return UrlMatcher(())
+    try:
+        st = os.stat(path)
+    except OSError:
+        return UrlMatcher(())
+    key = (path, st.st_mtime, st.st_size)
+    if key not in _LISTS:
+        try:
+            _LISTS.clear()
+            _LISTS[key] = read_list(path)[0]
+        except ConfigError:
+            return UrlMatcher(())
+    return UrlMatcher(_LISTS[key])
+
+
 def face_matches(hashes: np.ndarray, mirrors: np.ndarray, entries: np.ndarray,
                  block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
     """Per face: (index of the closest entry, its distance in bits), either orientation."""
@@ -179,6 +234,13 @@ def face_matches(hashes: np.ndarray, mirrors: np.ndarray, entries: np.ndarray,
         best[s:s + block] = d.argmin(axis=1)
         dist[s:s + block] = d.min(axis=1)
     return best, dist
+
+
+def anonymous_reject(stage: str, row: dict, detail: str) -> dict:
+    """An `excluded` reject as the release publishes it: its ids and why, never where the image is (source,
+    offset) nor the face's box or score, since the person asked to be taken out, not to be pointed at."""
+    return reject_row(stage, {"image_id": row.get("image_id"), "sample_id": row.get("sample_id")},
+                      ExcludeReason.EXCLUDED, detail)
 
 
 @dataclass
@@ -201,7 +263,7 @@ class ExclusionPass(ReleasePass):
 
     def fit_batches(self, tables: Iterable[pa.Table]) -> None:
         by_kind = {k: {e.value: e for e in self.entries if e.kind == k} for k in KINDS}
-        domains = by_kind["domain"]
+        by_url = UrlMatcher(self.entries)
         self.via: dict[int, tuple[int, int]] = {}  # face -> (the matching face it was carried from, cluster size)
         entry_of: list[Entry | None] = []
         distance: list[int] = []
@@ -215,12 +277,7 @@ class ExclusionPass(ReleasePass):
                 digests = [hashlib.sha256(b).hexdigest() if b else None
                            for b in table.column(SOURCE_IMAGE).to_pylist()]
             for url, digest in zip(urls, digests):
-                hit = by_kind["url"].get(url) if url else None
-                if hit is None and url and domains:
-                    # the host and each parent domain: one set lookup per label, however long the list
-                    labels = (urlsplit(url).hostname or "").lower().rstrip(".").split(".")
-                    hit = next((domains[d] for d in (".".join(labels[i:]) for i in range(len(labels)))
-                                if d in domains), None)
+                hit = by_url.match(url)
                 if hit is None and digest:
                     hit = by_kind["sha256"].get(digest)
                 entry_of.append(hit)
@@ -292,7 +349,7 @@ class ExclusionPass(ReleasePass):
                 detail = f"face within {self.distance[g]} of 64 bits of exclusion list {entry.shown()}"
             else:
                 detail = f"matches exclusion list {entry.shown()}"
-            rejects.append(reject_row("exclude", row, ExcludeReason.EXCLUDED, detail))
+            rejects.append(anonymous_reject("exclude", row, detail))
         return table.filter(pa.array(~drop)), index[~drop], reject_table(rejects)
 
     def summary(self) -> dict[str, Any]:
