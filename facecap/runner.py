@@ -193,7 +193,7 @@ def reusable(stage: type[Stage], shard: ShardInput, out: str, cfg: Config, plan:
         latest, _, problem = _latest(_keyed_paths(stage, shard, out, cfg, plan)[2], budget)
     except _OverBudget:
         return None
-    if latest is None or problem is not None or _instance(stage, cfg, plan, out).another_pass(latest):
+    if latest is None or problem is not None or _instance(stage, cfg, plan, out).another_pass(latest, shard):
         return None
     latest.cached = True
     return latest
@@ -206,7 +206,7 @@ def run_stage(stage: type[Stage], shard: ShardInput, out: str, cfg: Config, plan
     latest, generation, problem = _latest(paths)
     previous = None
     if latest is not None:
-        if problem is None and not instance.another_pass(latest):
+        if problem is None and not instance.another_pass(latest, shard):
             latest.cached = True
             return latest
         # A new generation on the latest intact one (or the damaged next one, rebuilt).

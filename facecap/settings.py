@@ -211,10 +211,17 @@ class DownloadSettings(_Section):
     backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each attempt.")
     max_redirects: int = Field(5, ge=0, description="Redirects followed (each hop is checked like the first).")
     domain_connections: int | None = Field(
-        8, ge=1, description="Requests in flight at once to one host (per downloading shard); null: no limit "
-                             "beyond download.connections. URLs waiting for their host hold no connection.")
+        8, ge=1, description="Requests in flight at once to one host (in the whole run: see "
+                             "download.host_limits_scope); null: no limit beyond download.connections. URLs "
+                             "waiting for their host hold no connection.")
     domain_requests_per_s: float | None = Field(
-        20.0, gt=0, description="Requests started per second to one host (per downloading shard); null: no limit.")
+        20.0, gt=0, description="Requests started per second to one host (in the whole run: see "
+                                "download.host_limits_scope); null: no limit.")
+    host_limits_scope: Literal["run", "shard"] = Field(
+        "run", description="run: the per-host limits hold for the whole run: a curate splits them evenly among "
+                           "the URL shards that can download at once (workers x execution.io_threads; at least "
+                           "one connection each). shard: each downloading shard gets the full limits (a host "
+                           "may see them times the shards downloading at once).")
     max_retry_after_s: float = Field(
         120.0, ge=0, description="A 429/503 pauses its whole host for its Retry-After (else download.backoff_s); "
                                  "a URL whose host asks to wait longer than this ends with that status "

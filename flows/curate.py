@@ -23,7 +23,7 @@ from facecap import manifest, release, runlock, storage
 from facecap import chain as registry
 from facecap.chain import plan_run
 from facecap.config import Config, config_model
-from facecap.flows.executor import ShardExecutor, size_local_cluster, task_runner_for  # noqa: F401 (re-exported)
+from facecap.flows.executor import ShardExecutor, io_slots, size_local_cluster, task_runner_for  # noqa: F401
 from facecap.flows.run_artifacts import publish_curate_artifacts
 from facecap.quality.validate import ReleaseBlocked, blocked_message
 from facecap.results import CurateResult, FunnelRow, ValidationSummary
@@ -155,6 +155,22 @@ def curate(sources: list[str], out: str, config: dict | None = None, allow_failu
                            "the same command: finished shards are kept.") from exc
 
 
+def split_host_limits(cfg: Config, at_once: int, logger) -> None:
+    """Per-host limits that hold for the run: each of the `at_once` shards downloading together gets an even
+    share (at least one connection), so a host never sees more than the limit from all of them."""
+    d = cfg.download
+    if at_once <= 1 or (d.domain_connections is None and d.domain_requests_per_s is None):
+        return
+    if d.domain_connections is not None:
+        d.domain_connections = max(1, d.domain_connections // at_once)
+    if d.domain_requests_per_s is not None:
+        d.domain_requests_per_s = d.domain_requests_per_s / at_once
+    each = ", ".join(f for f in (f"{d.domain_connections} connection(s)" if d.domain_connections else "",
+                                 f"{d.domain_requests_per_s:.3g} request(s)/s" if d.domain_requests_per_s else "") if f)
+    logger.info(f"per-host limits shared by up to {at_once} URL shards downloading at once: each keeps to {each} "
+                "per host (download.host_limits_scope=shard gives each the full limits)")
+
+
 def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failures: bool) -> CurateResult:
     logger = get_run_logger()
     plan = plan_run(cfg)  # fails here, before any work, if a model a stage needs is missing
@@ -167,6 +183,9 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
             settings = getattr(cfg, stage.section) if stage.section else None
             if settings is not None and "threads" in type(settings).model_fields and settings.threads is None:
                 settings.threads = cores
+    url_shards = sum(s.kind == "urls" for s in specs)
+    if url_shards > 1 and cfg.download.host_limits_scope == "run":
+        split_host_limits(cfg, min(url_shards, io_slots(cfg, workers)), logger)
     for note in notes:
         logger.warning(note)
     unreadable = [s for s in specs if s.kind == "unreadable"]

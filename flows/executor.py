@@ -100,6 +100,18 @@ def size_local_cluster(cfg: Config, shards: int) -> int | None:
     return local_workers(cfg)
 
 
+def io_slots(cfg: Config, local: int | None) -> int:
+    """Shards of an I/O-bound stage (downloads) that can run at once: each local worker's
+    execution.io_threads, or on an existing cluster the IO slots (else threads) its workers offer now."""
+    if local:
+        return local * cfg.execution.io_threads
+    runner = _flow_task_runner()
+    if isinstance(runner, DaskTaskRunner) and runner._client is not None:
+        workers = runner.client.scheduler_info().get("workers", {}).values()
+        return max(1, sum(int((w.get("resources") or {}).get(IO) or w.get("nthreads") or 1) for w in workers))
+    return 1
+
+
 def _flush_prefect() -> None:
     import threading
 

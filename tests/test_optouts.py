@@ -313,3 +313,73 @@ def test_a_curated_url_list_of_real_photos_releases_only_the_faces_not_opted_out
         for r in pq.read_table(path).to_pylist():
             found[r["source_offset"]] = r["reason"]
     assert found == {"2": "opted_out", "3": "opted_out"}, found
+
+
+# --- the exclusion list at download ----------------------------------------------------------------
+def test_urls_on_the_exclusion_list_are_never_requested_and_are_fetched_once_unlisted(tmp_path, server):
+    """A `url` or `domain` entry keeps the URL from being requested at all (not only out of the release);
+    once the entry is gone, --retry-failed fetches what it kept back."""
+    paths = [f"/img/gen{i}.png?t=excl{i}" for i in range(4)]
+    lst = url_list(tmp_path / "list.parquet", server, paths)
+    listed = tmp_path / "exclusions.txt"
+    listed.write_text(f"# takedown\nurl {server.url(paths[1])}\ndomain example.org\nurl {server.url(paths[3])}\n")
+    cfg = Config.model_validate({"profile": "offline", "image": LIMITS, "exclude": {"list": str(listed)},
+                                 "download": {"allow_addresses": LOOPBACK, **FAST}})
+    specs, _ = plan_shards([str(lst)], cfg.ingest)
+    out = str(tmp_path / "out")
+    stats = run_ingest(specs[0], out, cfg)
+    assert [server.count(p) for p in paths] == [1, 0, 1, 0]
+    assert stats.rejects == {"excluded": 2} and stats.extra["excluded_before_download"] == 2
+    rejects = pq.read_table(stats.rejects_output).to_pylist()
+    assert [(r["source_offset"], r["reason"]) for r in rejects] == [("1", "excluded"), ("3", "excluded")]
+    assert rejects[0]["detail"] == "matches exclusion list line 2 (url): not requested"
+    assert not any(server.url(p) in r["detail"] for r in rejects for p in paths)  # the reject names no URL
+    assert sorted(pq.read_table(stats.output).column("source_offset").to_pylist()) == ["0", "2"]
+
+    # Unchanged list: a rerun reuses the shard, even with --retry-failed.
+    again = Config.model_validate({**cfg.model_dump(mode="json"), "download": {**cfg.download.model_dump(
+        mode="json"), "retry_failed": True}})
+    assert run_ingest(specs[0], out, again).cached
+    assert [server.count(p) for p in paths] == [1, 0, 1, 0]
+    # Line 2 removed: a next generation fetches that URL only; line 4 still keeps its URL from being asked.
+    listed.write_text(f"domain example.org\nurl {server.url(paths[3])}\n")
+    retried = run_ingest(specs[0], out, again)
+    assert not retried.cached and retried.retry_generation == 1
+    assert [server.count(p) for p in paths] == [1, 1, 1, 0]
+    assert sorted(pq.read_table(retried.output).column("source_offset").to_pylist()) == ["0", "1", "2"]
+    assert retried.rejects == {"excluded": 1}
+    assert pq.read_table(retried.rejects_output).column("detail").to_pylist() == [
+        "matches exclusion list line 2 (url): not requested"]
+
+
+def test_host_limits_are_shared_by_the_shards_that_download_at_once():
+    import logging
+
+    from facecap.flows.curate import split_host_limits
+
+    cfg = Config.model_validate({"download": {"domain_connections": 8, "domain_requests_per_s": 20}})
+    split_host_limits(cfg, 3, logging.getLogger("test"))
+    assert (cfg.download.domain_connections, cfg.download.domain_requests_per_s) == (2, 20 / 3)
+    few = Config.model_validate({"download": {"domain_connections": 2, "domain_requests_per_s": None}})
+    split_host_limits(few, 4, logging.getLogger("test"))
+    assert (few.download.domain_connections, few.download.domain_requests_per_s) == (1, None)  # one at least
+
+
+def test_a_curate_of_several_url_shards_keeps_one_host_within_the_limit(prefect_api_url, tmp_path, fresh_robots):
+    """Four URL shards on a local cluster of two workers with two I/O slots each: together, never more than
+    download.domain_connections requests at once reach the host (counted by the server)."""
+    from helpers import offline_config, run_curate
+
+    from facecap.package_photos import photo_bytes
+
+    with ServerThread({"kafka.img": photo_bytes("kafka")}, host="127.0.0.21", delay=0.15) as site:
+        lst = url_list(tmp_path / "one-host.parquet", site, [f"/img/kafka.img?copy={i}" for i in range(24)])
+        cfg = offline_config(image=LIMITS | {"max_bytes": 5_000_000}, ingest={"shard_size": 6},
+                             execution={"n_workers": 2, "io_threads": 2},
+                             download={"allow_addresses": LOOPBACK, **FAST, "timeout_s": 10,
+                                       "domain_connections": 4, "domain_requests_per_s": None},
+                             quality={"max_duplicate_image_rate": 1.0})
+        result = run_curate([lst], tmp_path / "out", cfg)
+        assert sum("kafka.img" in path for _, path in site.arrivals) == 24
+        assert 1 <= site.max_in_flight <= 4, site.max_in_flight
+    assert result.records >= 1

@@ -199,7 +199,7 @@ class Stage:
         chain so far, `batch_rows` at a time."""
         return None
 
-    def another_pass(self, cached: ShardStats) -> bool:
+    def another_pass(self, cached: ShardStats, shard: ShardInput) -> bool:
         """Whether a finished shard gets a next generation (built on `cached`) instead of being reused."""
         return False
 

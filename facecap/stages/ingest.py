@@ -25,6 +25,7 @@ from facecap.sources.reader import read_source
 from facecap.sources.spec import ShardSpec
 from facecap.stages import urllist
 from facecap.stages.base import Chunk, Counters, ReportSection, Stage
+from facecap.stages.exclude import ExcludeReason, current_url_matcher, list_path
 
 
 def ingest_shard(spec: ShardSpec, settings: IngestSettings, limits: ImageLimits, counters: Counters,
@@ -99,7 +100,8 @@ class Ingest(Stage):
     unkeyed = frozenset({"download.connections", "download.timeout_s", "download.retries", "download.backoff_s",
                          "download.max_redirects", "download.allow_addresses", "download.user_agent",
                          "download.retry_failed", "download.domain_connections", "download.domain_requests_per_s",
-                         "download.max_retry_after_s", "download.contact_url"})
+                         "download.max_retry_after_s", "download.contact_url",
+                         "download.host_limits_scope"})
     priority = 0
     # Reading and probing local files and downloading URLs wait on storage and the network:
     # ingest never holds a CPU slot that detect could use.
@@ -113,10 +115,36 @@ class Ingest(Stage):
     def source_records(self, shard: ShardInput, previous: ShardStats | None = None):
         return [(shard.spec, previous)]
 
-    def another_pass(self, cached: ShardStats) -> bool:
-        # A URL shard gets a next generation that downloads its transient failures again.
-        return (cached.kind == "urls" and self.cfg.download.retry_failed
-                and any(is_transient(reason) for reason in cached.rejects))
+    def another_pass(self, cached: ShardStats, shard: ShardInput) -> bool:
+        # A URL shard gets a next generation that downloads its transient failures again, and the rows the
+        # exclusion list kept from download once the list no longer holds them.
+        if cached.kind != "urls" or not self.cfg.download.retry_failed:
+            return False
+        return (any(is_transient(reason) for reason in cached.rejects)
+                or (ExcludeReason.EXCLUDED in cached.rejects and self._unlisted_since(cached, shard.spec)))
+
+    def _unlisted_since(self, cached: ShardStats, spec: ShardSpec) -> bool:
+        """Whether a row the exclusion list kept from download is no longer matched by it."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        from facecap.sources.urllist import iter_rows
+
+        if not cached.rejects_written:
+            return False
+        rejects = pq.read_table(cached.rejects_output, columns=["reason", "source_offset"])
+        offsets = set(rejects.filter(pc.equal(rejects.column("reason"), ExcludeReason.EXCLUDED))
+                      .column("source_offset").to_pylist())
+        matcher = self._url_matcher()
+        try:
+            rows = list(iter_rows(spec, self.cfg.ingest, offsets))
+        except Exception:  # an unreadable list: its rows stay as they are
+            return False
+        return any(not (isinstance(url, str) and matcher.match(url))
+                   for _, url, _ in rows)
+
+    def _url_matcher(self):
+        return current_url_matcher(list_path(self.cfg, self.out))
 
     def process(self, records, counters: Counters) -> Iterator[Chunk]:
         yield from with_rights(self._read(records, counters))
@@ -124,9 +152,10 @@ class Ingest(Stage):
     def _read(self, records, counters: Counters) -> Iterator[Chunk]:
         ((spec, previous),) = records
         if spec.kind == "urls" and previous is not None:
-            yield from urllist.retry_shard(spec, urllist.UrlSettings.of(self.cfg), previous, counters)
+            yield from urllist.retry_shard(spec, urllist.UrlSettings.of(self.cfg, self._url_matcher()), previous,
+                                           counters)
         elif spec.kind == "urls":
-            yield from urllist.download_shard(spec, urllist.UrlSettings.of(self.cfg), counters)
+            yield from urllist.download_shard(spec, urllist.UrlSettings.of(self.cfg, self._url_matcher()), counters)
         else:
             yield from _read_shard(spec, self.cfg.ingest, self.cfg.image, counters)
 

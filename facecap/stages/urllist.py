@@ -33,6 +33,7 @@ from facecap.sources.downloader import Downloader
 from facecap.sources.spec import ShardSpec
 from facecap.sources.urllist import URL_COLUMNS, Unreadable, caption_column, iter_rows, list_columns, url_column
 from facecap.stages.base import Chunk, Counters
+from facecap.stages.exclude import ExcludeReason, UrlMatcher
 
 if TYPE_CHECKING:
     from facecap.config import Config
@@ -46,10 +47,13 @@ class UrlSettings:
     image: ImageLimits
     download: DownloadSettings
     allow_addresses: tuple[str, ...] = ()  # models.allow_addresses: private ranges the user allowed
+    # The exclusion list's url/domain entries as the run reads them: a matching URL is never requested.
+    # Not part of any key: the release pass applies the list again to shards downloaded before an entry.
+    excluded: UrlMatcher | None = None
 
     @classmethod
-    def of(cls, cfg: Config) -> UrlSettings:
-        return cls(cfg.ingest, cfg.image, cfg.download, tuple(cfg.models.allow_addresses))
+    def of(cls, cfg: Config, excluded: UrlMatcher | None = None) -> UrlSettings:
+        return cls(cfg.ingest, cfg.image, cfg.download, tuple(cfg.models.allow_addresses), excluded)
 
 
 class _UrlShard:
@@ -76,9 +80,15 @@ class _UrlShard:
         caption_col = caption_column(names, settings)
         rows: dict[str, tuple[str | None, str | None]] = {}  # offset -> (caption, meta) while in flight
         urls: list[tuple[str, str]] = []
+        excluded = self.settings.excluded
+        skipped: list[tuple[str, str]] = []  # (offset, the list line) of URLs the exclusion list keeps us from
 
         def requests() -> Iterator[str]:
             for offset, url, rec in iter_rows(self.spec, settings, only):
+                hit = excluded.match(url) if excluded and isinstance(url, str) else None
+                if hit is not None:
+                    skipped.append((offset, hit.shown()))
+                    continue
                 caption = rec.get(caption_col) if caption_col else None
                 meta = {k: v for k, v in rec.items() if k not in (caption_col, col) and v is not None}
                 meta["url"] = url
@@ -111,6 +121,11 @@ class _UrlShard:
                 self.counters.extra["retried_urls"] += 1
             if self.batch.ready():
                 yield self.counters.count_batch(self.batch.flush())
+        # After the downloads, in list order: the shard's rows come out the same however the fetches interleave.
+        for offset, line in skipped:
+            self.batch.reject(offset, ExcludeReason.EXCLUDED, f"matches exclusion list {line}: not requested")
+        if skipped:
+            self.counters.extra["excluded_before_download"] += len(skipped)
         yield self.counters.count_batch(self.batch.flush())
 
     def _reject_all(self, only: set[str] | None, reason: str, detail: str) -> Iterator[Chunk]:
@@ -126,7 +141,8 @@ def download_shard(spec: ShardSpec, settings: UrlSettings, counters: Counters) -
 
 
 def retry_shard(spec: ShardSpec, settings: UrlSettings, previous: ShardStats, counters: Counters) -> Iterator[Chunk]:
-    """Next generation: keep the previous records and permanent rejects, download the transient failures again."""
+    """Next generation: keep the previous records and permanent rejects, download the transient failures again,
+    and the rows the exclusion list kept from download (those still listed are again not requested)."""
     for table in iter_parquet(previous.output):
         table = table.cast(IMAGE_SCHEMA)
         counters.rows_in += table.num_rows
@@ -135,13 +151,14 @@ def retry_shard(spec: ShardSpec, settings: UrlSettings, previous: ShardStats, co
     rejects = pq.read_table(previous.rejects_output) if previous.rejects_written else None
     again: set[str] = set()
     if rejects is not None:
-        transient = pa.array([is_transient(r) for r in rejects.column("reason").to_pylist()], pa.bool_())
+        reasons = rejects.column("reason").to_pylist()
+        transient = pa.array([is_transient(r) or r == ExcludeReason.EXCLUDED for r in reasons], pa.bool_())
         kept_rejects = rejects.filter(pc.invert(transient))
         again = set(rejects.filter(transient).column("source_offset").to_pylist())
         if kept_rejects.num_rows:
             counters.rows_in += kept_rejects.num_rows
             counters.add_rejects(kept_rejects)
             yield Chunk(rejected=kept_rejects)
-    counters.extra["retried_transient"] += len(again)
+        counters.extra["retried_transient"] += sum(is_transient(r) for r in reasons)
     if again:
         yield from _UrlShard(spec, settings, counters).download(only=again)
