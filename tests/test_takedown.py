@@ -223,8 +223,10 @@ def test_takedown_by_photo_removes_every_copy_and_stays_removed(out, tmp_path, s
     result = run_curate(sources + [crawl], out, config())
     data, rejects = read_release(out)
     assert result.records == len(who) - len(gone) and not set(data.column("sample_id").to_pylist()) & gone
-    new = rejects.filter(pa.compute.equal(rejects.column("source"), str(crawl)))
-    assert new.column("reason").to_pylist() == ["excluded"]  # the new copy is kept out too
+    # The new copy is kept out too. An excluded face's published reject holds no source, so it is found as the
+    # one excluded face that is not an earlier copy.
+    excluded = rejects.filter(pa.compute.equal(rejects.column("reason"), "excluded"))
+    assert len(set(excluded.column("sample_id").to_pylist()) - gone) == 1
 
 
 def removed_only_linked_copies(before: pa.Table, after: pa.Table, persons_asked: set[str]) -> set[str]:
