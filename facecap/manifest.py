@@ -160,6 +160,15 @@ def funnel(path: str, run_id: str) -> list[FunnelRow]:
     ]
 
 
+def stage_outputs(path: str, run_id: str, stage: str) -> list[str]:
+    """The output files (Parquet) one stage of one run wrote or reused, one per shard."""
+    with connect(path) as con:
+        rows = con.execute("SELECT DISTINCT output FROM stage_runs WHERE run_id = ? AND stage = ? "
+                           "AND status IN ('done', 'cached') AND output IS NOT NULL ORDER BY output",
+                           [run_id, stage]).fetchall()
+    return [r[0] for r in rows]
+
+
 def record_takedown(path: str, row: dict) -> None:
     """One takedown in the audit table (its keys: the table's columns but `requested_at`)."""
     with connect(path) as con:

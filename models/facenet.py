@@ -258,7 +258,8 @@ class FaceEmbedder:
             if crop.ndim != 3 or crop.shape[2] != 3 or crop.dtype != np.uint8 or 0 in crop.shape:
                 raise ValueError(f"crop {i}: expected a non-empty RGB uint8 image [H, W, 3], "
                                  f"got {crop.dtype} {crop.shape}")
-            pixels = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].float()
+            pixels = torch.from_numpy(np.array(crop, order="C"))  # a copy: decoded crops can be read-only
+            pixels = pixels.permute(2, 0, 1)[None].float()
             if pixels.shape[2:] != (INPUT_SIZE, INPUT_SIZE):
                 pixels = F.interpolate(pixels, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
                                        align_corners=False, antialias=True)

@@ -46,12 +46,12 @@ def server():
         yield srv
 
 
-def config():
+def config(**dedup):
     # keep=all: every copy stays in the release, so a takedown must remove each one itself (with keep=best
     # the other copies are already near_duplicate rejects).
     return offline_config(ingest={"shard_size": 6}, execution={"n_workers": 2}, detect={"min_face_px": 64},
                           download={"allow_addresses": ["127.0.0.1/32"], "timeout_s": 5, "retries": 1},
-                          dedup={"keep": "all"})
+                          dedup={"keep": "all", **dedup})
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_dry_run_shows_what_would_go_and_changes_nothing(out, tmp_path, capsys):
     assert main(["takedown", str(out), "--image", str(photo), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     data, _ = read_release(out)
-    [face], _ = photo_faces(str(photo), offline_config())
+    [face], _, _ = photo_faces(str(photo), offline_config())
     near = linked(data, [int(face)])
     who = persons(data)
     assert len(near) >= 2 and {who[s] for s in near} == {"kafka"}  # the photo's two copies in the folder
@@ -370,3 +370,55 @@ def test_the_pass_matches_hosts_by_label_and_carries_a_face_to_its_chain_of_copi
     # 10 bits from the entry, 7 from s3: a copy of a copy, carried by the cluster
     assert details["s4"].startswith("near-duplicate (cluster of 2 faces") and f"{entry:016x}" not in details["s4"]
     assert p.summary()["excluded"] == 4 and p.summary()["near_duplicates_carried"] == 1
+
+
+def he_initialised_facenet(seed: int):
+    """A RANDOM FaceNet (the real VGGFace2 weights cannot be downloaded here): He-initialised so that different
+    crops give different embeddings. Its distances say nothing about who is who; the test checks the mechanism."""
+    import torch
+
+    from facecap.models.facenet import InceptionResnetV1
+
+    torch.manual_seed(seed)
+    model = InceptionResnetV1().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    return model.state_dict()
+
+
+def test_takedown_by_photo_matches_by_identity_when_the_release_has_an_identity_model(prefect_api_url, sources,
+                                                                                      tmp_path, capsys):
+    """With dedup.identity on, a photo also matches the release faces whose identity hash is close. The
+    identity hashes are never released: they come from the dedup outputs of the run that made the release.
+    Random weights (named above), so the threshold is 64 bits (every face) and the test checks what is read
+    and reported: the face cut from the very bytes of the photo is at 0 bits, every face carries its distance."""
+    import torch
+
+    from facecap.cli import main
+
+    weights = tmp_path / "facenet-random.pt"
+    torch.save(he_initialised_facenet(3), weights)
+    out = tmp_path / "out"
+    run_curate(sources, out, config(identity="on", identity_weights=str(weights), identity_max_distance=64))
+    data, _ = read_release(out)
+    assert "identity_hash" not in data.column_names
+    who = persons(data)
+    kafka_copy = next(i for i in FOLDER if web_copy(i)[2] and "kafka" in str(web_copy(i)[2]))
+    photo = tmp_path / "me.jpg"
+    photo.write_bytes(web_copy(kafka_copy)[1])  # the bytes of a source image: its face is at 0 bits
+
+    assert main(["takedown", str(out), "--image", str(photo), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    bits = {m[0]: int(m[1]) for m in re.findall(r"match: (\S+) \(.*?identity (\d+) of 64 bits "
+                                                r"\(dedup.identity_max_distance=64\)", printed)}
+    assert set(bits) == set(who)  # every face of the release, each with its identity distance
+    assert 0 in bits.values() and who[min(bits, key=bits.get)] == "kafka"
+    assert len(set(bits.values())) > 2  # distances measured, not a constant
+    assert "dry run: nothing changed" in printed
+
+    # Other weights at the same path give other hashes: the command refuses to compare them.
+    torch.save(he_initialised_facenet(4), weights)
+    assert main(["takedown", str(out), "--image", str(photo), "--dry-run"]) != 0
+    assert "cannot be compared" in capsys.readouterr().err

@@ -30,7 +30,10 @@ def register(subparsers, add_config_args) -> None:
 
             --image: the photo's faces are detected (the release's detector) and
             hashed as dedup hashes faces; every release face within dedup.max_distance
-            bits matches, and the command prints how close each was. --url: records
+            bits matches, and the command prints how close each was. When the
+            release's dedup ran with an identity model (dedup.identity, full profile),
+            faces whose identity hash is within dedup.identity_max_distance bits of the
+            photo's match too: other photos of the same person. --url: records
             downloaded from that URL. --sample-id: that record. Every near-duplicate
             copy of a matched face goes too.
 
@@ -92,14 +95,16 @@ def _release(out: str) -> tuple[str, dict, Any, pa.Table]:
     return rel, info, cfg, data.to_table(columns=columns)
 
 
-def photo_faces(path: str, cfg) -> tuple[np.ndarray, np.ndarray]:
-    """(hashes, mirror hashes) of the faces the release's detector finds in the photo, as dedup hashes them."""
+def photo_faces(path: str, cfg, embedder=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(hashes, mirror hashes, identity hashes or None) of the faces the release's detector finds in the photo,
+    as dedup hashes them (identity hashes with `embedder`, the release's identity model)."""
     from facecap.models.registry import load_detector
     from facecap.records import SOURCE_IMAGE
     from facecap.stages.base import Counters
     from facecap.stages.dedup import hash_faces
     from facecap.stages.detect import detect_faces
 
+    none = np.zeros(0, np.uint64)
     with open(path, "rb") as fh:
         data = fh.read()
     rows = pa.Table.from_pylist([{"image_id": "takedown", "source": "takedown", "source_offset": "photo",
@@ -107,17 +112,54 @@ def photo_faces(path: str, cfg) -> tuple[np.ndarray, np.ndarray]:
     faces = [c.kept for c in detect_faces([rows], load_detector(cfg), cfg.detect, cfg.image, Counters())
              if c.kept is not None and c.kept.num_rows]
     if not faces:
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+        return none, none, none if embedder is not None else None
     table = pa.concat_tables(faces)
     for name in ("source", "source_offset"):
         if name not in table.column_names:
             table = table.append_column(name, pa.array([name] * table.num_rows, pa.string()))
-    hashed = [c.kept for c in hash_faces([table], cfg.image, Counters()) if c.kept is not None]
+    hashed = [c.kept for c in hash_faces([table], cfg.image, Counters(), embedder) if c.kept is not None]
     if not hashed:
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+        return none, none, none if embedder is not None else None
     h = pa.concat_tables(hashed)
-    return (h.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64),
-            h.column("phash_mirror").to_numpy(zero_copy_only=False).astype(np.uint64))
+
+    def column(name: str) -> np.ndarray:
+        return h.column(name).to_numpy(zero_copy_only=False).astype(np.uint64)
+
+    return column("phash"), column("phash_mirror"), column("identity_hash") if embedder is not None else None
+
+
+def release_identity(out: str, info: dict, cfg, sample_ids: pa.ChunkedArray) -> tuple[Any, np.ndarray] | None:
+    """(the release's identity model, each release face's identity hash), or None when its dedup ran without one.
+
+    The hashes are never released: they are read from the dedup outputs of the run that made the release.
+    """
+    import pyarrow.parquet as pq
+
+    from facecap import manifest, storage
+
+    model = ((info.get("stages") or {}).get("dedup") or {}).get("model")
+    if not model:
+        return None
+    from facecap.models.identity import load_identity_model
+
+    embedder = load_identity_model(cfg)
+    if embedder.identity != model:
+        raise ConfigError(f"the release's faces were embedded by {model}, but dedup.identity_weights now loads "
+                          f"{embedder.identity}: their identity hashes cannot be compared; point "
+                          "dedup.identity_weights at the release's weights")
+    parts = []
+    for path in manifest.stage_outputs(os.path.join(out, "manifest.duckdb"), info.get("run_id"), "dedup"):
+        fs, local = storage.filesystem(path)
+        if fs.exists(local):
+            parts.append(pq.read_table(local, columns=["sample_id", "identity_hash"], filesystem=fs))
+    found = pa.concat_tables(parts) if parts else pa.table({"sample_id": pa.array([], pa.string()),
+                                                            "identity_hash": pa.array([], pa.uint64())})
+    where = pc.index_in(sample_ids, value_set=found.column("sample_id"))
+    if where.null_count:
+        raise ConfigError(f"{where.null_count} of {len(sample_ids)} release faces have no identity hash in the "
+                          f"dedup outputs of run {info.get('run_id')} (its cache was removed?): re-run the "
+                          "release's curate, then the takedown")
+    return embedder, found.column("identity_hash").take(where).to_numpy(zero_copy_only=False).astype(np.uint64)
 
 
 def find(out: str, images=(), urls=(), sample_ids=()) -> tuple[list[Match], list[str], list, dict, Any, pa.Table]:
@@ -146,19 +188,29 @@ def find(out: str, images=(), urls=(), sample_ids=()) -> tuple[list[Match], list
         rows = [int(i) for i in maybe if record_url(meta[int(i)].as_py()) == url]
         matches += [Match(ids[i], f"url {url}") for i in rows]
         hit.update(rows)
+    if images and not have_hash:
+        raise ConfigError("the release has no face hashes (dedup was off): a takedown by photo cannot match")
+    identity = release_identity(out, info, cfg, table.column("sample_id")) if images else None
     for path in images:
-        if not have_hash:
-            raise ConfigError("the release has no face hashes (dedup was off): a takedown by photo cannot match")
-        ph, pm = photo_faces(path, cfg)
+        ph, _, pid = photo_faces(path, cfg, identity[0] if identity else None)
         if not len(ph):
             raise ConfigError(f"--image {path}: the detector finds no face in it")
         for h in ph:
             entries.append(Entry("face", f"{int(h):016x}"))
+        how: dict[int, list[str]] = {}
         best, dist = face_matches(hashes, mirrors, ph)
         for i in np.flatnonzero(dist <= cfg.dedup.max_distance):
-            matches.append(Match(ids[i], f"photo face {int(best[i]) + 1} of {len(ph)}: {int(dist[i])} of 64 bits "
-                                         f"(dedup.max_distance={cfg.dedup.max_distance})"))
-            hit.add(int(i))
+            how.setdefault(int(i), []).append(f"photo face {int(best[i]) + 1} of {len(ph)}: {int(dist[i])} of 64 "
+                                              f"bits (dedup.max_distance={cfg.dedup.max_distance})")
+        if identity:  # likely the same person in another photo: identity hashes, no mirror (the model sees both)
+            best, dist = face_matches(identity[1], identity[1], pid)
+            for i in np.flatnonzero(dist <= cfg.dedup.identity_max_distance):
+                how.setdefault(int(i), []).append(
+                    f"photo face {int(best[i]) + 1} of {len(ph)}: identity {int(dist[i])} of 64 bits "
+                    f"(dedup.identity_max_distance={cfg.dedup.identity_max_distance})")
+        for i in sorted(how):
+            matches.append(Match(ids[i], "; ".join(how[i])))
+            hit.add(i)
     if have_hash:
         entries += [Entry("face", f"{int(hashes[i]):016x}") for i in sorted(hit)]
     removed = set(hit)
