@@ -108,8 +108,10 @@ def test_ctrl_c_ends_the_run_as_interrupted_in_one_line_and_the_rerun_resumes(pr
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "facecap", "curate", str(many_images), "--out", str(out), *CURATE_ARGS]
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    # As at a terminal, SIGINT does its default in the command, even when these tests run as a background job
+    # (which ignores SIGINT, and so would the command it starts: such a command keeps ignoring it, by design).
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stdout:
         seen.append(line)
