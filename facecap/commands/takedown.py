@@ -104,25 +104,24 @@ def photo_faces(path: str, cfg, embedder=None) -> tuple[np.ndarray, np.ndarray, 
     from facecap.stages.dedup import hash_faces
     from facecap.stages.detect import detect_faces
 
-    none = np.zeros(0, np.uint64)
     with open(path, "rb") as fh:
         data = fh.read()
     rows = pa.Table.from_pylist([{"image_id": "takedown", "source": "takedown", "source_offset": "photo",
                                   SOURCE_IMAGE: data}])
     faces = [c.kept for c in detect_faces([rows], load_detector(cfg), cfg.detect, cfg.image, Counters())
              if c.kept is not None and c.kept.num_rows]
-    if not faces:
-        return none, none, none if embedder is not None else None
-    table = pa.concat_tables(faces)
-    for name in ("source", "source_offset"):
-        if name not in table.column_names:
-            table = table.append_column(name, pa.array([name] * table.num_rows, pa.string()))
-    hashed = [c.kept for c in hash_faces([table], cfg.image, Counters(), embedder) if c.kept is not None]
-    if not hashed:
-        return none, none, none if embedder is not None else None
-    h = pa.concat_tables(hashed)
+    hashed = []
+    if faces:
+        table = pa.concat_tables(faces)
+        for name in ("source", "source_offset"):
+            if name not in table.column_names:
+                table = table.append_column(name, pa.array([name] * table.num_rows, pa.string()))
+        hashed = [c.kept for c in hash_faces([table], cfg.image, Counters(), embedder) if c.kept is not None]
+    h = pa.concat_tables(hashed) if hashed else None
 
     def column(name: str) -> np.ndarray:
+        if h is None:
+            return np.zeros(0, np.uint64)
         return h.column(name).to_numpy(zero_copy_only=False).astype(np.uint64)
 
     return column("phash"), column("phash_mirror"), column("identity_hash") if embedder is not None else None
@@ -202,8 +201,8 @@ def find(out: str, images=(), urls=(), sample_ids=()) -> tuple[list[Match], list
         for i in np.flatnonzero(dist <= cfg.dedup.max_distance):
             how.setdefault(int(i), []).append(f"photo face {int(best[i]) + 1} of {len(ph)}: {int(dist[i])} of 64 "
                                               f"bits (dedup.max_distance={cfg.dedup.max_distance})")
-        if identity:  # likely the same person in another photo: identity hashes, no mirror (the model sees both)
-            best, dist = face_matches(identity[1], identity[1], pid)
+        if identity:  # likely the same person in another photo
+            best, dist = face_matches(identity[1], None, pid)
             for i in np.flatnonzero(dist <= cfg.dedup.identity_max_distance):
                 how.setdefault(int(i), []).append(
                     f"photo face {int(best[i]) + 1} of {len(ph)}: identity {int(dist[i])} of 64 bits "

@@ -218,9 +218,10 @@ def current_url_matcher(path: str | None) -> UrlMatcher:
     return UrlMatcher(_LISTS[key])
 
 
-def face_matches(hashes: np.ndarray, mirrors: np.ndarray, entries: np.ndarray,
+def face_matches(hashes: np.ndarray, mirrors: np.ndarray | None, entries: np.ndarray,
                  block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
-    """Per face: (index of the closest entry, its distance in bits), either orientation."""
+    """Per face: (index of the closest entry, its distance in bits), either orientation (`mirrors`: the hashes
+    of the mirrored faces; None for hashes that have no orientation, such as identity hashes)."""
     from facecap.stages.dedup import hamming
 
     n = len(hashes)
@@ -229,8 +230,9 @@ def face_matches(hashes: np.ndarray, mirrors: np.ndarray, entries: np.ndarray,
     if not len(entries) or not n:
         return best, dist
     for s in range(0, n, block):
-        h, m = hashes[s:s + block, None], mirrors[s:s + block, None]
-        d = np.minimum(hamming(h, entries[None, :]), hamming(m, entries[None, :]))
+        d = hamming(hashes[s:s + block, None], entries[None, :])
+        if mirrors is not None:
+            d = np.minimum(d, hamming(mirrors[s:s + block, None], entries[None, :]))
         best[s:s + block] = d.argmin(axis=1)
         dist[s:s + block] = d.min(axis=1)
     return best, dist
