@@ -79,3 +79,27 @@ def published_layout(keys_file: str) -> list[tuple[str, tuple[int, ...]]]:
         layout.append((name.strip(), tuple(int(d) for d in shape.split(",") if d.strip())))
     return layout
 
+
+def random_facenet(seed: int, batchnorm: bool = False):
+    """A RANDOM FaceNet (InceptionResnetV1): the real VGGFace2 weights cannot be downloaded here. He-initialised
+    so that different crops give different embeddings (with PyTorch's default init every input maps to nearly
+    the same one); with `batchnorm`, BatchNorm statistics and affines are randomised too, so a tensor a loader
+    skipped shows. Its distances say nothing about who is who."""
+    import torch
+
+    from facecap.models.facenet import InceptionResnetV1
+
+    torch.manual_seed(seed)
+    model = InceptionResnetV1().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                if batchnorm and module.bias is not None:
+                    module.bias.normal_(0.0, 0.01)
+            elif batchnorm and isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                module.running_mean.normal_(0.0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.1)
+    return model

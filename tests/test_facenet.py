@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import published_layout
+from helpers import published_layout, random_facenet
 import skimage.data
 import torch
 
@@ -42,25 +42,8 @@ def _published_layout() -> list[tuple[str, tuple[int, ...]]]:
 
 @pytest.fixture(scope="module")
 def source() -> InceptionResnetV1:
-    """A RANDOM model; BatchNorm statistics and affines are randomised too, so a skipped tensor shows.
-
-    He-initialised weights keep the signal alive through the 20 residual blocks;
-    with PyTorch's default init every input maps to nearly the same embedding.
-    """
-    torch.manual_seed(11)
-    model = InceptionResnetV1().eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                if module.bias is not None:
-                    module.bias.normal_(0.0, 0.01)
-            elif isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                module.running_mean.normal_(0.0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0.0, 0.1)
-    return model
+    """A RANDOM model, BatchNorm included, so a skipped tensor shows (tests/helpers.py)."""
+    return random_facenet(11, batchnorm=True)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import offline_config, read_release, run_curate
+from helpers import offline_config, random_facenet, read_release, run_curate
 from http_fixture_server import ServerThread
 
 from facecap.settings import ConfigError
@@ -372,22 +372,6 @@ def test_the_pass_matches_hosts_by_label_and_carries_a_face_to_its_chain_of_copi
     assert p.summary()["excluded"] == 4 and p.summary()["near_duplicates_carried"] == 1
 
 
-def he_initialised_facenet(seed: int):
-    """A RANDOM FaceNet (the real VGGFace2 weights cannot be downloaded here): He-initialised so that different
-    crops give different embeddings. Its distances say nothing about who is who; the test checks the mechanism."""
-    import torch
-
-    from facecap.models.facenet import InceptionResnetV1
-
-    torch.manual_seed(seed)
-    model = InceptionResnetV1().eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    return model.state_dict()
-
-
 def test_takedown_by_photo_matches_by_identity_when_the_release_has_an_identity_model(prefect_api_url, sources,
                                                                                       tmp_path, capsys):
     """With dedup.identity on, a photo also matches the release faces whose identity hash is close. The
@@ -399,7 +383,7 @@ def test_takedown_by_photo_matches_by_identity_when_the_release_has_an_identity_
     from facecap.cli import main
 
     weights = tmp_path / "facenet-random.pt"
-    torch.save(he_initialised_facenet(3), weights)
+    torch.save(random_facenet(3).state_dict(), weights)
     out = tmp_path / "out"
     run_curate(sources, out, config(identity="on", identity_weights=str(weights), identity_max_distance=64))
     data, _ = read_release(out)
@@ -419,6 +403,6 @@ def test_takedown_by_photo_matches_by_identity_when_the_release_has_an_identity_
     assert "dry run: nothing changed" in printed
 
     # Other weights at the same path give other hashes: the command refuses to compare them.
-    torch.save(he_initialised_facenet(4), weights)
+    torch.save(random_facenet(4).state_dict(), weights)
     assert main(["takedown", str(out), "--image", str(photo), "--dry-run"]) != 0
     assert "cannot be compared" in capsys.readouterr().err
