@@ -1,9 +1,9 @@
 """The curate flow: sources -> the registered stages (facecap.chain) -> validate -> release.
 
 The flow walks the planned chain of stages (facecap.chain): a shard's next
-stage is submitted the moment its previous one finishes, and later stages'
-higher Dask priority runs them before further upstream work, so records
-reach the release early. The driver is the only writer of the manifest and
+stage is submitted the moment its previous one finishes, and later stages
+run before further upstream work (their higher rank), so records reach the
+release early. The driver is the only writer of the manifest and
 of the release; workers write only their own shard outputs. Dask is behind
 flows/executor.py; stages run through one generic task (tasks/stages.py).
 """
@@ -23,7 +23,8 @@ from facecap import manifest, release, runlock, storage
 from facecap import chain as registry
 from facecap.chain import plan_run
 from facecap.config import Config, config_model
-from facecap.flows.executor import ShardExecutor, io_slots, size_local_cluster, task_runner_for  # noqa: F401
+from facecap.flows.executor import (  # noqa: F401
+    ShardExecutor, io_slots, local_slots, size_local_cluster, task_runner_for)
 from facecap.flows.run_artifacts import publish_curate_artifacts
 from facecap.quality.validate import ReleaseBlocked, blocked_message
 from facecap.results import CurateResult, FunnelRow, ValidationSummary
@@ -211,7 +212,7 @@ def _curate(sources: list[str], out: str, cfg: Config, run_id: str, allow_failur
     source_settings = {"ingest": cfg.ingest.model_dump(mode="json"), "image": cfg.image.model_dump(mode="json")}
     shards = [ShardInput(spec, (), source_settings) for spec in specs]
     rejects: dict[tuple[int, int], tuple[str, int]] = {}  # (stage, shard) -> reject file, rows
-    executor = ShardExecutor(cfg)
+    executor = ShardExecutor(cfg, local_slots(cfg, workers))
     verify_budget = [DRIVER_VERIFY_BYTES]
 
     def submit(k: int, index: int) -> None:

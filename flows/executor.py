@@ -12,12 +12,28 @@ with detection. An existing cluster gets the same behaviour when its workers
 are started with `--nthreads N+K --resources "CPU=N,IO=K"`; on a cluster
 whose workers do not offer both, tasks are not annotated with them (they
 would never run).
+
+Dispatch. On a local cluster the flow knows every slot: it hands a queued
+task to Dask only when a slot of its kind is free, best-ranked first (later
+stage, then larger shard), and names the worker whose slot it is. Left to
+Dask, every ready task is assigned to a worker when submitted (tasks with
+resource restrictions are never queued on the scheduler), chosen by
+estimated occupancy, not by free resources; a worker runs its waiting tasks
+in priority order and one that waits for a busy slot holds up the rest; and
+its I/O threads count towards its threads, so the scheduler never sees it
+saturated and never moves its queued tasks to an idle worker. Measured: a
+worker sat idle for a whole shard at the start or end of a run. The named
+worker is a preference (allow_other_workers): if it dies, Dask runs the task
+elsewhere. On an existing cluster everything is submitted at once, so that an
+adaptive cluster sees the work waiting and scales up.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
-from collections import deque
+from collections import Counter, deque
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -167,17 +183,34 @@ def stage_resources(stage: type[Stage], cfg: Config, slots: bool = False) -> dic
     return resources
 
 
+def rank(stage: type[Stage], larger: float = 0.0) -> float:
+    """A task's place among queued tasks, higher first: its stage's priority, plus up to 0.5 for a bigger shard."""
+    return stage.priority + 0.5 * min(max(larger, 0.0), 1.0)
+
+
+def local_slots(cfg: Config, workers: int | None) -> dict[str, int] | None:
+    """CPU and IO slots of the flow's local cluster of `workers` workers; None on an existing cluster (or under a
+    task runner other than Dask's)."""
+    if not workers or not _local_runner(_flow_task_runner()):
+        return None
+    return {CPU: workers * cfg.execution.threads_per_worker, IO: workers * cfg.execution.io_threads}
+
+
 @contextmanager
-def placement(stage: type[Stage], cfg: Config, slots: bool = False, larger: float = 0.0) -> Iterator[None]:
+def placement(stage: type[Stage], cfg: Config, slots: bool = False, larger: float = 0.0,
+              worker: str | None = None) -> Iterator[None]:
     """Dask annotations (priority, resources) for tasks submitted inside this block.
 
     `larger` (0 to 1) ranks a task among queued tasks of the same stage: bigger shards run first, so the
     last shards to finish are small ones and workers do not idle behind one long shard at the end of a
-    run. It never outranks the stage order (a later stage still runs before more upstream work)."""
-    annotations: dict[str, Any] = {"priority": stage.priority + 0.5 * min(max(larger, 0.0), 1.0)}
+    run. It never outranks the stage order (a later stage still runs before more upstream work). `worker`, when
+    given, is where the task should run (another worker may take it if that one is gone)."""
+    annotations: dict[str, Any] = {"priority": rank(stage, larger)}
     resources = stage_resources(stage, cfg, slots)
     if resources:
         annotations["resources"] = resources
+    if worker:
+        annotations.update(workers=[worker], allow_other_workers=True)
     with dask.annotate(**annotations):
         yield
 
@@ -197,22 +230,65 @@ class ShardExecutor:
 
     `done` hands in a result the flow already has (a shard whose output the driver found intact), yielded
     like a finished task, before any task result: no task run and no worker for work that is done.
+
+    With `slots` (a local cluster's CPU and IO slots, from `local_slots`), a task waits in the flow until a
+    slot of its kind is free, and the best-ranked waiting task goes first (see Dispatch above).
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, slots: dict[str, int] | None = None):
         self.cfg = cfg
-        self.pending: dict[Any, tuple[Any, Any]] = {}  # dask future -> (tag, prefect future)
+        # dask future -> (tag, prefect future, slot kind, worker named for it)
+        self.pending: dict[Any, tuple[Any, Any, str | None, str | None]] = {}
         self.ready: deque[tuple[Any, Any]] = deque()
         self.completions: as_completed | None = None
-        self.slots: bool | None = None
+        self.annotate_slots: bool | None = None
+        self.slots = {kind: max(1, n) for kind, n in (slots or {}).items()}
+        self.busy: Counter[str] = Counter()
+        self.on_worker: dict[str, Counter[str]] = {}  # worker -> slot kind -> tasks sent to it, not yet finished
+        self.waiting: dict[str, list] = {kind: [] for kind in self.slots}  # kind -> heap of (-rank, seq, task)
+        self.order = itertools.count()
+
+    def _kind(self, stage: type[Stage]) -> str | None:
+        """The slot kind the flow counts for this stage's tasks, or None when it does not hold them back."""
+        if wants_gpu(stage, self.cfg) or self.cfg.execution.stage_resources.get(stage.name):
+            return None  # a resource of the user's or a GPU: Dask places these
+        kind = IO if stage.io_bound else CPU
+        return kind if kind in self.slots else None
 
     def submit(self, task, stage: type[Stage], tag: Any, *args, larger: float = 0.0) -> None:
-        if self.slots is None:
-            self.slots = _cluster_offers_slots()
-        with placement(stage, self.cfg, self.slots, larger):
+        kind = self._kind(stage)
+        if kind is None:
+            self._send(task, stage, tag, args, larger, None)
+            return
+        heapq.heappush(self.waiting[kind], (-rank(stage, larger), next(self.order), (task, stage, tag, args, larger)))
+        self._dispatch(kind)
+
+    def _dispatch(self, kind: str) -> None:
+        queue = self.waiting[kind]
+        while queue and self.busy[kind] < self.slots[kind]:
+            task, stage, tag, args, larger = heapq.heappop(queue)[2]
+            self._send(task, stage, tag, args, larger, kind)
+
+    def _free_worker(self, kind: str) -> str | None:
+        """The local worker with a free `kind` slot and the fewest such tasks, counting what this run sent it;
+        None if none is known to be free (a worker restarting): Dask then chooses."""
+        workers = _flow_task_runner().client.scheduler_info().get("workers", {})  # starts the cluster if need be
+        free = [(self.on_worker.get(address, Counter())[kind], address) for address, info in workers.items()
+                if self.on_worker.get(address, Counter())[kind] < (info.get("resources") or {}).get(kind, 0)]
+        return min(free)[1] if free else None
+
+    def _send(self, task, stage: type[Stage], tag: Any, args: tuple, larger: float, kind: str | None) -> None:
+        worker = self._free_worker(kind) if kind is not None else None
+        if self.annotate_slots is None:
+            self.annotate_slots = _cluster_offers_slots()
+        with placement(stage, self.cfg, self.annotate_slots, larger, worker):
             future = task.submit(*args)
+        if kind is not None:
+            self.busy[kind] += 1
+            if worker is not None:
+                self.on_worker.setdefault(worker, Counter())[kind] += 1
         inner = future.wrapped_future  # the distributed.Future behind Prefect's
-        self.pending[inner] = (tag, future)
+        self.pending[inner] = (tag, future, kind, worker)
         if self.completions is None:
             self.completions = as_completed([inner], loop=inner.client.loop)
         else:
@@ -222,7 +298,10 @@ class ShardExecutor:
         self.ready.append((tag, result))
 
     def finished(self) -> Iterator[tuple[Any, Any, BaseException | None]]:
-        """(tag, result, error) for every submitted or handed-in result, including those added while iterating."""
+        """(tag, result, error) for every submitted or handed-in result, including those added while iterating.
+
+        A finished task's slot is refilled after the caller has seen it: the next stage of that shard, which
+        the caller submits then, outranks the waiting tasks of the stage that just finished."""
         while self.ready or self.pending:
             while self.ready:
                 tag, result = self.ready.popleft()
@@ -230,11 +309,17 @@ class ShardExecutor:
             if not self.pending:
                 break
             done = next(self.completions)
-            tag, future = self.pending.pop(done)
+            tag, future, kind, worker = self.pending.pop(done)
+            if kind is not None:
+                self.busy[kind] -= 1
+                if worker is not None:
+                    self.on_worker[worker][kind] -= 1
             try:
                 yield tag, future.result(), None
             except Exception as exc:
                 yield tag, None, exc
+            if kind is not None:
+                self._dispatch(kind)
         runner = _flow_task_runner()
         if self.completions is not None and _local_runner(runner):  # tasks ran on its workers
             # Workers hold Prefect's log and event senders; flushed now, they exit when the cluster closes
