@@ -243,15 +243,13 @@ class ShardExecutor:
         self.completions: as_completed | None = None
         self.annotate_slots: bool | None = None
         self.slots = {kind: max(1, n) for kind, n in (slots or {}).items()}
-        self.busy: Counter[str] = Counter()
-        self.on_worker: dict[str, Counter[str]] = {}  # worker -> slot kind -> tasks sent to it, not yet finished
         self.waiting: dict[str, list] = {kind: [] for kind in self.slots}  # kind -> heap of (-rank, seq, task)
         self.order = itertools.count()
 
     def _kind(self, stage: type[Stage]) -> str | None:
         """The slot kind the flow counts for this stage's tasks, or None when it does not hold them back."""
-        if wants_gpu(stage, self.cfg) or self.cfg.execution.stage_resources.get(stage.name):
-            return None  # a resource of the user's or a GPU: Dask places these
+        if stage_resources(stage, self.cfg):
+            return None  # a GPU or a resource of the user's: Dask places these
         kind = IO if stage.io_bound else CPU
         return kind if kind in self.slots else None
 
@@ -263,9 +261,13 @@ class ShardExecutor:
         heapq.heappush(self.waiting[kind], (-rank(stage, larger), next(self.order), (task, stage, tag, args, larger)))
         self._dispatch(kind)
 
+    def _in_flight(self, kind: str) -> Counter[str | None]:
+        """Tasks of slot kind `kind` sent and not yet finished, per worker named for them (None: Dask chose)."""
+        return Counter(worker for _, _, k, worker in self.pending.values() if k == kind)
+
     def _dispatch(self, kind: str) -> None:
         queue = self.waiting[kind]
-        while queue and self.busy[kind] < self.slots[kind]:
+        while queue and self._in_flight(kind).total() < self.slots[kind]:
             task, stage, tag, args, larger = heapq.heappop(queue)[2]
             self._send(task, stage, tag, args, larger, kind)
 
@@ -273,8 +275,9 @@ class ShardExecutor:
         """The local worker with a free `kind` slot and the fewest such tasks, counting what this run sent it;
         None if none is known to be free (a worker restarting): Dask then chooses."""
         workers = _flow_task_runner().client.scheduler_info().get("workers", {})  # starts the cluster if need be
-        free = [(self.on_worker.get(address, Counter())[kind], address) for address, info in workers.items()
-                if self.on_worker.get(address, Counter())[kind] < (info.get("resources") or {}).get(kind, 0)]
+        sent = self._in_flight(kind)
+        free = [(sent[address], address) for address, info in workers.items()
+                if sent[address] < (info.get("resources") or {}).get(kind, 0)]
         return min(free)[1] if free else None
 
     def _send(self, task, stage: type[Stage], tag: Any, args: tuple, larger: float, kind: str | None) -> None:
@@ -283,10 +286,6 @@ class ShardExecutor:
             self.annotate_slots = _cluster_offers_slots()
         with placement(stage, self.cfg, self.annotate_slots, larger, worker):
             future = task.submit(*args)
-        if kind is not None:
-            self.busy[kind] += 1
-            if worker is not None:
-                self.on_worker.setdefault(worker, Counter())[kind] += 1
         inner = future.wrapped_future  # the distributed.Future behind Prefect's
         self.pending[inner] = (tag, future, kind, worker)
         if self.completions is None:
@@ -309,11 +308,7 @@ class ShardExecutor:
             if not self.pending:
                 break
             done = next(self.completions)
-            tag, future, kind, worker = self.pending.pop(done)
-            if kind is not None:
-                self.busy[kind] -= 1
-                if worker is not None:
-                    self.on_worker[worker][kind] -= 1
+            tag, future, kind, _ = self.pending.pop(done)
             try:
                 yield tag, future.result(), None
             except Exception as exc:
