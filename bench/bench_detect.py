@@ -13,7 +13,8 @@ varied, plus ~20% generated non-face images), then measures on the same images:
   seconds before the first detect shard, the detect span and the seconds after
   the last one.
 
-Targets: detect stage >= 0.9 and end to end >= 0.85 of the bare loop. It prints a table, then the figures as JSON on the last line of stdout.
+Targets: detect stage >= 0.9 and end to end >= 0.85 of the bare loop. It
+prints a table, then the figures as JSON on the last line of stdout.
 
     python bench/bench_detect.py [--images N] [--workers W] [--out DIR] [--json FILE]
     python bench/bench_detect.py --smoke     # CI size: 16 images in 2-3 shards, well under a minute when idle
