@@ -18,13 +18,16 @@ Used by the download tests and bench/bench_download.py. Paths:
   /robots.txt              `robots` (None: 404), with HTTP status `robots_status`
   anything else under `delay` / `throttle_every`: every request waits `delay` s; every
                            throttle_every-th answers 429 with Retry-After: `retry_after`
-
-Every request is counted per path (`requests`), timed per arrival (`arrivals`: (time, path)),
-and the most requests it ever handled at once is `max_in_flight`.
   /big                     an oversized body without Content-Length
   /big-announced           Content-Length above any test limit (body never needed)
   /truncated               a JPEG cut in half
   /bomb                    a PNG whose header claims 100000 x 100000 pixels
+
+Every request is counted per path (`requests`), timed per arrival (`arrivals`: (time, path)),
+and the most requests it ever held at once is `max_in_flight`. A request is held from its arrival until
+its answer starts: a client cannot have finished one before then, so two that overlap in that span were
+both outstanding at the client. (Counting until the handler returns would also count the moment after the
+client has its answer and sends its next request on another connection: a false overlap on a busy machine.)
 """
 
 from __future__ import annotations
@@ -125,11 +128,21 @@ def _handler(srv: FixtureServer):
             with srv.lock:
                 srv.in_flight += 1
                 srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+            self._held = True
             try:
                 self._get()
             finally:
+                self._release()
+
+        def _release(self) -> None:
+            if getattr(self, "_held", False):
+                self._held = False
                 with srv.lock:
                     srv.in_flight -= 1
+
+        def send_response(self, code, message=None):
+            self._release()  # the answer starts: from here the client may finish this request
+            super().send_response(code, message)
 
         def _get(self):
             path = self.path
